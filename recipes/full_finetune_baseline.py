@@ -1,0 +1,216 @@
+"""Baseline MTP fine-tuning: every head learns its future token on correct solutions.
+
+    L = (1/n) sum_k [ sum_t CE_{t,k} / N_k ]
+
+N_k counts the valid pairs of head k over the whole global batch (all micro-batches, all ranks),
+taken before the first backward. One file, one class: copy it and edit it for an ablation.
+
+    python recipes/full_finetune_baseline.py --config configs/baseline_tiny.toml
+    torchrun --nproc_per_node=4 recipes/full_finetune_baseline.py --config configs/baseline_a100.toml
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from wmtp.config.loader import config_to_dict, flatten, main_config, to_toml
+from wmtp.config.sections import (
+    CheckpointConfig,
+    DataConfig,
+    DistributedConfig,
+    LRSchedulerConfig,
+    MetricsConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TokenizerConfig,
+    TrainingConfig,
+)
+from wmtp.data.loader import GlobalBatchLoader
+from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.distributed.env import all_reduce_sum, destroy, init_distributed
+from wmtp.distributed.parallelize import parallelize
+from wmtp.losses.normalization import global_valid_pair_counts, head_mean_weights
+from wmtp.models import load_mtp, save_mtp
+from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
+from wmtp.training.flops import flops_per_token, peak_flops
+from wmtp.training.lr_schedule import build_scheduler
+from wmtp.training.metrics import MetricLogger
+
+
+@dataclasses.dataclass
+class BaselineConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = dataclasses.field(default_factory=LRSchedulerConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+
+
+class BaselineRecipe:
+    def __init__(self, cfg: BaselineConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.training.output_dir)
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.dist = init_distributed(cfg.training.device)
+        torch.manual_seed(cfg.training.seed)
+        device = self.dist.device
+        bf16 = cfg.training.precision == "bf16" or (cfg.training.precision == "auto" and device.type == "cuda")
+        # Multi-process bf16 goes through FSDP's mixed precision (fp32 master weights, fp32 reduce);
+        # a single device autocasts.
+        param_dtype = torch.bfloat16 if bf16 and self.dist.distributed else None
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not self.dist.distributed
+                         else contextlib.nullcontext())
+
+        self.tokenizer = SentencePieceTokenizer(cfg.tokenizer.path)
+        model = load_mtp(cfg.model.path, device=device, dtype=torch.float32,
+                         vocab_size=self.tokenizer.vocab_size, max_seq_len=cfg.model.max_seq_len)
+        self.n_future = model.n_future
+        self.model_args = model.args
+        self.model = parallelize(model, cfg.distributed, world_size=self.dist.world_size, param_dtype=param_dtype)
+
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optimizer.lr,
+                                           betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
+                                           weight_decay=cfg.optimizer.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
+                                         total_steps=cfg.training.max_steps,
+                                         min_lr_ratio=cfg.lr_scheduler.min_lr_ratio)
+        self.loader = GlobalBatchLoader(
+            cfg.data, self.tokenizer, max_seq_len=cfg.model.max_seq_len, n_future=self.n_future,
+            micro_batch_size=cfg.training.micro_batch_size, grad_accum_steps=cfg.training.grad_accum_steps,
+            rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps)
+
+        self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main)
+        if cfg.checkpoint.resume and (latest := self.checkpointer.latest()) is not None:
+            state = self.checkpointer.load(latest, self.model, self.optimizer)
+            self.step = state["step"]
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.loader.load_state_dict(state["loader"])
+
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.toml").write_text(to_toml(cfg, with_docs=False))
+        self.metrics = MetricLogger(cfg.metrics, self.out, params=flatten(config_to_dict(cfg)),
+                                    enabled=self.dist.is_main)
+        self._log_data_summary()
+
+    def _log_data_summary(self) -> None:
+        if not self.dist.is_main:
+            return
+        summary = self.loader.summary()
+        print(f"[data] {summary}", flush=True)
+        self.metrics.log(self.step, {f"data/{k}": v for k, v in self.loader.counts().items()})
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> None:
+        cfg = self.cfg.training
+        stop = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="baseline", dynamic_ncols=True,
+                   disable=not (self.dist.is_main and self.cfg.metrics.progress_bar and sys.stdout.isatty()))
+        while self.step < stop:
+            t0 = time.perf_counter()
+            metrics = self.train_step(self.loader.next_step())
+            self.step += 1
+            metrics.update(self._throughput(metrics.pop("tokens"), time.perf_counter() - t0))
+            if self.step % cfg.log_every == 0 or self.step == stop:
+                self.metrics.log(self.step, metrics)
+                if not bar.disable:
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                elif self.dist.is_main:
+                    heads = " ".join(f"{metrics[f'loss/head_{k}']:.3f}" for k in range(self.n_future))
+                    print(f"step {self.step}/{cfg.max_steps} loss {metrics['loss']:.4f} heads [{heads}] "
+                          f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
+            bar.update(1)
+            every = self.cfg.checkpoint.save_every
+            if (every and self.step % every == 0) or (self.step == stop and stop < cfg.max_steps):
+                self.save_checkpoint()
+        bar.close()
+        if self.step >= cfg.max_steps and self.cfg.checkpoint.export_final:
+            self.export_final()
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        device = self.dist.device
+        counts = global_valid_pair_counts([mb["targets"] for mb in micro_batches])
+        head_sums = torch.zeros(self.n_future, dtype=torch.float64, device=device)
+        tokens = 0
+        for mb in micro_batches:
+            targets = mb["targets"].to(device)
+            with self.autocast:
+                out = self.model(mb["tokens"].to(device), targets=targets,
+                                 pair_weights=head_mean_weights(targets, counts))
+            loss = out.ce.sum()
+            # FSDP averages gradients over ranks; each rank holds a partial sum of one global loss.
+            (loss * self.dist.world_size).backward()
+            head_sums += out.ce.detach().sum(dim=(0, 1)).double()
+            tokens += int(mb["lengths"].sum())
+        all_reduce_sum(head_sums)
+        grad_norm = None
+        if self.cfg.training.max_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_grad_norm)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        metrics = {"loss": float(head_sums.sum()), "lr": lr, "tokens": tokens}
+        for k in range(self.n_future):
+            # head_sums[k] = sum_t CE_{t,k} / (n N_k): times n it is head k's mean CE.
+            metrics[f"loss/head_{k}"] = float(head_sums[k] * self.n_future)
+            metrics[f"pairs/head_{k}"] = float(counts[k])
+        if grad_norm is not None:
+            metrics["grad_norm"] = grad_norm
+        return metrics
+
+    def _throughput(self, tokens: int, seconds: float) -> dict[str, float]:
+        tok_s = tokens / max(seconds, 1e-9)
+        out = {"tokens_per_s": tok_s, "step_time_s": seconds}
+        peak = peak_flops(self.dist.device)
+        if peak:
+            out["mfu"] = tok_s * flops_per_token(self.model_args, self.cfg.model.max_seq_len) / peak
+        return out
+
+    # ------------------------------------------------------------- checkpoint
+    def save_checkpoint(self) -> None:
+        state = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict()}
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, state)
+        if self.dist.is_main:
+            print(f"[checkpoint] step {self.step} -> {path}", flush=True)
+
+    def export_final(self) -> None:
+        """params.json + model.safetensors (+ tokenizer.model) in output_dir/final."""
+        sd = full_model_state_dict(self.model)
+        if self.dist.is_main:
+            final = save_mtp(self.out / "final", self.model_args, sd, extra_files=(self.tokenizer.path,))
+            print(f"[export] {final}", flush=True)
+
+    def cleanup(self) -> None:
+        self.metrics.close()
+        destroy()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = main_config(BaselineConfig, argv)
+    recipe = BaselineRecipe(cfg)
+    recipe.setup()
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+if __name__ == "__main__":
+    main()

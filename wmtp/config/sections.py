@@ -1,0 +1,120 @@
+"""Config sections shared by the recipes; each recipe composes the ones it needs.
+
+Every field has a default and a docstring (shown by `--help` and `--dry-run`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: str = ""
+    """Folder with params.json and consolidated.*.pth (Meta) or model.safetensors."""
+    max_seq_len: int = 2048
+    """Longest training sequence (tokens); also the RoPE table size (x2)."""
+
+
+@dataclasses.dataclass
+class TokenizerConfig:
+    path: str = ""
+    """tokenizer.model (sentencepiece) or a folder containing it."""
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train_path: str = ""
+    """Processed JSONL (one row per line); its sidecar index is built next to it on first use."""
+    sampler: Literal["correct_only", "balanced", "curriculum"] = "correct_only"
+    """Which rows a step draws: correct solutions only, 50/50 correct/incorrect, or a difficulty curriculum."""
+    seed: int = 0
+    """Seed of the sampling order."""
+    curriculum_bin_edges: list[int] = dataclasses.field(default_factory=lambda: [0, 5, 10])
+    """Curriculum: lower edges of the difficulty bins (bin i holds edges[i] <= difficulty < edges[i+1])."""
+    curriculum_schedule: list[list[float]] = dataclasses.field(
+        default_factory=lambda: [[0.0, 1.0, 0.0, 0.0], [0.5, 0.4, 0.6, 0.0], [1.0, 0.2, 0.3, 0.5]])
+    """Curriculum: rows [progress, w_bin0, w_bin1, ...]; weights are interpolated linearly in progress."""
+
+
+@dataclasses.dataclass
+class TrainingConfig:
+    output_dir: str = "outputs/run"
+    """Run folder: resolved config, metrics.jsonl, checkpoints/, final/, the embedded MLflow store."""
+    seed: int = 0
+    """Seed for parameter initialisation that is not loaded (e.g. a new value head)."""
+    micro_batch_size: int = 4
+    """Sequences per device per forward/backward."""
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step; global batch = micro_batch_size x grad_accum_steps x world size."""
+    max_steps: int = 100
+    """Optimizer steps of the whole run (the LR schedule spans them)."""
+    stop_at_step: int | None = None
+    """Stop after this step (with a checkpoint) without finishing, as a preempted job would; resume later."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (None: no clipping)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast (single device) or bf16 FSDP params with fp32 reduce on CUDA, fp32 on CPU/MPS."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """auto: CUDA if available, else MPS, else CPU."""
+    log_every: int = 1
+    """Log metrics every this many steps."""
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    lr: float = 2e-5
+    """Peak learning rate (AdamW)."""
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+
+
+@dataclasses.dataclass
+class LRSchedulerConfig:
+    warmup_steps: int = 0
+    """Linear warmup from 0 to the peak LR over this many steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at peak LR x this at the last step."""
+
+
+@dataclasses.dataclass
+class CheckpointConfig:
+    save_every: int = 0
+    """Save a sharded (DCP) training checkpoint every this many steps (0: only at a stop)."""
+    keep_last: int = 2
+    """Keep this many newest training checkpoints; older ones are deleted after a save."""
+    resume: bool = True
+    """Resume from the newest complete checkpoint in output_dir/checkpoints when one exists."""
+    export_final: bool = True
+    """Write output_dir/final (params.json + model.safetensors + tokenizer.model) at the end."""
+
+
+@dataclasses.dataclass
+class DistributedConfig:
+    reshard_after_forward: bool = True
+    """FSDP2: free gathered block parameters after the forward (ZeRO-3) or keep them (ZeRO-2)."""
+    activation_checkpointing: Literal["none", "full", "every_n"] = "none"
+    """Recompute block activations in the backward: none, every block, or every n-th block."""
+    ac_every_n: int = 2
+    """With activation_checkpointing = "every_n": checkpoint one block in this many."""
+    compile: bool = False
+    """torch.compile each transformer block."""
+
+
+@dataclasses.dataclass
+class MetricsConfig:
+    mlflow: bool = True
+    """Log params, metrics and the resolved config to MLflow (rank 0 only)."""
+    tracking_uri: str | None = None
+    """MLflow tracking URI; None: $MLFLOW_TRACKING_URI, else a SQLite store in output_dir."""
+    experiment: str = "wmtp"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """MLflow run name (default: the output folder's name)."""
+    progress_bar: bool = True
+    """Show a progress bar on rank 0 (off when stdout is not a terminal)."""

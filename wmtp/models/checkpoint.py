@@ -1,0 +1,110 @@
+"""Read Meta `consolidated.*.pth` / safetensors MTP checkpoints (+ params.json); write safetensors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from wmtp.atomic import atomic_directory
+from wmtp.data.tokenizer import TOKENIZER_FILENAME, SentencePieceTokenizer
+from wmtp.models.args import PARAMS_FILENAME, ModelArgs
+from wmtp.models.mtp_transformer import MTPTransformer
+
+SAFETENSORS_FILENAME = "model.safetensors"
+VALUE_HEAD_KEY = "value_head.weight"
+IGNORED_META_KEYS = ("rope.freqs",)
+"""Precomputed RoPE table that some Meta releases store; it is recomputed from params instead."""
+
+
+def resolve_vocab_size(args: ModelArgs, folder: Path, vocab_size: int | None) -> ModelArgs:
+    """Meta's params.json may say vocab_size = -1: take it from the tokenizer, as Meta's code does."""
+    if vocab_size is not None:
+        if args.vocab_size > 0 and args.vocab_size != vocab_size:
+            raise ValueError(f"{folder / PARAMS_FILENAME}: vocab_size {args.vocab_size} != tokenizer's {vocab_size}")
+        args.vocab_size = vocab_size
+    if args.vocab_size > 0:
+        return args
+    for candidate in (folder / TOKENIZER_FILENAME, folder.parent / TOKENIZER_FILENAME):
+        if candidate.is_file():
+            args.vocab_size = SentencePieceTokenizer(candidate).vocab_size
+            return args
+    raise ValueError(
+        f"{folder / PARAMS_FILENAME}: vocab_size is -1 and no {TOKENIZER_FILENAME} was found in {folder} "
+        f"or its parent; pass vocab_size= (the tokenizer's vocabulary size)"
+    )
+
+
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """Tensors of `model.safetensors`, else of the single `consolidated.*.pth` (memory-mapped)."""
+    st = folder / SAFETENSORS_FILENAME
+    if st.is_file():
+        return load_file(str(st))
+    shards = sorted(folder.glob("consolidated.*.pth"))
+    if not shards:
+        raise FileNotFoundError(f"model: neither {SAFETENSORS_FILENAME} nor consolidated.*.pth in {folder}")
+    if len(shards) > 1:
+        raise ValueError(f"model: {len(shards)} model-parallel shards in {folder}; merge them into one first")
+    sd = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
+    return {k: v for k, v in sd.items() if k not in IGNORED_META_KEYS}
+
+
+def check_state_dict(model: MTPTransformer, sd: Mapping[str, torch.Tensor], *, source: str,
+                     optional: tuple[str, ...] = ()) -> None:
+    """Strict key and shape check with the offending names in the message."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(k for k in expected.keys() - sd.keys() if k not in optional)
+    unexpected = sorted(sd.keys() - expected.keys())
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected}")
+    problems += [f"shape of {k}: checkpoint {tuple(sd[k].shape)} != model {tuple(shape)}"
+                 for k, shape in expected.items() if k in sd and sd[k].shape != shape]
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems))
+
+
+def load_mtp(path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+             vocab_size: int | None = None, value_head: bool | None = None,
+             max_seq_len: int | None = None) -> MTPTransformer:
+    """Load an MTP model from a folder with params.json and consolidated.*.pth or model.safetensors.
+
+    value_head: None builds one iff the checkpoint has `value_head.weight`; True always builds one
+    (zero-initialised when the checkpoint has none); False ignores a stored one.
+    """
+    folder = Path(path)
+    args = resolve_vocab_size(ModelArgs.load(folder), folder, vocab_size)
+    if max_seq_len is not None:
+        args.max_seq_len = max_seq_len
+    sd = read_state_dict(folder)
+    has_vh = VALUE_HEAD_KEY in sd
+    build_vh = has_vh if value_head is None else value_head
+    if has_vh and not build_vh:
+        sd = {k: v for k, v in sd.items() if k != VALUE_HEAD_KEY}
+    with torch.device("meta"):
+        model = MTPTransformer(args, value_head=build_vh)
+    check_state_dict(model, sd, source=str(folder), optional=(VALUE_HEAD_KEY,))
+    if build_vh and not has_vh:
+        sd = {**sd, VALUE_HEAD_KEY: torch.zeros(1, args.dim)}
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.init_buffers("cpu")
+    return model.to(device=device or "cpu", dtype=dtype)
+
+
+def save_mtp(folder: str | Path, args: ModelArgs, state_dict: Mapping[str, torch.Tensor], *,
+             overwrite: bool = True, extra_files: tuple[Path, ...] = ()) -> Path:
+    """Write params.json + model.safetensors (+ copies of extra_files) into `folder` atomically."""
+    folder = Path(folder)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    with atomic_directory(folder, overwrite=overwrite) as tmp:
+        (tmp / PARAMS_FILENAME).write_text(json.dumps(args.to_dict(), indent=2) + "\n")
+        save_file(tensors, str(tmp / SAFETENSORS_FILENAME), metadata={"format": "pt"})
+        for extra in extra_files:
+            shutil.copy(extra, tmp / Path(extra).name)
+    return folder

@@ -1,0 +1,251 @@
+"""Meta's multi-token-prediction LLaMA: a shared trunk, n_future head blocks, shared norm and output.
+
+Parameter names follow Meta's `consolidated.00.pth` exactly, so released checkpoints load with
+strict key checking. Training never materialises [B, T, n, V] logits: `forward` returns the
+per-head normed hidden states and, given targets, the per-pair cross-entropy computed by the
+chunked multi-head loss inside the forward (so that under FSDP the `output` weight is gathered).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from wmtp.constants import IGNORE_INDEX
+from wmtp.losses.mtp_ce import mtp_cross_entropy
+from wmtp.models.args import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale (Meta's order of operations).
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float,
+                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_len, head_dim/2] of Meta's freqs_cis = polar(1, t * theta^(-2i/d))."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2i], x[2i+1]) as the complex number x[2i] + j x[2i+1].
+
+    Real arithmetic equal to Meta's view_as_complex product; it compiles and shards without
+    complex tensors. x: [B, T, H, hd]; cos/sin: [T, hd/2].
+    """
+    xf = x.float().unflatten(-1, (-1, 2))
+    re, im = xf[..., 0], xf[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+@dataclasses.dataclass
+class KVCache:
+    """Keys/values of one block for incremental decoding: [B, n_kv_heads, max_len, head_dim]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start_pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions; asked to write up to {end}")
+        self.k[:, :, start_pos:end] = k
+        self.v[:, :, start_pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.update(start_pos, k, v)
+            if start_pos > 0:
+                # Query i sits at absolute position start_pos + i and sees keys up to there.
+                rows = torch.arange(seqlen, device=x.device)[:, None] + start_pos
+                mask, causal = torch.arange(k.shape[2], device=x.device)[None, :] <= rows, False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+@dataclasses.dataclass
+class MTPOutput:
+    """What one training forward returns; fields not asked for are None."""
+
+    hidden: torch.Tensor | None
+    """[B, T, n_heads_used, dim]: each head's output after the shared norm."""
+    ce: torch.Tensor | None
+    """[B, T, n_future]: per-pair cross-entropy (times pair_weights when given); 0 where ignored."""
+    values: torch.Tensor | None
+    """[B, T]: value head on norm(h_trunk) (fp32)."""
+
+
+class MTPTransformer(nn.Module):
+    """Trunk = layers[:-1]; head 0 = layers[-1]; head j > 0 = extra_heads[j-1]."""
+
+    def __init__(self, args: ModelArgs, *, value_head: bool = False) -> None:
+        super().__init__()
+        if args.vocab_size <= 0:
+            raise ValueError("model: vocab_size must be resolved (from the tokenizer) before building the model")
+        self.args = args
+        self.n_future = args.n_future_tokens
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_trunk_layers + 1))
+        self.extra_heads = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_future_tokens - 1))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.value_head = nn.Linear(args.dim, 1, bias=False) if value_head else None
+        self._caches: list[KVCache] | None = None
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_buffers()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)build the RoPE tables, e.g. after `to_empty` from the meta device."""
+        device = device if device is not None else self.output.weight.device
+        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len * 2, self.args.rope_theta, device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    @torch.no_grad()
+    def init_weights(self, *, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Fresh initialisation for models trained from scratch (the tiny artifacts): N(0, std)
+        matrices, unit norms, a zero value head."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.startswith("value_head"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+
+    @property
+    def trunk(self) -> nn.ModuleList:
+        return self.layers[:-1]
+
+    @property
+    def heads(self) -> list[TransformerBlock]:
+        return [self.layers[-1], *self.extra_heads]
+
+    def _run(self, tokens: torch.Tensor, *, n_heads: int, start_pos: int | None
+             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Trunk output and the un-normed outputs of the first `n_heads` heads."""
+        seqlen = tokens.shape[1]
+        pos = 0 if start_pos is None else start_pos
+        if pos + seqlen > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {pos + seqlen} tokens exceeds the RoPE table ({self.rope_cos.shape[0]})")
+        cos, sin = self.rope_cos[pos:pos + seqlen], self.rope_sin[pos:pos + seqlen]
+        caches = self._caches if start_pos is not None else None
+        if start_pos is not None and caches is None:
+            raise RuntimeError("start_pos given but no KV cache: call setup_kv_cache first")
+        h = self.tok_embeddings(tokens)
+        blocks = [*self.trunk, *self.heads]
+        for i, layer in enumerate(self.trunk):
+            h = layer(h, cos, sin, caches[i] if caches else None, pos)
+        n_trunk = len(self.trunk)
+        outs = [blocks[n_trunk + j](h, cos, sin, caches[n_trunk + j] if caches else None, pos)
+                for j in range(n_heads)]
+        return h, outs
+
+    def forward(self, tokens: torch.Tensor, *, targets: torch.Tensor | None = None,
+                pair_weights: torch.Tensor | None = None, with_values: bool = False,
+                with_heads: bool = True) -> MTPOutput:
+        """Training forward.
+
+        tokens [B, T]; targets [B, T, n_future] (IGNORE_INDEX where invalid) computes the per-pair
+        CE with the chunked multi-head loss; pair_weights [B, T, n_future] multiply it.
+        with_heads=False runs the trunk only (critic training needs just the values).
+        """
+        h_trunk, outs = self._run(tokens, n_heads=self.n_future if with_heads else 0, start_pos=None)
+        hidden = self.norm(torch.stack(outs, dim=2)) if outs else None
+        ce = None
+        if targets is not None:
+            if hidden is None:
+                raise ValueError("targets given with with_heads=False")
+            bsz, seqlen, n, dim = hidden.shape
+            ce = mtp_cross_entropy(
+                hidden.reshape(bsz * seqlen, n, dim), self.output.weight, targets.reshape(bsz * seqlen, n),
+                None if pair_weights is None else pair_weights.reshape(bsz * seqlen, n),
+                ignore_index=IGNORE_INDEX, reduction="none",
+            ).view(bsz, seqlen, n)
+        values = self.values(h_trunk) if with_values else None
+        return MTPOutput(hidden=hidden, ce=ce, values=values)
+
+    def values(self, h_trunk: torch.Tensor) -> torch.Tensor:
+        if self.value_head is None:
+            raise RuntimeError("this model has no value head (build it with value_head=True)")
+        return self.value_head(self.norm(h_trunk)).squeeze(-1).float()
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor, *, start_pos: int | None = None,
+               n_heads: int | None = None) -> torch.Tensor:
+        """[B, T, n_heads, V] fp32 logits of every head (inference helper; materialises logits).
+
+        With start_pos (after setup_kv_cache) the tokens continue the cached sequence.
+        """
+        _, outs = self._run(tokens, n_heads=self.n_future if n_heads is None else n_heads, start_pos=start_pos)
+        return self.output(self.norm(torch.stack(outs, dim=2))).float()
+
+    def setup_kv_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None) -> None:
+        """Allocate a KV cache for every trunk and head block."""
+        weight = self.output.weight
+        shape = (batch_size, self.args.kv_heads, max_len, self.args.head_dim)
+        kw = dict(dtype=dtype or weight.dtype, device=weight.device)
+        self._caches = [KVCache(torch.zeros(shape, **kw), torch.zeros(shape, **kw))
+                        for _ in range(len(self.layers) + len(self.extra_heads))]
+
+    def clear_kv_cache(self) -> None:
+        self._caches = None
