@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from wmtp.data import index as index_module
 from wmtp.data.collate import collate, encode_rows, mtp_targets
 from wmtp.data.index import INDEX_DTYPE, TOKEN_LENGTH_MAX, RowIndex, build_index, index_paths, load_or_build_index
 from wmtp.data.rows import make_row
-from wmtp.data.samplers import BalancedSampler, CorrectOnlySampler, CurriculumSampler, split_global_batch
+from wmtp.data.samplers import UNIFORM_BLOCK, BalancedSampler, CorrectOnlySampler, CurriculumSampler, split_global_batch
 from wmtp.data.template import format_prompt, tokenize_row
 from wmtp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
@@ -180,16 +179,18 @@ def make_samplers(index: RowIndex, seed: int) -> dict:
 @pytest.mark.parametrize("kind", ["correct_only", "balanced", "curriculum"])
 def test_sampler_deterministic_seeded_and_resumable(kind):
     index = synthetic_index(500)
-    stream = make_samplers(index, 7)[kind].next_ids(1200)  # several epochs of the smaller pools
-    assert np.array_equal(stream, make_samplers(index, 7)[kind].next_ids(1200))
-    assert not np.array_equal(stream, make_samplers(index, 8)[kind].next_ids(1200))
-    for k in [0, 1, 3, 137, 511, 1000]:
+    length = 2 * UNIFORM_BLOCK + 500  # many epochs of every pool, several blocks of uniforms
+    stream = make_samplers(index, 7)[kind].next_ids(length)
+    assert np.array_equal(stream, make_samplers(index, 7)[kind].next_ids(length))
+    assert not np.array_equal(stream, make_samplers(index, 8)[kind].next_ids(length))
+    for k in [0, 1, 3, 137, 511, UNIFORM_BLOCK - 1, UNIFORM_BLOCK + 1, 2 * UNIFORM_BLOCK + 3]:
         sampler = make_samplers(index, 7)[kind]
         head = np.concatenate([sampler.next_ids(n) for n in (k // 3, k - k // 3)])
         state = json.loads(json.dumps(sampler.state_dict()))
         resumed = make_samplers(index, 7)[kind]
         resumed.load_state_dict(state)
-        assert np.array_equal(np.concatenate([head, resumed.next_ids(1200 - k)]), stream), k
+        tail = [resumed.next_ids(n) for n in (1, 2 * UNIFORM_BLOCK, length)]
+        assert np.array_equal(np.concatenate([head, *tail])[:length], stream), k
 
 
 def test_sampler_state_checks_data_and_seed():

@@ -91,10 +91,13 @@ class RowIndex:
 
     def skip_summary(self) -> str:
         """One line naming each skip reason with its count and first line numbers."""
-        return "; ".join(
-            f"{reason}: {count} (lines {', '.join(map(str, self.skipped_lines.get(reason, [])))}"
-            f"{', ...' if count > len(self.skipped_lines.get(reason, [])) else ''})"
-            for reason, count in sorted(self.skipped.items()))
+        parts = []
+        for reason, count in sorted(self.skipped.items()):
+            lines = [str(n) for n in self.skipped_lines.get(reason, [])]
+            if count > len(lines):
+                lines.append("...")
+            parts.append(f"{reason}: {count} (lines {', '.join(lines)})")
+        return "; ".join(parts)
 
 
 def index_paths(jsonl_path: str | Path) -> tuple[Path, Path]:
@@ -212,7 +215,7 @@ def build_index(jsonl_path: str | Path, tokenizer: SentencePieceTokenizer, *,
     if len(builder):
         chunks.append(builder.finish())
     rows = np.concatenate(chunks) if chunks else np.empty(0, dtype=INDEX_DTYPE)
-    del chunks
+    del chunks  # the index is held once from here on
 
     index = RowIndex(path=jsonl_path, rows=rows, problems=list(problem_ids), skipped=skipped,
                      skipped_lines=skipped_lines, source_size=st.st_size, source_mtime_ns=st.st_mtime_ns)
@@ -241,19 +244,20 @@ def _load_fresh(jsonl_path: Path, tokenizer_hash: str) -> RowIndex | None:
     try:
         meta = json.loads(meta_path.read_text())
         st = jsonl_path.stat()
-        if (meta.get("format_version") != INDEX_FORMAT_VERSION
+        if (not isinstance(meta, dict)
+                or meta.get("format_version") != INDEX_FORMAT_VERSION
                 or meta.get("source_size") != st.st_size
                 or meta.get("source_mtime_ns") != st.st_mtime_ns
                 or meta.get("tokenizer_sha256") != tokenizer_hash):
             return None
         rows = np.load(npy_path, allow_pickle=False)
-    except (OSError, ValueError):  # missing or half-written files: rebuild
+        if rows.dtype != INDEX_DTYPE or len(rows) != meta["num_rows"]:
+            return None
+        return RowIndex(path=jsonl_path, rows=rows, problems=meta["problems"], skipped=meta["skipped"],
+                        skipped_lines=meta["skipped_lines"], source_size=st.st_size,
+                        source_mtime_ns=st.st_mtime_ns)
+    except (OSError, ValueError, KeyError):  # missing, half-written or foreign files: rebuild
         return None
-    if rows.dtype != INDEX_DTYPE or len(rows) != meta.get("num_rows"):
-        return None
-    return RowIndex(path=jsonl_path, rows=rows, problems=meta["problems"], skipped=meta["skipped"],
-                    skipped_lines=meta["skipped_lines"], source_size=st.st_size,
-                    source_mtime_ns=st.st_mtime_ns)
 
 
 def _save(index: RowIndex, tokenizer_hash: str) -> None:

@@ -16,6 +16,7 @@ from wmtp.data.collate import collate, encode_rows, mtp_targets
 from wmtp.data.index import RowIndex, load_or_build_index
 from wmtp.data.samplers import BalancedSampler, CorrectOnlySampler, CurriculumSampler, split_global_batch
 from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.distributed.env import barrier
 
 
 def build_sampler(cfg: DataConfig, index: RowIndex, *, max_seq_len: int, total_samples: int):
@@ -37,7 +38,12 @@ class GlobalBatchLoader:
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.rank, self.world_size = rank, world_size
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
-        self.index = load_or_build_index(cfg.train_path, tokenizer)
+        # Rank 0 builds a missing index; the others then find it fresh and only load it.
+        if rank == 0:
+            self.index = load_or_build_index(cfg.train_path, tokenizer)
+        barrier()
+        if rank != 0:
+            self.index = load_or_build_index(cfg.train_path, tokenizer)
         self.sampler = build_sampler(cfg, self.index, max_seq_len=max_seq_len,
                                      total_samples=total_steps * self.global_batch)
 

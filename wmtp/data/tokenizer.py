@@ -64,8 +64,8 @@ class SentencePieceTokenizer:
         return self.encode_batch([text], bos=bos, eos=eos)[0]
 
     def encode_batch(self, texts: Sequence[str], *, bos: bool = False, eos: bool = False,
-                     num_threads: int = 0) -> list[list[int]]:
-        """Encode many strings at once (sentencepiece's threaded batch path)."""
+                     num_threads: int = -1) -> list[list[int]]:
+        """Encode many strings at once (sentencepiece's threaded batch path; -1: all cores)."""
         if self._dummy_prefix:
             ids = self._sp.encode([self._sentinel + t for t in texts], num_threads=num_threads)
             cut = len(self._sentinel_ids)
