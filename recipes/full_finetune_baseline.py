@@ -126,7 +126,7 @@ class BaselineRecipe:
             metrics = self.train_step(self.loader.next_step())
             self.step += 1
             metrics.update(self._throughput(metrics.pop("tokens"), time.perf_counter() - t0))
-            if self.step % cfg.log_every == 0 or self.step == stop:
+            if self.step % cfg.log_every == 0 or self.step in (1, stop):
                 self.metrics.log(self.step, metrics)
                 if not bar.disable:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")

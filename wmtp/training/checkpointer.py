@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from wmtp.atomic import TMP_SUFFIX, atomic_write_text
 from wmtp.distributed.env import barrier, broadcast_object
+
+# DCP warns on every single-process save/load that it assumes a single process: it does, here.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TRAINER_STATE = "trainer_state.json"
