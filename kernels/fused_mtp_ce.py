@@ -4,6 +4,16 @@ hidden [N, n, D] (per-head hidden states), weight [V, D] (the shared `output`), 
 (ignore_index where a pair has no target), optional per-pair weights [N, n]. The N*n pairs are
 flattened into rows that all share `weight`, so one fp32 dW accumulator serves every head.
 
+Rows are processed in chunks of logits [C, V]: a matmul, then the row-wise part (log-sum-exp, CE
+and, when needed, the gradient scale * (softmax - onehot) written over the chunk), then
+dH_chunk = G @ W and dW += G^T @ H_chunk. The row-wise part runs as a Triton kernel
+(`kernels/fused_mtp_ce_triton.py`) or as PyTorch ops, chosen by `kernels.backend.resolve_backend`.
+
+Matmul precision: on CUDA the operands keep their 16-bit dtype (tensor cores); logits come out in
+fp32 and dW is accumulated in fp32 where the running torch can do that (see `_fp32_out_matmuls`).
+Elsewhere everything is upcast to fp32. Autocast is disabled inside, so only the input dtypes
+decide this.
+
 Two autograd paths:
 - reduction="none": per-pair CE [N, n] (times weights); the forward keeps only the per-row
   log-sum-exp and the backward recomputes each logits chunk (the per-pair upstream gradient is
@@ -17,11 +27,24 @@ Rows that are ignored or have weight 0 are dropped before any matmul.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
+
+from kernels.backend import resolve_backend
 
 DEFAULT_IGNORE_INDEX = -100
 LOGITS_CHUNK_ELEMENTS = 1 << 23
 """Logits elements held at once (32 MiB in fp32): chunk rows = this // V."""
+
+RowStats = Callable[..., None]
+"""(logits, targets, lse, ce, *, scale=None, grad=None): fill lse and ce; with scale and grad,
+also write scale * (softmax - onehot) into grad (which may be the logits)."""
+RowGrad = Callable[..., None]
+"""(logits, targets, lse, scale, grad): write scale * (softmax - onehot) into grad, lse known."""
 
 
 def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
@@ -35,50 +58,166 @@ def _active_rows(targets: torch.Tensor, weights: torch.Tensor | None, ignore_ind
     return keep.nonzero().squeeze(1)
 
 
-def _lse_and_target_logit(h: torch.Tensor, w32: torch.Tensor, tgt: torch.Tensor
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = h.float() @ w32.T
-    return logits, logits.gather(1, tgt[:, None]).squeeze(1)
+def _torch_ce_rows(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ce: torch.Tensor, *,
+                   scale: torch.Tensor | None = None, grad: torch.Tensor | None = None) -> None:
+    x = logits.float()
+    torch.logsumexp(x, dim=1, out=lse)
+    torch.sub(lse, x.gather(1, targets[:, None]).squeeze(1), out=ce)
+    if grad is not None:
+        _torch_ce_rows_grad(x, targets, lse, scale, grad)
+
+
+def _torch_ce_rows_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
+                        grad: torch.Tensor) -> None:
+    # fp32 logits are turned into the gradient in place: the chunk is dead after this.
+    probs = logits.float()
+    torch.exp_(probs.sub_(lse[:, None]))
+    probs[torch.arange(targets.shape[0], device=targets.device), targets] -= 1.0
+    probs.mul_(scale[:, None])
+    if grad is not probs:
+        grad.copy_(probs)
+
+
+def _row_ops(backend: str) -> tuple[RowStats, RowGrad]:
+    """The row-wise implementation for a resolved backend ("triton" or "torch")."""
+    if backend == "triton":
+        # Imported on demand: triton is optional on CPU/MPS installs.
+        from kernels.fused_mtp_ce_triton import ce_rows, ce_rows_grad
+        return ce_rows, ce_rows_grad
+    return _torch_ce_rows, _torch_ce_rows_grad
+
+
+def _tensor_core_matmuls(device: torch.device) -> bool:
+    """Whether the matmuls keep 16-bit operands (CUDA) rather than upcasting them to fp32."""
+    return device.type == "cuda"
+
+
+@functools.cache
+def _fp32_out_matmuls(device_type: str) -> tuple[bool, bool]:
+    """(mm with out_dtype=float32 works, addmm into an fp32 accumulator with out=self works).
+
+    For 16-bit operands on CUDA, `torch.mm(..., out_dtype=torch.float32)` exists from torch 2.8 and
+    an fp32 `self`/`out` for `torch.addmm(..., out_dtype=torch.float32)` from 2.10; older builds and
+    other devices raise, so this is probed once on a tiny product.
+    """
+    a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
+    acc = torch.zeros(2, 2, dtype=torch.float32, device=device_type)
+    try:
+        torch.mm(a, a, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return False, False
+    try:
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except (TypeError, RuntimeError):
+        return True, False
+    return True, True
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one call runs: row-wise ops, rows per chunk, matmul operand dtype and fp32-output support."""
+
+    stats: RowStats
+    grad: RowGrad
+    chunk: int
+    mm_dtype: torch.dtype
+    fp32_mm: bool
+    fp32_addmm: bool
+
+    def logits(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.fp32_mm and h.dtype.itemsize < 4:
+            return torch.mm(h, w.T, out_dtype=torch.float32)
+        return h @ w.T
+
+    def add_grad_weight(self, grad_w: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+        """grad_w (fp32) += g^T @ h."""
+        if g.dtype == grad_w.dtype:
+            grad_w.addmm_(g.T, h)
+        elif self.fp32_addmm:
+            torch.addmm(grad_w, g.T, h, out_dtype=torch.float32, out=grad_w)
+        elif self.fp32_mm:
+            grad_w.add_(torch.mm(g.T, h, out_dtype=torch.float32))
+        else:
+            # Older torch: the chunk's product is rounded to 16 bits, the running sum stays fp32.
+            grad_w.add_(g.T @ h)
+
+
+def _plan(hidden: torch.Tensor, weight: torch.Tensor, chunk_rows: int | None, backend: str | None) -> _Plan:
+    stats, grad = _row_ops(resolve_backend(hidden.device, backend))
+    chunk = _chunk_rows(weight.shape[0], chunk_rows)
+    if not _tensor_core_matmuls(hidden.device):
+        return _Plan(stats, grad, chunk, torch.float32, False, False)
+    # Mixed inputs (16-bit activations from an autocast trunk, an fp32 `output` parameter) use the
+    # narrower dtype, as autocast would for the model's own projection.
+    mm_dtype = hidden.dtype if hidden.dtype.itemsize <= weight.dtype.itemsize else weight.dtype
+    return _Plan(stats, grad, chunk, mm_dtype, *_fp32_out_matmuls(hidden.device.type))
+
+
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _run_chunks(plan: _Plan, h_rows: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, lse: torch.Tensor,
+                ce: torch.Tensor | None = None, scale: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """One pass over the logits chunks of the active rows.
+
+    With `ce`, fill `lse` and `ce`; without, `lse` is known. With `scale`, also return
+    (grad_h in the matmul dtype, grad_w in fp32 or wider) of sum(scale * ce); else (None, None).
+    """
+    w = weight.to(plan.mm_dtype)
+    n_rows = h_rows.shape[0]
+    grad_h = grad_w = g_buf = None
+    if scale is not None:
+        grad_h = torch.empty(h_rows.shape, dtype=plan.mm_dtype, device=h_rows.device)
+        grad_w = torch.zeros(w.shape, dtype=torch.promote_types(plan.mm_dtype, torch.float32), device=w.device)
+    for s in range(0, n_rows, plan.chunk):
+        rows = slice(s, s + plan.chunk)
+        h = h_rows[rows].to(plan.mm_dtype)
+        logits = plan.logits(h, w)
+        g = None
+        if scale is not None:
+            # fp32 logits of 16-bit operands: the gradient goes straight into a 16-bit buffer
+            # (reused across chunks) for the two gradient matmuls.
+            if logits.dtype == plan.mm_dtype:
+                g = logits
+            else:
+                if g_buf is None:
+                    g_buf = torch.empty(min(plan.chunk, n_rows), w.shape[0], dtype=plan.mm_dtype, device=w.device)
+                g = g_buf[:h.shape[0]]
+        if ce is not None:
+            plan.stats(logits, tgt[rows], lse[rows], ce[rows],
+                       scale=None if scale is None else scale[rows], grad=g)
+        else:
+            plan.grad(logits, tgt[rows], lse[rows], scale[rows], g)
+        if scale is not None:
+            torch.mm(g, w, out=grad_h[rows])
+            plan.add_grad_weight(grad_w, g, h)
+    return grad_h, grad_w
 
 
 class _ChunkedMTPCE(torch.autograd.Function):
     """reduction="none" path: returns per-row CE of the active rows (fp32)."""
 
     @staticmethod
-    def forward(ctx, h_rows: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, chunk: int) -> torch.Tensor:
-        w32 = weight.float()
+    def forward(ctx, h_rows: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, plan: _Plan) -> torch.Tensor:
         lse = torch.empty(h_rows.shape[0], dtype=torch.float32, device=h_rows.device)
         ce = torch.empty_like(lse)
-        for s in range(0, h_rows.shape[0], chunk):
-            logits, picked = _lse_and_target_logit(h_rows[s:s + chunk], w32, tgt[s:s + chunk])
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=1)
-            ce[s:s + chunk] = lse[s:s + chunk] - picked
+        with _no_autocast(h_rows.device):
+            _run_chunks(plan, h_rows, weight, tgt, lse, ce=ce)
         ctx.save_for_backward(h_rows, weight, tgt, lse)
-        ctx.chunk = chunk
+        ctx.plan = plan
         return ce
 
     @staticmethod
     def backward(ctx, grad_ce: torch.Tensor):
         h_rows, weight, tgt, lse = ctx.saved_tensors
-        w32 = weight.float()
-        grad_h = torch.empty(h_rows.shape, dtype=torch.float32, device=h_rows.device)
-        grad_w = torch.zeros_like(w32)
-        for s in range(0, h_rows.shape[0], ctx.chunk):
-            h32 = h_rows[s:s + ctx.chunk].float()
-            grad_h[s:s + ctx.chunk] = _grad_from_logits(
-                h32 @ w32.T, lse[s:s + ctx.chunk], tgt[s:s + ctx.chunk], grad_ce[s:s + ctx.chunk],
-                h32, w32, grad_w)
+        with _no_autocast(h_rows.device):
+            grad_h, grad_w = _run_chunks(ctx.plan, h_rows, weight, tgt, lse,
+                                         scale=grad_ce.float().contiguous())
         return grad_h.to(h_rows.dtype), grad_w.to(weight.dtype), None, None
-
-
-def _grad_from_logits(logits: torch.Tensor, lse: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor,
-                      h32: torch.Tensor, w32: torch.Tensor, grad_w: torch.Tensor) -> torch.Tensor:
-    """Turn a logits chunk (in place) into scale * (softmax - onehot); add its dW, return its dH."""
-    probs = torch.exp_(logits.sub_(lse[:, None]))
-    probs[torch.arange(tgt.shape[0], device=tgt.device), tgt] -= 1.0
-    probs.mul_(scale[:, None])
-    grad_w.addmm_(probs.T, h32)
-    return probs @ w32
 
 
 class _FusedSumMTPCE(torch.autograd.Function):
@@ -86,18 +225,12 @@ class _FusedSumMTPCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h_rows: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, row_w: torch.Tensor,
-                chunk: int, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        w32 = weight.float()
-        ce = torch.empty(h_rows.shape[0], dtype=torch.float32, device=h_rows.device)
-        grad_h = torch.empty(h_rows.shape, dtype=torch.float32, device=h_rows.device) if need_grad else None
-        grad_w = torch.zeros_like(w32) if need_grad else None
-        for s in range(0, h_rows.shape[0], chunk):
-            h32, t = h_rows[s:s + chunk].float(), tgt[s:s + chunk]
-            logits, picked = _lse_and_target_logit(h32, w32, t)
-            lse = torch.logsumexp(logits, dim=1)
-            ce[s:s + chunk] = lse - picked
-            if need_grad:
-                grad_h[s:s + chunk] = _grad_from_logits(logits, lse, t, row_w[s:s + chunk], h32, w32, grad_w)
+                plan: _Plan, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        lse = torch.empty(h_rows.shape[0], dtype=torch.float32, device=h_rows.device)
+        ce = torch.empty_like(lse)
+        with _no_autocast(h_rows.device):
+            grad_h, grad_w = _run_chunks(plan, h_rows, weight, tgt, lse, ce=ce,
+                                         scale=row_w if need_grad else None)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h_rows.dtype, weight.dtype)
         ctx.mark_non_differentiable(ce)
@@ -113,12 +246,14 @@ class _FusedSumMTPCE(torch.autograd.Function):
 
 def chunked_mtp_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                    weights: torch.Tensor | None = None, *, ignore_index: int = DEFAULT_IGNORE_INDEX,
-                   reduction: str = "none", chunk_rows: int | None = None
+                   reduction: str = "none", chunk_rows: int | None = None, backend: str | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunked PyTorch implementation (CPU/MPS, and CUDA without Triton).
+    """Fused multi-head linear cross-entropy, chunked over the active (row, head) pairs.
 
     Returns (out, ce): out is [N, n] weighted CE for reduction "none" or the scalar weighted sum
     for "sum"; ce [N, n] is the unweighted per-pair CE, detached (0 where ignored), for logging.
+    `backend` ("auto" | "triton" | "torch", None: process default) picks the row-wise
+    implementation, see `kernels.backend`.
     """
     n_rows, n_heads, dim = hidden.shape
     if weight.shape[1] != dim:
@@ -127,7 +262,9 @@ def chunked_mtp_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         raise ValueError(f"targets shape {tuple(targets.shape)} != {(n_rows, n_heads)}")
     if weights is not None and weights.shape != targets.shape:
         raise ValueError(f"weights shape {tuple(weights.shape)} != targets shape {tuple(targets.shape)}")
-    chunk = _chunk_rows(weight.shape[0], chunk_rows)
+    if reduction not in ("none", "sum"):
+        raise ValueError(f"reduction must be 'none' or 'sum', got {reduction!r}")
+    plan = _plan(hidden, weight, chunk_rows, backend)
     rows = _active_rows(targets, weights, ignore_index)
     h_rows = hidden.reshape(-1, dim).index_select(0, rows)
     tgt = targets.reshape(-1).index_select(0, rows)
@@ -136,11 +273,9 @@ def chunked_mtp_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     full = torch.zeros(n_rows * n_heads, dtype=torch.float32, device=hidden.device)
     if reduction == "sum":
         need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-        loss, ce_rows = _FusedSumMTPCE.apply(h_rows, weight, tgt, row_w, chunk, need_grad)
+        loss, ce_rows = _FusedSumMTPCE.apply(h_rows, weight, tgt, row_w, plan, need_grad)
         return loss, full.index_copy(0, rows, ce_rows).view(n_rows, n_heads)
-    if reduction != "none":
-        raise ValueError(f"reduction must be 'none' or 'sum', got {reduction!r}")
-    ce_rows = _ChunkedMTPCE.apply(h_rows, weight, tgt, chunk)
+    ce_rows = _ChunkedMTPCE.apply(h_rows, weight, tgt, plan)
     out = full.index_copy(0, rows, ce_rows * row_w).view(n_rows, n_heads)
     return out, full.index_copy(0, rows, ce_rows.detach()).view(n_rows, n_heads)
 

@@ -106,6 +106,7 @@ class BaselineRecipe:
             (self.out / "config.toml").write_text(to_toml(cfg, with_docs=False))
         self.metrics = MetricLogger(cfg.metrics, self.out, params=flatten(config_to_dict(cfg)),
                                     enabled=self.dist.is_main)
+        self.metrics.log_artifact(self.out / "config.toml")
         self._log_data_summary()
 
     def _log_data_summary(self) -> None:

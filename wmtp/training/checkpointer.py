@@ -7,12 +7,13 @@ renames it only after all ranks finished, so a directory without `.tmp` is alway
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -26,9 +27,6 @@ from torch.distributed.checkpoint.state_dict import (
 
 from wmtp.atomic import TMP_SUFFIX, atomic_write_text
 from wmtp.distributed.env import barrier, broadcast_object
-
-# DCP warns on every single-process save/load that it assumes a single process: it does, here.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TRAINER_STATE = "trainer_state.json"
@@ -60,7 +58,8 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        with _single_process_quiet():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         barrier()
         if self.is_main:
             atomic_write_text(tmp / TRAINER_STATE, json.dumps({"step": step, **trainer_state}, indent=2))
@@ -74,13 +73,22 @@ class Checkpointer:
         """Restore model and optimizer in place; return the trainer state (step, sampler, ...)."""
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(path))
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         return json.loads((path / TRAINER_STATE).read_text())
 
     def _prune(self) -> None:
         for step in self.complete_steps()[:-self.keep_last] if self.keep_last > 0 else []:
             shutil.rmtree(self.root / f"step_{step:06d}", ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """DCP warns on every save/load without a process group that it assumes one process: it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

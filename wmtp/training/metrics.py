@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -13,6 +14,8 @@ from wmtp.config.sections import MetricsConfig
 RUN_ID_FILE = "mlflow_run_id"
 MLFLOW_PARAM_MAX = 500
 """MLflow rejects longer parameter values."""
+MLFLOW_BATCH_MAX = 100
+"""Parameters or metrics per log_batch call (MLflow's limit for params)."""
 
 
 def embedded_tracking_uri(output_dir: Path) -> str:
@@ -34,7 +37,7 @@ class MetricLogger:
                  enabled: bool) -> None:
         self.enabled = enabled
         self.output_dir = Path(output_dir)
-        self._mlflow = None
+        self._client = None
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -43,24 +46,32 @@ class MetricLogger:
             self._start_mlflow(cfg, params)
 
     def _start_mlflow(self, cfg: MetricsConfig, params: Mapping[str, Any]) -> None:
-        import mlflow  # slow import: only on rank 0 and only when enabled
+        # An explicit client, not mlflow's process-global tracking URI: nothing leaks between runs.
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
 
         self.tracking_uri = resolve_tracking_uri(cfg, self.output_dir)
-        mlflow.set_tracking_uri(self.tracking_uri)
-        if mlflow.get_experiment_by_name(cfg.experiment) is None:
+        client = MlflowClient(tracking_uri=self.tracking_uri)
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        if experiment is None:
             artifacts = None
             if self.tracking_uri == embedded_tracking_uri(self.output_dir):
                 artifacts = (self.output_dir / "mlartifacts").resolve().as_uri()
-            mlflow.create_experiment(cfg.experiment, artifact_location=artifacts)
-        mlflow.set_experiment(cfg.experiment)
+            experiment_id = client.create_experiment(cfg.experiment, artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
         id_file = self.output_dir / RUN_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else None
-        run = mlflow.start_run(run_id=run_id, run_name=cfg.run_name or self.output_dir.name)
-        if run_id is None:
-            id_file.write_text(run.info.run_id)
-            mlflow.log_params({k: str(v)[:MLFLOW_PARAM_MAX] for k, v in params.items()})
-        self.run_id = run.info.run_id
-        self._mlflow = mlflow
+        if id_file.is_file():
+            self.run_id = id_file.read_text().strip()
+            client.update_run(self.run_id, status="RUNNING")
+        else:
+            run = client.create_run(experiment_id, run_name=cfg.run_name or self.output_dir.name)
+            self.run_id = run.info.run_id
+            id_file.write_text(self.run_id)
+            items = [Param(k, str(v)[:MLFLOW_PARAM_MAX]) for k, v in params.items()]
+            for i in range(0, len(items), MLFLOW_BATCH_MAX):
+                client.log_batch(self.run_id, params=items[i:i + MLFLOW_BATCH_MAX])
+        self._client = client
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         if not self.enabled:
@@ -68,20 +79,25 @@ class MetricLogger:
         clean = {k: float(v) for k, v in metrics.items() if v is not None}
         self._jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self._jsonl.flush()
-        if self._mlflow is not None:
-            self._mlflow.log_metrics({k: v for k, v in clean.items() if math.isfinite(v)}, step=step)
+        if self._client is not None:
+            from mlflow.entities import Metric
+
+            now = int(time.time() * 1000)
+            items = [Metric(k, v, now, step) for k, v in clean.items() if math.isfinite(v)]
+            for i in range(0, len(items), MLFLOW_BATCH_MAX):
+                self._client.log_batch(self.run_id, metrics=items[i:i + MLFLOW_BATCH_MAX])
 
     def log_artifact(self, path: str | Path) -> None:
-        if self._mlflow is not None:
-            self._mlflow.log_artifact(str(path))
+        if self._client is not None:
+            self._client.log_artifact(self.run_id, str(path))
 
     def close(self) -> None:
         if not self.enabled:
             return
         self._jsonl.close()
-        if self._mlflow is not None:
-            self._mlflow.end_run()
-            self._mlflow = None
+        if self._client is not None:
+            self._client.set_terminated(self.run_id)
+            self._client = None
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, float]]:
