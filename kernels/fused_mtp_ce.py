@@ -98,7 +98,7 @@ def _fp32_out_matmuls(device_type: str) -> tuple[bool, bool]:
 
     For 16-bit operands on CUDA, `torch.mm(..., out_dtype=torch.float32)` exists from torch 2.8 and
     an fp32 `self`/`out` for `torch.addmm(..., out_dtype=torch.float32)` from 2.10; older builds and
-    other devices raise, so this is probed once on a tiny product.
+    other devices raise, so this is probed once on a tiny product (whose result is checked too).
     """
     a = torch.ones(2, 2, dtype=torch.bfloat16, device=device_type)
     acc = torch.zeros(2, 2, dtype=torch.float32, device=device_type)
@@ -110,7 +110,7 @@ def _fp32_out_matmuls(device_type: str) -> tuple[bool, bool]:
         torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
     except (TypeError, RuntimeError):
         return True, False
-    return True, True
+    return True, bool(acc.eq(2).all())
 
 
 @dataclass(frozen=True)
@@ -125,6 +125,7 @@ class _Plan:
     fp32_addmm: bool
 
     def logits(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Logits chunk h @ w^T: fp32 from 16-bit operands where the running torch allows it."""
         if self.fp32_mm and h.dtype.itemsize < 4:
             return torch.mm(h, w.T, out_dtype=torch.float32)
         return h @ w.T

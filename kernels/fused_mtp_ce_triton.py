@@ -32,11 +32,13 @@ import triton.language as tl
 from kernels.backend import interpreting
 
 MIN_BLOCK_M = 16
-"""Rows per tile on the GPU: the smallest 2-D tile that still fills a warp's lanes along rows."""
+"""Rows per tile (the GPU's choice, the least anywhere): small row blocks and column splits give a
+chunk of a few hundred rows enough programs."""
 GPU_TILE_ELEMENTS = 8192
-"""Elements of one [BLOCK_M, BLOCK_V] tile on the GPU: 32 fp32 values per thread at 8 warps."""
-GPU_WIDE_TILE_WARPS = 8
-GPU_NARROW_TILE_WARPS = 4
+"""Elements of one [BLOCK_M, BLOCK_V] tile on the GPU (64 fp32 values per thread at 4 warps)."""
+GPU_NUM_WARPS = 4
+"""ptxas gives either kernel 130-220 registers per thread at this tile (sm_90, triton 3.3-3.9): 4
+warps leave room for two or three resident programs per SM, 8 warps for one."""
 PROGRAMS_PER_SM = 4
 """Column splits are added until the grid has about this many programs per SM."""
 MIN_TILES_PER_SPLIT = 4
@@ -69,15 +71,14 @@ def row_blocks(n_rows: int, n_cols: int, device: torch.device) -> RowBlocks:
     if device.type != "cuda" or interpreting():
         block_m = max(MIN_BLOCK_M, min(INTERPRET_MAX_BLOCK_M, triton.next_power_of_2(n_rows)))
         block_v = min(triton.next_power_of_2(n_cols), INTERPRET_TILE_ELEMENTS // block_m)
-        return RowBlocks(block_m, block_v, splits=1, num_warps=GPU_NARROW_TILE_WARPS)
+        return RowBlocks(block_m, block_v, splits=1, num_warps=GPU_NUM_WARPS)
     block_m = MIN_BLOCK_M
     block_v = min(triton.next_power_of_2(n_cols), GPU_TILE_ELEMENTS // block_m)
     row_block_count = triton.cdiv(n_rows, block_m)
     index = device.index if device.index is not None else torch.cuda.current_device()
     wanted = triton.cdiv(PROGRAMS_PER_SM * _sm_count(index), row_block_count)
     splits = max(1, min(wanted, triton.cdiv(triton.cdiv(n_cols, block_v), MIN_TILES_PER_SPLIT)))
-    warps = GPU_WIDE_TILE_WARPS if block_m * block_v >= GPU_TILE_ELEMENTS else GPU_NARROW_TILE_WARPS
-    return RowBlocks(block_m, block_v, splits, warps)
+    return RowBlocks(block_m, block_v, splits, GPU_NUM_WARPS)
 
 
 def _columns_per_split(n_cols: int, blocks: RowBlocks) -> tuple[int, int]:

@@ -11,7 +11,6 @@ taken before the first backward. One file, one class: copy it and edit it for an
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import sys
 import time
@@ -39,9 +38,9 @@ from wmtp.distributed.parallelize import parallelize
 from wmtp.losses.normalization import global_valid_pair_counts, head_mean_weights
 from wmtp.models import load_mtp, save_mtp
 from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
-from wmtp.training.flops import flops_per_token, peak_flops
 from wmtp.training.lr_schedule import build_scheduler
 from wmtp.training.metrics import MetricLogger
+from wmtp.training.step import clip_and_step, resolve_precision, step_line, throughput
 
 
 @dataclasses.dataclass
@@ -69,12 +68,7 @@ class BaselineRecipe:
         self.dist = init_distributed(cfg.training.device)
         torch.manual_seed(cfg.training.seed)
         device = self.dist.device
-        bf16 = cfg.training.precision == "bf16" or (cfg.training.precision == "auto" and device.type == "cuda")
-        # Multi-process bf16 goes through FSDP's mixed precision (fp32 master weights, fp32 reduce);
-        # a single device autocasts.
-        param_dtype = torch.bfloat16 if bf16 and self.dist.distributed else None
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not self.dist.distributed
-                         else contextlib.nullcontext())
+        param_dtype, self.autocast = resolve_precision(cfg.training.precision, self.dist)
 
         self.tokenizer = SentencePieceTokenizer(cfg.tokenizer.path)
         model = load_mtp(cfg.model.path, device=device, dtype=torch.float32,
@@ -126,15 +120,15 @@ class BaselineRecipe:
             t0 = time.perf_counter()
             metrics = self.train_step(self.loader.next_step())
             self.step += 1
-            metrics.update(self._throughput(metrics.pop("tokens"), time.perf_counter() - t0))
+            metrics.update(throughput(metrics.pop("tokens"), time.perf_counter() - t0, args=self.model_args,
+                                      seq_len=self.cfg.model.max_seq_len, device=self.dist.device))
             if self.step % cfg.log_every == 0 or self.step in (1, stop):
                 self.metrics.log(self.step, metrics)
                 if not bar.disable:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 elif self.dist.is_main:
-                    heads = " ".join(f"{metrics[f'loss/head_{k}']:.3f}" for k in range(self.n_future))
-                    print(f"step {self.step}/{cfg.max_steps} loss {metrics['loss']:.4f} heads [{heads}] "
-                          f"lr {metrics['lr']:.2e} {metrics['tokens_per_s']:.0f} tok/s", flush=True)
+                    keys = ["loss", *(f"loss/head_{k}" for k in range(self.n_future)), "lr", "tokens_per_s"]
+                    print(step_line("baseline", self.step, cfg.max_steps, metrics, keys), flush=True)
             bar.update(1)
             every = self.cfg.checkpoint.save_every
             if (every and self.step % every == 0) or (self.step == stop and stop < cfg.max_steps):
@@ -159,30 +153,14 @@ class BaselineRecipe:
             head_sums += out.ce.detach().sum(dim=(0, 1)).double()
             tokens += int(mb["lengths"].sum())
         all_reduce_sum(head_sums)
-        grad_norm = None
-        if self.cfg.training.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.training.max_grad_norm)
-            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        metrics = {"loss": float(head_sums.sum()), "lr": lr, "tokens": tokens}
+        metrics = clip_and_step(self.model.parameters(), self.optimizer, self.scheduler,
+                                self.cfg.training.max_grad_norm)
+        metrics.update(loss=float(head_sums.sum()), tokens=tokens)
         for k in range(self.n_future):
             # head_sums[k] = sum_t CE_{t,k} / (n N_k): times n it is head k's mean CE.
             metrics[f"loss/head_{k}"] = float(head_sums[k] * self.n_future)
             metrics[f"pairs/head_{k}"] = float(counts[k])
-        if grad_norm is not None:
-            metrics["grad_norm"] = grad_norm
         return metrics
-
-    def _throughput(self, tokens: int, seconds: float) -> dict[str, float]:
-        tok_s = tokens / max(seconds, 1e-9)
-        out = {"tokens_per_s": tok_s, "step_time_s": seconds}
-        peak = peak_flops(self.dist.device)
-        if peak:
-            out["mfu"] = tok_s * flops_per_token(self.model_args, self.cfg.model.max_seq_len) / peak
-        return out
 
     # ------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> None:

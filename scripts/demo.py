@@ -1,4 +1,5 @@
-"""The tiny end-to-end demo: make the tiny artifacts, train the baseline recipe on CPU, report.
+"""The tiny end-to-end demo: make the tiny artifacts, then baseline, critic -> verifiable and Rho-1
+on CPU, and a table comparing the runs.
 
     make demo        (or: python scripts/demo.py)
 
@@ -7,6 +8,7 @@ Everything lands under outputs/demo/ (rebuilt on every run) and artifacts/tiny/ 
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -17,10 +19,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wmtp.training.metrics import embedded_tracking_uri, read_metrics  # noqa: E402
+from wmtp.training.metrics import read_metrics  # noqa: E402
 
 TINY = ROOT / "artifacts" / "tiny"
 OUT = ROOT / "outputs" / "demo"
+N_HEADS = 4
+TRACKING_URI = f"sqlite:///{OUT / 'mlflow.db'}"
+"""One MLflow store for the four demo runs, so the UI shows them side by side."""
 
 
 def run(args: list[str]) -> None:
@@ -30,25 +35,56 @@ def run(args: list[str]) -> None:
     subprocess.run([sys.executable, *args], cwd=ROOT, env=env, check=True)
 
 
+def recipe(name: str, config: str, *extra: str) -> Path:
+    out = OUT / name
+    run([f"recipes/full_finetune_{name}.py", "--config", f"configs/{config}", "--training.output_dir", str(out),
+         "--metrics.experiment", "wmtp-demo", "--metrics.tracking_uri", TRACKING_URI, *extra])
+    return out
+
+
+def fmt(value: float | None, width: int = 8) -> str:
+    return f"{'-':>{width}}" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else f"{value:>{width}.4f}"
+
+
 def main() -> None:
     t0 = time.perf_counter()
     run(["scripts/make_tiny.py", "--out", str(TINY)])
     shutil.rmtree(OUT, ignore_errors=True)
-    baseline = OUT / "baseline"
-    run(["recipes/full_finetune_baseline.py", "--config", "configs/baseline_tiny.toml",
-         "--training.output_dir", str(baseline)])
+    runs = {
+        "baseline": recipe("baseline", "baseline_tiny.toml"),
+        "critic": recipe("critic", "critic_tiny.toml"),
+    }
+    runs["verifiable"] = recipe("verifiable", "verifiable_tiny.toml",
+                                "--critic.value_head", str(runs["critic"] / "final" / "value_head.safetensors"))
+    runs["rho1"] = recipe("rho1", "rho1_tiny.toml", "--reference.path", str(TINY / "reference"))
 
-    rows = [r for r in read_metrics(baseline) if "loss" in r]
-    first, last = rows[0], rows[-1]
-    heads = sorted(k for k in last if k.startswith("loss/head_"))
-    print("\n=== wmtp tiny demo ===")
-    print(f"{'run':<10} {'steps':>5} {'loss first':>10} {'loss last':>10}  " + " ".join(f"{h[5:]:>7}" for h in heads))
-    print(f"{'baseline':<10} {last['step']:>5} {first['loss']:>10.4f} {last['loss']:>10.4f}  "
-          + " ".join(f"{last[h]:>7.4f}" for h in heads))
-    print(f"\nrun folder:      {baseline}")
-    print(f"final model:     {baseline / 'final'} (params.json + model.safetensors + tokenizer.model)")
-    print(f"metrics:         {baseline / 'metrics.jsonl'}")
-    print(f"MLflow UI:       {sys.executable} -m mlflow ui --backend-store-uri {embedded_tracking_uri(baseline)}")
+    print("\n=== wmtp tiny demo: final step of each run ===")
+    header = f"{'run':<11}{'steps':>6}{'loss':>9}" + "".join(f"{f'head {k}':>9}" for k in range(N_HEADS))
+    print(header + f"{'  weights / selection / value':<}")
+    for name, out in runs.items():
+        rows = read_metrics(out)
+        last = rows[-1]
+        if name == "critic":
+            note = (f"  value loss {last['value_loss']:.4f}, V correct {last['value/correct']:.3f} vs "
+                    f"incorrect {last['value/incorrect']:.3f}, AUROC {last['auroc']:.3f}")
+            print(f"{name:<11}{last['step']:>6}{fmt(None, 9)}" + fmt(None, 9) * N_HEADS + note)
+            continue
+        heads = "".join(fmt(last.get(f"loss/head_{k}"), 9) for k in range(N_HEADS))
+        if name == "verifiable":
+            note = (f"  w mean {last['weight/mean']:.3f} std {last['weight/std']:.3f} "
+                    f"[{last['weight/min']:.2f}, {last['weight/max']:.2f}] clipped {last['weight/clipped_share']:.1%}")
+        elif name == "rho1":
+            note = "  selected " + " ".join(f"{last[f'selected/head_{k}']:.2f}" for k in range(N_HEADS))
+        else:
+            note = "  every valid pair, weight 1"
+        print(f"{name:<11}{last['step']:>6}{fmt(last['loss'], 9)}{heads}{note}")
+
+    print("\nrun folders:     " + ", ".join(str(p) for p in runs.values()))
+    print("final models:    <run>/final (params.json + model.safetensors + tokenizer.model; "
+          "the critic's is value_head.safetensors)")
+    print(f"MLflow UI:       {sys.executable} -m mlflow ui --backend-store-uri {TRACKING_URI}")
+    print("                 (experiment 'wmtp-demo': one run per recipe)")
     print(f"demo time:       {time.perf_counter() - t0:.0f}s")
 
 

@@ -25,6 +25,28 @@ def run_script(args: list[str], *, timeout: float = 600, check: bool = True) -> 
     return proc
 
 
+def recipe_args(tiny: Path, out: Path, config: str, **overrides) -> list[str]:
+    """Command line of a recipe on the tiny artifacts: small, fast, MLflow off unless overridden."""
+    args = {
+        "model.path": tiny / "mtp_model", "tokenizer.path": tiny / "tokenizer.model",
+        "data.train_path": tiny / "data" / "train.jsonl", "training.output_dir": out,
+        "training.max_steps": 30, "training.micro_batch_size": 4, "training.log_every": 1,
+        "checkpoint.save_every": 0, "metrics.mlflow": "false", "metrics.progress_bar": "false",
+        "optimizer.lr": 3e-3, "lr_scheduler.warmup_steps": 3,
+    }
+    args.update(overrides)
+    return ["--config", str(ROOT / "configs" / config)] + [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def torchrun(script: str, args: list[str], *, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Run a recipe under torchrun (gloo on CPU), one thread per process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **TEST_ENV, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
 def load_recipe(name: str):
     """Import recipes/<name>.py as a module (recipes are scripts, not a package)."""
     path = ROOT / "recipes" / f"{name}.py"
@@ -37,8 +59,7 @@ def load_recipe(name: str):
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory) -> Path:
-    """Tiny artifacts from the synthetic generator (no shared/ needed), without the HF reference."""
+    """Tiny artifacts from the synthetic generator (no shared/ needed)."""
     out = tmp_path_factory.mktemp("tiny") / "tiny"
-    run_script(["scripts/make_tiny.py", "--out", str(out), "--source", "synthetic", "--max-problems", "120",
-                "--no-reference"])
+    run_script(["scripts/make_tiny.py", "--out", str(out), "--source", "synthetic", "--max-problems", "120"])
     return out

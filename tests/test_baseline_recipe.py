@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, TEST_ENV, load_recipe, run_script
+from tests.conftest import load_recipe, recipe_args, run_script, torchrun
 from wmtp.models import load_mtp
 from wmtp.training.metrics import read_metrics
 
@@ -20,16 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def base_args(tiny: Path, out: Path, **overrides) -> list[str]:
-    args = {
-        "model.path": tiny / "mtp_model", "tokenizer.path": tiny / "tokenizer.model",
-        "data.train_path": tiny / "data" / "train.jsonl", "training.output_dir": out,
-        "training.max_steps": 30, "training.micro_batch_size": 4, "training.log_every": 1,
-        "checkpoint.save_every": 0, "metrics.mlflow": "false", "metrics.progress_bar": "false",
-        "optimizer.lr": 3e-3, "lr_scheduler.warmup_steps": 3,
-    }
-    args.update(overrides)
-    return ["--config", str(ROOT / "configs" / "baseline_tiny.toml")] + [
-        x for k, v in args.items() for x in (f"--{k}", str(v))]
+    return recipe_args(tiny, out, "baseline_tiny.toml", **overrides)
 
 
 def train(tiny: Path, out: Path, **overrides) -> list[dict]:
@@ -86,13 +74,9 @@ def test_batch_4_equals_batch_2_with_accumulation_2(uninterrupted, tiny, tmp_pat
 def test_torchrun_two_processes_fsdp2_match_one_process(uninterrupted, tiny, tmp_path):
     _, full = uninterrupted
     out = tmp_path / "fsdp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "recipes/full_finetune_baseline.py",
-           *base_args(tiny, out, **{"training.micro_batch_size": 2, "training.stop_at_step": 6,
-                                    "checkpoint.save_every": 3})]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**__import__("os").environ, **TEST_ENV, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    torchrun("recipes/full_finetune_baseline.py",
+             base_args(tiny, out, **{"training.micro_batch_size": 2, "training.stop_at_step": 6,
+                                     "checkpoint.save_every": 3}))
     rows = [r for r in read_metrics(out) if "loss" in r]
     torch.testing.assert_close(torch.tensor(losses(rows)), torch.tensor(losses(full, range(1, 7))),
                                rtol=1e-5, atol=0)

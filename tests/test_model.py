@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from wmtp.models import ModelArgs, MTPTransformer, load_mtp, save_mtp
+from wmtp.models import ModelArgs, load_mtp, save_mtp
 
 PARAMS = dict(dim=48, n_layers=5, n_heads=4, n_kv_heads=2, vocab_size=-1, multiple_of=16,
               ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500.0, n_future_tokens=3)

@@ -118,3 +118,53 @@ class MetricsConfig:
     """MLflow run name (default: the output folder's name)."""
     progress_bar: bool = True
     """Show a progress bar on rank 0 (off when stdout is not a terminal)."""
+
+
+@dataclasses.dataclass
+class CriticConfig:
+    value_head: str | None = None
+    """Value head to start from (value_head.safetensors of a critic run); None: a zero-initialised head."""
+    target: Literal["mc", "lambda"] = "mc"
+    """Value target: Monte-Carlo G_t = R, or the lambda-return over detached values."""
+    lam: float = 0.95
+    """lambda of the lambda-return (1.0 equals Monte-Carlo)."""
+    loss: Literal["mse", "huber"] = "mse"
+    """Value loss: squared error or Huber."""
+    huber_delta: float = 1.0
+    """Huber transition point."""
+
+
+@dataclasses.dataclass
+class TDConfig:
+    beta: float = 0.9
+    """Temperature of w = exp(A / beta)."""
+    w_min: float = 0.1
+    """Lower clamp of the token weight."""
+    w_max: float = 5.0
+    """Upper clamp of the token weight."""
+    gamma: float = 1.0
+    """Discount of the TD error."""
+    lam: float = 0.0
+    """GAE lambda (0: the advantage is the TD error itself)."""
+    normalize: bool = False
+    """Normalise the advantage by a running (EMA) mean/std before the exp."""
+    ema_momentum: float = 0.99
+    """Momentum of the running mean/std used by normalize."""
+    value_coef: float = 0.5
+    """c_v: weight of the value loss added to the weighted MTP loss."""
+
+
+@dataclasses.dataclass
+class Rho1Config:
+    ratio: float = 0.6
+    """k_percent: share of each head's valid pairs (largest excess first) that is trained, per micro-batch."""
+    select_head0: bool = False
+    """Apply the selection to head 0 too (by default head 0 keeps every valid pair)."""
+
+
+@dataclasses.dataclass
+class ReferenceConfig:
+    path: str = ""
+    """Reference model: a Hugging Face causal LM folder, or a Meta-format MTP folder (head 0 is used)."""
+    kind: Literal["auto", "hf", "mtp"] = "auto"
+    """auto: MTP when the folder has params.json, Hugging Face otherwise."""

@@ -17,6 +17,8 @@ from wmtp.models.mtp_transformer import MTPTransformer
 
 SAFETENSORS_FILENAME = "model.safetensors"
 VALUE_HEAD_KEY = "value_head.weight"
+VALUE_HEAD_FILENAME = "value_head.safetensors"
+"""A critic run's export: just the value head, next to an unchanged base model."""
 IGNORED_META_KEYS = ("rope.freqs",)
 """Precomputed RoPE table that some Meta releases store; it is recomputed from params instead."""
 
@@ -108,3 +110,24 @@ def save_mtp(folder: str | Path, args: ModelArgs, state_dict: Mapping[str, torch
         for extra in extra_files:
             shutil.copy(extra, tmp / Path(extra).name)
     return folder
+
+
+def save_value_head(folder: str | Path, weight: torch.Tensor) -> Path:
+    """Write folder/value_head.safetensors (key value_head.weight) atomically; returns the file."""
+    folder = Path(folder)
+    with atomic_directory(folder, overwrite=True) as tmp:
+        save_file({VALUE_HEAD_KEY: weight.detach().float().cpu().contiguous()}, str(tmp / VALUE_HEAD_FILENAME))
+    return folder / VALUE_HEAD_FILENAME
+
+
+def load_value_head(model: MTPTransformer, path: str | Path) -> None:
+    """Copy value_head.weight from a critic run's value_head.safetensors into the model's value head."""
+    tensors = load_file(str(path))
+    if set(tensors) != {VALUE_HEAD_KEY}:
+        raise ValueError(f"{path}: expected exactly the key {VALUE_HEAD_KEY!r}, found {sorted(tensors)}")
+    weight = tensors[VALUE_HEAD_KEY]
+    if model.value_head is None or weight.shape != model.value_head.weight.shape:
+        want = None if model.value_head is None else tuple(model.value_head.weight.shape)
+        raise ValueError(f"{path}: {VALUE_HEAD_KEY} has shape {tuple(weight.shape)}, the model needs {want}")
+    with torch.no_grad():
+        model.value_head.weight.copy_(weight)

@@ -33,10 +33,13 @@ TRAINER_STATE = "trainer_state.json"
 
 
 class Checkpointer:
-    def __init__(self, output_dir: str | Path, *, keep_last: int, is_main: bool) -> None:
+    def __init__(self, output_dir: str | Path, *, keep_last: int, is_main: bool,
+                 trainable_only: bool = False) -> None:
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
         self.is_main = is_main
+        # A recipe that freezes most of the model (the critic) saves only what it trains.
+        self.options = StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
 
     def complete_steps(self) -> list[int]:
         if not self.root.is_dir():
@@ -57,7 +60,7 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         with _single_process_quiet():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         barrier()
@@ -71,11 +74,12 @@ class Checkpointer:
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """Restore model and optimizer in place; return the trainer state (step, sampler, ...)."""
-        model_sd, optim_sd = get_state_dict(model, optimizer)
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         state = {"model": model_sd, "optim": optim_sd}
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(path))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=self.options)
         return json.loads((path / TRAINER_STATE).read_text())
 
     def _prune(self) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from wmtp.config.sections import MetricsConfig
 
 RUN_ID_FILE = "mlflow_run_id"
+SQLITE_PREFIX = "sqlite:///"
 MLFLOW_PARAM_MAX = 500
 """MLflow rejects longer parameter values."""
 MLFLOW_BATCH_MAX = 100
@@ -19,7 +20,14 @@ MLFLOW_BATCH_MAX = 100
 
 
 def embedded_tracking_uri(output_dir: Path) -> str:
-    return f"sqlite:///{(output_dir / 'mlflow.db').resolve()}"
+    return f"{SQLITE_PREFIX}{(output_dir / 'mlflow.db').resolve()}"
+
+
+def sqlite_artifact_root(tracking_uri: str) -> str | None:
+    """`mlartifacts/` beside a SQLite store (set explicitly: MLflow's default is relative to the CWD)."""
+    if not tracking_uri.startswith(SQLITE_PREFIX):
+        return None
+    return (Path(tracking_uri[len(SQLITE_PREFIX):]).parent / "mlartifacts").resolve().as_uri()
 
 
 def resolve_tracking_uri(cfg: MetricsConfig, output_dir: Path) -> str:
@@ -54,10 +62,8 @@ class MetricLogger:
         client = MlflowClient(tracking_uri=self.tracking_uri)
         experiment = client.get_experiment_by_name(cfg.experiment)
         if experiment is None:
-            artifacts = None
-            if self.tracking_uri == embedded_tracking_uri(self.output_dir):
-                artifacts = (self.output_dir / "mlartifacts").resolve().as_uri()
-            experiment_id = client.create_experiment(cfg.experiment, artifact_location=artifacts)
+            experiment_id = client.create_experiment(cfg.experiment,
+                                                     artifact_location=sqlite_artifact_root(self.tracking_uri))
         else:
             experiment_id = experiment.experiment_id
         id_file = self.output_dir / RUN_ID_FILE

@@ -1,0 +1,215 @@
+"""Rho-1 on MTP heads: train each head k >= 1 only on the pairs a frozen reference finds easy.
+
+r_j = reference CE of x_j given x_<j; excess e_{t,k} = CE_{t,k} - r_{t+1+k}. Head 0 keeps all of its
+valid pairs; for each head k >= 1 the ceil(ρ N_k) valid pairs of the micro-batch with the LARGEST
+excess get s = 1, the rest 0 (Lin et al. 2024 keep the high-excess tokens). Then
+
+    L = (1/n) sum_k [ sum_t s_{t,k} CE_{t,k} / sum_t s_{t,k} ]
+
+with the sums over the global batch. The selected count of a head in a micro-batch is ceil(ρ N_k),
+known from the targets alone, so the denominators are fixed before the first backward.
+
+    python recipes/full_finetune_rho1.py --config configs/rho1_tiny.toml
+    torchrun --nproc_per_node=4 recipes/full_finetune_rho1.py --config configs/rho1_a100.toml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from wmtp.config.loader import config_to_dict, flatten, main_config, to_toml
+from wmtp.config.sections import (
+    CheckpointConfig,
+    DataConfig,
+    DistributedConfig,
+    LRSchedulerConfig,
+    MetricsConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ReferenceConfig,
+    Rho1Config,
+    TokenizerConfig,
+    TrainingConfig,
+)
+from wmtp.constants import IGNORE_INDEX
+from wmtp.data.loader import GlobalBatchLoader
+from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.distributed.env import all_reduce_sum, destroy, init_distributed
+from wmtp.distributed.parallelize import parallelize
+from wmtp.losses.normalization import valid_pair_counts
+from wmtp.models import load_mtp, save_mtp
+from wmtp.models.reference import ReferenceModel
+from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
+from wmtp.training.lr_schedule import build_scheduler
+from wmtp.training.metrics import MetricLogger
+from wmtp.training.step import clip_and_step, resolve_precision, step_line, throughput
+from wmtp.weighting.rho1 import rho1_excess, rho1_select, rho1_selected_counts
+
+
+@dataclasses.dataclass
+class Rho1RecipeConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = dataclasses.field(default_factory=LRSchedulerConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    rho1: Rho1Config = dataclasses.field(default_factory=Rho1Config)
+    reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)
+
+
+class Rho1Recipe:
+    def __init__(self, cfg: Rho1RecipeConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.training.output_dir)
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.dist = init_distributed(cfg.training.device)
+        torch.manual_seed(cfg.training.seed)
+        param_dtype, self.autocast = resolve_precision(cfg.training.precision, self.dist)
+
+        self.tokenizer = SentencePieceTokenizer(cfg.tokenizer.path)
+        # The reference is checked first: a tokenizer mismatch stops the run before any work.
+        self.reference = ReferenceModel(cfg.reference.path, kind=cfg.reference.kind, tokenizer=self.tokenizer,
+                                        device=self.dist.device)
+        model = load_mtp(cfg.model.path, device=self.dist.device, dtype=torch.float32,
+                         vocab_size=self.tokenizer.vocab_size, max_seq_len=cfg.model.max_seq_len)
+        self.n_future = model.n_future
+        self.model_args = model.args
+        self.model = parallelize(model, cfg.distributed, world_size=self.dist.world_size, param_dtype=param_dtype)
+
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optimizer.lr,
+                                           betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
+                                           weight_decay=cfg.optimizer.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
+                                         total_steps=cfg.training.max_steps,
+                                         min_lr_ratio=cfg.lr_scheduler.min_lr_ratio)
+        self.loader = GlobalBatchLoader(
+            cfg.data, self.tokenizer, max_seq_len=cfg.model.max_seq_len, n_future=self.n_future,
+            micro_batch_size=cfg.training.micro_batch_size, grad_accum_steps=cfg.training.grad_accum_steps,
+            rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps)
+
+        self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main)
+        if cfg.checkpoint.resume and (latest := self.checkpointer.latest()) is not None:
+            state = self.checkpointer.load(latest, self.model, self.optimizer)
+            self.step = state["step"]
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.loader.load_state_dict(state["loader"])
+
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.toml").write_text(to_toml(cfg, with_docs=False))
+        self.metrics = MetricLogger(cfg.metrics, self.out, params=flatten(config_to_dict(cfg)),
+                                    enabled=self.dist.is_main)
+        self.metrics.log_artifact(self.out / "config.toml")
+        if self.dist.is_main:
+            print(f"[data] {self.loader.summary()}", flush=True)
+            self.metrics.log(self.step, {f"data/{k}": v for k, v in self.loader.counts().items()})
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> None:
+        cfg = self.cfg.training
+        stop = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="rho1", dynamic_ncols=True,
+                   disable=not (self.dist.is_main and self.cfg.metrics.progress_bar and sys.stdout.isatty()))
+        while self.step < stop:
+            t0 = time.perf_counter()
+            metrics = self.train_step(self.loader.next_step())
+            self.step += 1
+            metrics.update(throughput(metrics.pop("tokens"), time.perf_counter() - t0, args=self.model_args,
+                                      seq_len=self.cfg.model.max_seq_len, device=self.dist.device))
+            if self.step % cfg.log_every == 0 or self.step in (1, stop):
+                self.metrics.log(self.step, metrics)
+                if not bar.disable:
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+                elif self.dist.is_main:
+                    keys = ["loss", *(f"loss/head_{k}" for k in range(self.n_future)),
+                            *(f"selected/head_{k}" for k in range(1, self.n_future)), "lr"]
+                    print(step_line("rho1", self.step, cfg.max_steps, metrics, keys), flush=True)
+            bar.update(1)
+            every = self.cfg.checkpoint.save_every
+            if (every and self.step % every == 0) or (self.step == stop and stop < cfg.max_steps):
+                self.save_checkpoint()
+        bar.close()
+        if self.step >= cfg.max_steps and self.cfg.checkpoint.export_final:
+            self.export_final()
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        device, n, rho = self.dist.device, self.n_future, self.cfg.rho1
+        # Denominators before any backward: valid pairs N_k and selected pairs sum_mb ceil(ρ N_k^mb).
+        valid_counts = [valid_pair_counts(mb["targets"]) for mb in micro_batches]
+        selected = all_reduce_sum(sum(rho1_selected_counts(c, ratio=rho.ratio, select_head0=rho.select_head0)
+                                      for c in valid_counts).to(device))
+        n_valid = all_reduce_sum(sum(valid_counts).to(device))
+        inv = torch.where(selected > 0, 1.0 / (n * selected.clamp(min=1)), torch.zeros_like(selected))
+        # sums per head: weighted loss, excess over valid pairs
+        head_loss = torch.zeros(n, dtype=torch.float64, device=device)
+        head_excess = torch.zeros(n, dtype=torch.float64, device=device)
+        tokens = 0
+        for mb in micro_batches:
+            tok, targets = mb["tokens"].to(device), mb["targets"].to(device)
+            valid = targets != IGNORE_INDEX
+            ref_ce = self.reference.token_ce(tok)
+            with self.autocast:
+                ce = self.model(tok, targets=targets).ce
+            excess = rho1_excess(ce.detach(), ref_ce, valid)
+            select = rho1_select(excess.reshape(-1, n), valid.reshape(-1, n), ratio=rho.ratio,
+                                 select_head0=rho.select_head0).view_as(ce)
+            per_pair = ce * select * inv.to(ce.dtype)
+            (per_pair.sum() * self.dist.world_size).backward()
+            head_loss += per_pair.detach().sum(dim=(0, 1)).double()
+            head_excess += excess.double().sum(dim=(0, 1))
+            tokens += int(mb["lengths"].sum())
+        all_reduce_sum(head_loss)
+        all_reduce_sum(head_excess)
+        metrics = clip_and_step(self.model.parameters(), self.optimizer, self.scheduler,
+                                self.cfg.training.max_grad_norm)
+        metrics.update(loss=float(head_loss.sum()), tokens=tokens)
+        for k in range(n):
+            metrics[f"loss/head_{k}"] = float(head_loss[k] * n)
+            metrics[f"selected/head_{k}"] = float(selected[k] / n_valid[k].clamp(min=1))
+            metrics[f"excess/head_{k}"] = float(head_excess[k] / n_valid[k].clamp(min=1))
+        return metrics
+
+    # ------------------------------------------------------------- checkpoint
+    def save_checkpoint(self) -> None:
+        state = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict()}
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, state)
+        if self.dist.is_main:
+            print(f"[checkpoint] step {self.step} -> {path}", flush=True)
+
+    def export_final(self) -> None:
+        sd = full_model_state_dict(self.model)
+        if self.dist.is_main:
+            final = save_mtp(self.out / "final", self.model_args, sd, extra_files=(self.tokenizer.path,))
+            print(f"[export] {final}", flush=True)
+
+    def cleanup(self) -> None:
+        self.metrics.close()
+        destroy()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = main_config(Rho1RecipeConfig, argv)
+    recipe = Rho1Recipe(cfg)
+    recipe.setup()
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""Verifiable: weight each target token by how much the critic's TD error says it helped.
+
+For the action x_{t+1} taken in state t (m_{t+1} = 1): δ_t = γ V_{t+1} - V_t, or δ_t = R - V_t when
+x_{t+1} is the last response token (R = 1 for a correct sample, 0 otherwise). A_t = δ_t (+ γλ A_{t+1}
+with GAE), optionally normalised by a running mean/std, and w_{t+1} = clamp(exp(A_t / β), w_min, w_max)
+from detached values. Head k at position t uses the weight of its target, w_{t+1+k}:
+
+    L = (1/n) sum_k [ sum_t w_{t+1+k} CE_{t,k} / N_k ] + c_v L_value
+
+N_k counts head k's valid pairs and L_value (the critic's loss on the same batch) its states, over
+the whole global batch. Start from the critic recipe's value head; the curriculum sampler moves
+from easy to hard problems over training.
+
+    python recipes/full_finetune_verifiable.py --config configs/verifiable_tiny.toml
+    torchrun --nproc_per_node=4 recipes/full_finetune_verifiable.py --config configs/verifiable_a100.toml
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from wmtp.config.loader import config_to_dict, flatten, main_config, to_toml
+from wmtp.config.sections import (
+    CheckpointConfig,
+    CriticConfig,
+    DataConfig,
+    DistributedConfig,
+    LRSchedulerConfig,
+    MetricsConfig,
+    ModelConfig,
+    OptimizerConfig,
+    TDConfig,
+    TokenizerConfig,
+    TrainingConfig,
+)
+from wmtp.data.loader import GlobalBatchLoader
+from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.distributed.env import all_reduce_sum, destroy, init_distributed
+from wmtp.distributed.parallelize import parallelize
+from wmtp.losses.normalization import global_valid_pair_counts, head_mean_weights
+from wmtp.models import load_mtp, save_mtp
+from wmtp.models.checkpoint import load_value_head
+from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
+from wmtp.training.lr_schedule import build_scheduler
+from wmtp.training.metrics import MetricLogger
+from wmtp.training.step import clip_and_step, resolve_precision, step_line, throughput
+from wmtp.weighting.critic import critic_targets, response_states, value_loss
+from wmtp.weighting.td import (AdvantageNormalizer, all_reduce_td_stats, empty_td_stats, merge_td_stats,
+                               td_head_weights, td_stats, td_weights_with_stats)
+
+
+def _default_data() -> DataConfig:
+    return DataConfig(sampler="curriculum")
+
+
+@dataclasses.dataclass
+class VerifiableRecipeConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
+    data: DataConfig = dataclasses.field(default_factory=_default_data)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    lr_scheduler: LRSchedulerConfig = dataclasses.field(default_factory=LRSchedulerConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
+    critic: CriticConfig = dataclasses.field(default_factory=CriticConfig)
+    td: TDConfig = dataclasses.field(default_factory=TDConfig)
+
+
+class VerifiableRecipe:
+    def __init__(self, cfg: VerifiableRecipeConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.training.output_dir)
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.dist = init_distributed(cfg.training.device)
+        torch.manual_seed(cfg.training.seed)
+        param_dtype, self.autocast = resolve_precision(cfg.training.precision, self.dist)
+
+        self.tokenizer = SentencePieceTokenizer(cfg.tokenizer.path)
+        model = load_mtp(cfg.model.path, device=self.dist.device, dtype=torch.float32, value_head=True,
+                         vocab_size=self.tokenizer.vocab_size, max_seq_len=cfg.model.max_seq_len)
+        if cfg.critic.value_head:
+            load_value_head(model, cfg.critic.value_head)
+        elif self.dist.is_main:
+            print("[verifiable] no critic.value_head given: the value head starts at zero", flush=True)
+        self.n_future = model.n_future
+        self.model_args = model.args
+        self.model = parallelize(model, cfg.distributed, world_size=self.dist.world_size, param_dtype=param_dtype)
+        self.normalizer = AdvantageNormalizer(momentum=cfg.td.ema_momentum, device=self.dist.device)
+
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optimizer.lr,
+                                           betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
+                                           weight_decay=cfg.optimizer.weight_decay)
+        self.scheduler = build_scheduler(self.optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
+                                         total_steps=cfg.training.max_steps,
+                                         min_lr_ratio=cfg.lr_scheduler.min_lr_ratio)
+        self.loader = GlobalBatchLoader(
+            cfg.data, self.tokenizer, max_seq_len=cfg.model.max_seq_len, n_future=self.n_future,
+            micro_batch_size=cfg.training.micro_batch_size, grad_accum_steps=cfg.training.grad_accum_steps,
+            rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps)
+
+        self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main)
+        if cfg.checkpoint.resume and (latest := self.checkpointer.latest()) is not None:
+            state = self.checkpointer.load(latest, self.model, self.optimizer)
+            self.step = state["step"]
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.loader.load_state_dict(state["loader"])
+            self.normalizer.load_state_dict({k: torch.tensor(v) for k, v in state["normalizer"].items()})
+
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.toml").write_text(to_toml(cfg, with_docs=False))
+        self.metrics = MetricLogger(cfg.metrics, self.out, params=flatten(config_to_dict(cfg)),
+                                    enabled=self.dist.is_main)
+        self.metrics.log_artifact(self.out / "config.toml")
+        if self.dist.is_main:
+            print(f"[data] {self.loader.summary()}", flush=True)
+            self.metrics.log(self.step, {f"data/{k}": v for k, v in self.loader.counts().items()})
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> None:
+        cfg = self.cfg.training
+        stop = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="verifiable", dynamic_ncols=True,
+                   disable=not (self.dist.is_main and self.cfg.metrics.progress_bar and sys.stdout.isatty()))
+        while self.step < stop:
+            t0 = time.perf_counter()
+            metrics = self.train_step(self.loader.next_step())
+            self.step += 1
+            metrics.update(throughput(metrics.pop("tokens"), time.perf_counter() - t0, args=self.model_args,
+                                      seq_len=self.cfg.model.max_seq_len, device=self.dist.device))
+            if self.step % cfg.log_every == 0 or self.step in (1, stop):
+                self.metrics.log(self.step, metrics)
+                if not bar.disable:
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", w=f"{metrics['weight/mean']:.3f}")
+                elif self.dist.is_main:
+                    keys = ["loss", "value_loss", *(f"loss/head_{k}" for k in range(self.n_future)),
+                            "td/mean", "weight/mean", "weight/clipped_share", "lr"]
+                    print(step_line("verifiable", self.step, cfg.max_steps, metrics, keys), flush=True)
+            bar.update(1)
+            every = self.cfg.checkpoint.save_every
+            if (every and self.step % every == 0) or (self.step == stop and stop < cfg.max_steps):
+                self.save_checkpoint()
+        bar.close()
+        if self.step >= cfg.max_steps and self.cfg.checkpoint.export_final:
+            self.export_final()
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+        device, n, td, crit = self.dist.device, self.n_future, self.cfg.td, self.cfg.critic
+        value_lam = 1.0 if crit.target == "mc" else crit.lam
+        # Denominators before any backward: valid pairs per head and value states, global batch.
+        counts = global_valid_pair_counts([mb["targets"] for mb in micro_batches])
+        n_states = all_reduce_sum(sum(response_states(mb["mask"]).sum() for mb in micro_batches).double().to(device))
+        # per head: weighted loss, unweighted CE, weight; then the value loss
+        head_sums = torch.zeros(3, n, dtype=torch.float64, device=device)
+        value_sum = torch.zeros((), dtype=torch.float64, device=device)
+        stats = empty_td_stats(device)
+        tokens = 0
+        for mb in micro_batches:
+            tok, targets, mask = mb["tokens"].to(device), mb["targets"].to(device), mb["mask"].to(device)
+            rewards = mb["is_correct"].to(device).float()
+            with self.autocast:
+                out = self.model(tok, targets=targets, with_values=True)
+            weights = td_weights_with_stats(out.values.detach(), rewards, mask, beta=td.beta, w_min=td.w_min,
+                                            w_max=td.w_max, gamma=td.gamma, lam=td.lam,
+                                            normalizer=self.normalizer if td.normalize else None)
+            mean_w = head_mean_weights(targets, counts)  # valid / (n N_k)
+            head_w = td_head_weights(weights.weights, n)  # w_{t+1+k}
+            policy = out.ce * head_w * mean_w
+            v_targets = critic_targets(out.values.detach(), rewards, mask, lam=value_lam)
+            v_sum, _ = value_loss(out.values, v_targets, response_states(mask), kind=crit.loss,
+                                  huber_delta=crit.huber_delta)
+            v_loss = v_sum / n_states.clamp(min=1)
+            loss = policy.sum() + td.value_coef * v_loss
+            # FSDP averages gradients over ranks; each rank holds a partial sum of one global loss.
+            (loss * self.dist.world_size).backward()
+            head_sums += torch.stack([policy.detach().sum(dim=(0, 1)), (out.ce.detach() * mean_w).sum(dim=(0, 1)),
+                                      (head_w * mean_w).sum(dim=(0, 1))]).double()
+            value_sum += v_loss.detach().double()
+            stats = merge_td_stats(stats, weights.stats)
+            tokens += int(mb["lengths"].sum())
+        all_reduce_sum(head_sums)
+        all_reduce_sum(value_sum)
+        all_reduce_td_stats(stats)
+        if td.normalize:
+            self.normalizer.update(stats)
+        metrics = clip_and_step(self.model.parameters(), self.optimizer, self.scheduler,
+                                self.cfg.training.max_grad_norm)
+        policy_loss = float(head_sums[0].sum())
+        metrics.update(loss=policy_loss + td.value_coef * float(value_sum), policy_loss=policy_loss,
+                       value_loss=float(value_sum), tokens=tokens, **td_stats(stats))
+        for k in range(n):
+            # Each sum carries 1/(n N_k): times n it is head k's mean over its valid pairs.
+            metrics[f"loss/head_{k}"] = float(head_sums[0, k] * n)
+            metrics[f"ce/head_{k}"] = float(head_sums[1, k] * n)
+            metrics[f"weight/head_{k}"] = float(head_sums[2, k] * n)
+        return metrics
+
+    # ------------------------------------------------------------- checkpoint
+    def save_checkpoint(self) -> None:
+        state = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
+                 "normalizer": {k: v.tolist() for k, v in self.normalizer.state_dict().items()}}
+        path = self.checkpointer.save(self.step, self.model, self.optimizer, state)
+        if self.dist.is_main:
+            print(f"[checkpoint] step {self.step} -> {path}", flush=True)
+
+    def export_final(self) -> None:
+        """final/: params.json + model.safetensors (value_head.weight included) + tokenizer.model."""
+        sd = full_model_state_dict(self.model)
+        if self.dist.is_main:
+            final = save_mtp(self.out / "final", self.model_args, sd, extra_files=(self.tokenizer.path,))
+            print(f"[export] {final}", flush=True)
+
+    def cleanup(self) -> None:
+        self.metrics.close()
+        destroy()
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = main_config(VerifiableRecipeConfig, argv)
+    recipe = VerifiableRecipe(cfg)
+    recipe.setup()
+    try:
+        recipe.train()
+    finally:
+        recipe.cleanup()
+
+
+if __name__ == "__main__":
+    main()
