@@ -145,7 +145,8 @@ def test_row_without_response(impl):
 
 def make_batch(seed: int, dtype: torch.dtype = torch.float32, batch: int = 7, length: int = 150):
     """Random rows: prompt, response, right padding; plus edge rows (no response, one token,
-    response up to the last position, response from position 0, a response with a gap)."""
+    response up to the last position, response from position 0, a response with a gap).
+    Needs batch >= 6 and length > 100."""
     g = torch.Generator().manual_seed(seed)
     values = torch.rand(batch, length, generator=g) * 1.2 - 0.1
     rewards = (torch.rand(batch, generator=g) > 0.5).float()
