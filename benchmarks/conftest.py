@@ -167,9 +167,11 @@ def _write_json(session: BenchSession, tables: dict[str, list[Result]]) -> Path:
                       "resetting it via /proc/self/clear_refs, minus VmRSS before the call, glibc mmap "
                       "threshold pinned to 64 KiB and malloc trimmed first",
         },
-        "tables": [{"name": name, "rows": [{**r.to_json(), **_derived(rows)[r.case]} for r in rows]}
-                   for name, rows in tables.items()],
+        "tables": [],
     }
+    for name, rows in tables.items():
+        derived = _derived(rows)
+        doc["tables"].append({"name": name, "rows": [{**r.to_json(), **derived[r.case]} for r in rows]})
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
 

@@ -286,6 +286,7 @@ def worker_main(spec_path: str) -> None:
     device = torch.device(settings.device)
     mod_spec = importlib.util.spec_from_file_location(Path(spec["module"]).stem, spec["module"])
     module = importlib.util.module_from_spec(mod_spec)
+    sys.modules[mod_spec.name] = module  # dataclasses resolve annotations through sys.modules
     mod_spec.loader.exec_module(module)
     out_path = Path(spec["result"])
     try:
