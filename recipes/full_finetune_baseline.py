@@ -12,14 +12,12 @@ taken before the first backward. One file, one class: copy it and edit it for an
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from wmtp.config.loader import config_to_dict, flatten, main_config, to_toml
+from wmtp.config.loader import main_config
 from wmtp.config.sections import (
     CheckpointConfig,
     DataConfig,
@@ -39,7 +37,8 @@ from wmtp.losses.normalization import global_valid_pair_counts, head_mean_weight
 from wmtp.models import load_mtp, save_mtp
 from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
 from wmtp.training.lr_schedule import build_scheduler
-from wmtp.training.metrics import MetricLogger
+from wmtp.training.run import (build_optimizer, checkpoint_due, log_due, open_run, progress_bar, resume_latest,
+                               save_training_state, stop_step)
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, throughput
 
 
@@ -77,9 +76,7 @@ class BaselineRecipe:
         self.model_args = model.args
         self.model = parallelize(model, cfg.distributed, world_size=self.dist.world_size, param_dtype=param_dtype)
 
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optimizer.lr,
-                                           betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
-                                           weight_decay=cfg.optimizer.weight_decay)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
                                          total_steps=cfg.training.max_steps,
                                          min_lr_ratio=cfg.lr_scheduler.min_lr_ratio)
@@ -89,40 +86,25 @@ class BaselineRecipe:
             rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps)
 
         self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main)
-        if cfg.checkpoint.resume and (latest := self.checkpointer.latest()) is not None:
-            state = self.checkpointer.load(latest, self.model, self.optimizer)
+        state = (resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
+                 if cfg.checkpoint.resume else None)
+        if state is not None:
             self.step = state["step"]
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.loader.load_state_dict(state["loader"])
 
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.toml").write_text(to_toml(cfg, with_docs=False))
-        self.metrics = MetricLogger(cfg.metrics, self.out, params=flatten(config_to_dict(cfg)),
-                                    enabled=self.dist.is_main)
-        self.metrics.log_artifact(self.out / "config.toml")
-        self._log_data_summary()
-
-    def _log_data_summary(self) -> None:
-        if not self.dist.is_main:
-            return
-        summary = self.loader.summary()
-        print(f"[data] {summary}", flush=True)
-        self.metrics.log(self.step, {f"data/{k}": v for k, v in self.loader.counts().items()})
+        self.metrics = open_run(cfg, self.out, is_main=self.dist.is_main, step=self.step, loader=self.loader)
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
         cfg = self.cfg.training
-        stop = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="baseline", dynamic_ncols=True,
-                   disable=not (self.dist.is_main and self.cfg.metrics.progress_bar and sys.stdout.isatty()))
-        while self.step < stop:
+        bar = progress_bar("baseline", cfg, step=self.step,
+                           enabled=self.dist.is_main and self.cfg.metrics.progress_bar)
+        while self.step < stop_step(cfg):
             t0 = time.perf_counter()
             metrics = self.train_step(self.loader.next_step())
             self.step += 1
             metrics.update(throughput(metrics.pop("tokens"), time.perf_counter() - t0, args=self.model_args,
                                       seq_len=self.cfg.model.max_seq_len, device=self.dist.device))
-            if self.step % cfg.log_every == 0 or self.step in (1, stop):
+            if log_due(self.step, cfg):
                 self.metrics.log(self.step, metrics)
                 if not bar.disable:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
@@ -130,8 +112,7 @@ class BaselineRecipe:
                     keys = ["loss", *(f"loss/head_{k}" for k in range(self.n_future)), "lr", "tokens_per_s"]
                     print(step_line("baseline", self.step, cfg.max_steps, metrics, keys), flush=True)
             bar.update(1)
-            every = self.cfg.checkpoint.save_every
-            if (every and self.step % every == 0) or (self.step == stop and stop < cfg.max_steps):
+            if checkpoint_due(self.step, cfg, self.cfg.checkpoint.save_every):
                 self.save_checkpoint()
         bar.close()
         if self.step >= cfg.max_steps and self.cfg.checkpoint.export_final:
@@ -164,10 +145,7 @@ class BaselineRecipe:
 
     # ------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> None:
-        state = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict()}
-        path = self.checkpointer.save(self.step, self.model, self.optimizer, state)
-        if self.dist.is_main:
-            print(f"[checkpoint] step {self.step} -> {path}", flush=True)
+        save_training_state(self.checkpointer, self.step, self.model, self.optimizer, self.scheduler, self.loader)
 
     def export_final(self) -> None:
         """params.json + model.safetensors (+ tokenizer.model) in output_dir/final."""

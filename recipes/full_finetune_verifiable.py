@@ -18,14 +18,12 @@ from easy to hard problems over training.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from wmtp.config.loader import config_to_dict, flatten, main_config, to_toml
+from wmtp.config.loader import main_config
 from wmtp.config.sections import (
     CheckpointConfig,
     CriticConfig,
@@ -48,7 +46,8 @@ from wmtp.models import load_mtp, save_mtp
 from wmtp.models.checkpoint import load_value_head
 from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
 from wmtp.training.lr_schedule import build_scheduler
-from wmtp.training.metrics import MetricLogger
+from wmtp.training.run import (build_optimizer, checkpoint_due, log_due, open_run, progress_bar, resume_latest,
+                               save_training_state, stop_step)
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, throughput
 from wmtp.weighting.critic import critic_targets, response_states, value_loss
 from wmtp.weighting.td import (AdvantageNormalizer, all_reduce_td_stats, empty_td_stats, merge_td_stats,
@@ -99,9 +98,7 @@ class VerifiableRecipe:
         self.model = parallelize(model, cfg.distributed, world_size=self.dist.world_size, param_dtype=param_dtype)
         self.normalizer = AdvantageNormalizer(momentum=cfg.td.ema_momentum, device=self.dist.device)
 
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.optimizer.lr,
-                                           betas=tuple(cfg.optimizer.betas), eps=cfg.optimizer.eps,
-                                           weight_decay=cfg.optimizer.weight_decay)
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
                                          total_steps=cfg.training.max_steps,
                                          min_lr_ratio=cfg.lr_scheduler.min_lr_ratio)
@@ -111,36 +108,26 @@ class VerifiableRecipe:
             rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps)
 
         self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main)
-        if cfg.checkpoint.resume and (latest := self.checkpointer.latest()) is not None:
-            state = self.checkpointer.load(latest, self.model, self.optimizer)
+        state = (resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
+                 if cfg.checkpoint.resume else None)
+        if state is not None:
             self.step = state["step"]
-            self.scheduler.load_state_dict(state["scheduler"])
-            self.loader.load_state_dict(state["loader"])
             self.normalizer.load_state_dict({k: torch.tensor(v) for k, v in state["normalizer"].items()})
 
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.toml").write_text(to_toml(cfg, with_docs=False))
-        self.metrics = MetricLogger(cfg.metrics, self.out, params=flatten(config_to_dict(cfg)),
-                                    enabled=self.dist.is_main)
-        self.metrics.log_artifact(self.out / "config.toml")
-        if self.dist.is_main:
-            print(f"[data] {self.loader.summary()}", flush=True)
-            self.metrics.log(self.step, {f"data/{k}": v for k, v in self.loader.counts().items()})
+        self.metrics = open_run(cfg, self.out, is_main=self.dist.is_main, step=self.step, loader=self.loader)
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
         cfg = self.cfg.training
-        stop = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="verifiable", dynamic_ncols=True,
-                   disable=not (self.dist.is_main and self.cfg.metrics.progress_bar and sys.stdout.isatty()))
-        while self.step < stop:
+        bar = progress_bar("verifiable", cfg, step=self.step,
+                           enabled=self.dist.is_main and self.cfg.metrics.progress_bar)
+        while self.step < stop_step(cfg):
             t0 = time.perf_counter()
             metrics = self.train_step(self.loader.next_step())
             self.step += 1
             metrics.update(throughput(metrics.pop("tokens"), time.perf_counter() - t0, args=self.model_args,
                                       seq_len=self.cfg.model.max_seq_len, device=self.dist.device))
-            if self.step % cfg.log_every == 0 or self.step in (1, stop):
+            if log_due(self.step, cfg):
                 self.metrics.log(self.step, metrics)
                 if not bar.disable:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", w=f"{metrics['weight/mean']:.3f}")
@@ -149,8 +136,7 @@ class VerifiableRecipe:
                             "td/mean", "weight/mean", "weight/clipped_share", "lr"]
                     print(step_line("verifiable", self.step, cfg.max_steps, metrics, keys), flush=True)
             bar.update(1)
-            every = self.cfg.checkpoint.save_every
-            if (every and self.step % every == 0) or (self.step == stop and stop < cfg.max_steps):
+            if checkpoint_due(self.step, cfg, self.cfg.checkpoint.save_every):
                 self.save_checkpoint()
         bar.close()
         if self.step >= cfg.max_steps and self.cfg.checkpoint.export_final:
@@ -209,11 +195,8 @@ class VerifiableRecipe:
 
     # ------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> None:
-        state = {"scheduler": self.scheduler.state_dict(), "loader": self.loader.state_dict(),
-                 "normalizer": {k: v.tolist() for k, v in self.normalizer.state_dict().items()}}
-        path = self.checkpointer.save(self.step, self.model, self.optimizer, state)
-        if self.dist.is_main:
-            print(f"[checkpoint] step {self.step} -> {path}", flush=True)
+        save_training_state(self.checkpointer, self.step, self.model, self.optimizer, self.scheduler, self.loader,
+                        normalizer={k: v.tolist() for k, v in self.normalizer.state_dict().items()})
 
     def export_final(self) -> None:
         """final/: params.json + model.safetensors (value_head.weight included) + tokenizer.model."""
