@@ -19,24 +19,11 @@ from typing import Any
 import pytest
 import torch
 
-from harness import Result, Settings
+from harness import BenchSession, Result, Settings
 
 OTHERS_BUSY_WARNING = 0.10
 """Flag a case when other processes used more than this share of the CPU while it ran."""
 PEERS = ("torch", "triton", "cut-cross-entropy", "liger-kernel")
-
-
-class BenchSession:
-    """Results of this pytest session, in the order the cases ran."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
-        self.results: list[Result] = []
-        self.load_start = os.getloadavg()
-
-    def record(self, result: Result) -> Result:
-        self.results.append(result)
-        return result
 
 
 _SESSION = pytest.StashKey[BenchSession]()

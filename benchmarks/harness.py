@@ -3,9 +3,10 @@
 Every case runs in a fresh Python process (`benchmarks/worker.py`), so compile caches, thread pools
 and the allocator state of one case never flatter or penalise the next. Inside that process:
 
-- timing: `warmup` calls (compilation, lazy initialisation), then `repeats` timed calls; the
-  median is reported. On CUDA each call is bracketed by `torch.cuda.synchronize` and timed with
-  CUDA events; on CPU with `time.perf_counter`.
+- timing: `warmup` calls (compilation, lazy initialisation), then at least `repeats` timed calls
+  (more for fast cases, until they add up to `min_time_s`); the median is reported. On CUDA
+  each call is bracketed by `torch.cuda.synchronize` and timed with CUDA events; on CPU with
+  `time.perf_counter`.
 - peak memory: one more, untimed call. On CUDA: `torch.cuda.max_memory_allocated` minus the
   memory allocated just before the call. On CPU: the process's peak resident set size (VmHWM,
   reset by writing 5 to /proc/self/clear_refs just before the call) minus its resident size then.
@@ -40,6 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().with_name("worker.py")
 CASE_TIMEOUT_S = 600
+MAX_REPEATS = 100
 
 # glibc mallopt parameter number of M_MMAP_THRESHOLD (malloc.h).
 _M_MMAP_THRESHOLD = -3
@@ -59,7 +61,11 @@ class Settings:
     warmup: int
     """WMTP_BENCH_WARMUP: untimed calls before timing (default 1)."""
     repeats: int
-    """WMTP_BENCH_REPEATS: timed calls, the median is reported (default 3 on CPU, 10 on CUDA)."""
+    """WMTP_BENCH_REPEATS: least number of timed calls; the median is reported (default 3 on CPU, 10
+    on CUDA)."""
+    min_time_s: float
+    """WMTP_BENCH_MIN_TIME_S: fast cases repeat (up to MAX_REPEATS calls) until their timed calls add
+    up to this, so that millisecond cases get a stable median (default 1)."""
     rows: int
     """WMTP_BENCH_N: positions N of the loss (default 2048)."""
     dim: int
@@ -89,6 +95,7 @@ class Settings:
             device=device,
             warmup=_env_int("WMTP_BENCH_WARMUP", 1),
             repeats=_env_int("WMTP_BENCH_REPEATS", 10 if device == "cuda" else 3),
+            min_time_s=float(os.environ.get("WMTP_BENCH_MIN_TIME_S", 1)),
             rows=_env_int("WMTP_BENCH_N", 2048),
             dim=_env_int("WMTP_BENCH_D", 256),
             vocab=_env_int("WMTP_BENCH_V", 32000),
@@ -101,9 +108,10 @@ class Settings:
             results_dir=Path(os.environ.get("WMTP_BENCH_RESULTS", ROOT / "benchmarks" / "results")),
         )
 
-    def calls_per_case(self) -> int:
-        """Calls one case makes: warm-up, timed repeats and the memory call."""
-        return self.warmup + self.repeats + 1
+    def case_seconds(self, per_call: float) -> float:
+        """Time of a case whose calls take `per_call` s: warm-up, timed calls and the memory call."""
+        timed = max(self.repeats * per_call, min(self.min_time_s, MAX_REPEATS * per_call))
+        return (self.warmup + 1) * per_call + timed
 
 
 class Unavailable(Exception):
@@ -157,6 +165,19 @@ class Result:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class BenchSession:
+    """Results of one pytest session, in the order the cases ran (the `bench` fixture)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.results: list[Result] = []
+        self.load_start = os.getloadavg()
+
+    def record(self, result: Result) -> Result:
+        self.results.append(result)
+        return result
 
 
 def sync(device: torch.device) -> None:
@@ -228,7 +249,7 @@ def estimate_interpreted(probe: Callable[[], Any], scale: float, settings: Setti
     t0 = time.perf_counter()
     probe()
     per_call = (time.perf_counter() - t0) * scale
-    total = per_call * settings.calls_per_case()
+    total = settings.case_seconds(per_call)
     if total > settings.interpret_budget_s:
         raise Unavailable(
             f"too slow under TRITON_INTERPRET: ~{per_call:.1f} s per call (probe on 1/{scale:g} of the rows), "
@@ -297,7 +318,9 @@ def worker_main(spec_path: str) -> None:
     for _ in range(settings.warmup):
         case.run()
         sync(device)
-    times = [time_call(case.run, device) for _ in range(settings.repeats)]
+    times: list[float] = []
+    while len(times) < settings.repeats or (sum(times) < settings.min_time_s and len(times) < MAX_REPEATS):
+        times.append(time_call(case.run, device))
     peak, outputs = measure_peak(case.run, device)
     errors = case.check(outputs) if case.check else {}
     wrong = any(not err <= case.tolerance for err in errors.values())  # NaN counts as wrong

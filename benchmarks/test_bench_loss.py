@@ -28,7 +28,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness import Case, Result, Settings, Unavailable, estimate_interpreted, relative_error, run_case
+from harness import (BenchSession, Case, Result, Settings, Unavailable, estimate_interpreted, relative_error,
+                     run_case)
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -249,7 +250,7 @@ def eager(shape: dict[str, Any], settings: Settings, tmp_path_factory: pytest.Te
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name.replace(" ", "-").replace(",", "") for c in CASES])
-def test_loss(case: LossBench, shape: dict[str, Any], settings: Settings, bench: Any,
+def test_loss(case: LossBench, shape: dict[str, Any], settings: Settings, bench: BenchSession,
               eager: tuple[Result, str]) -> None:
     eager_result, reference = eager
     if case.role == "baseline":

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import pytest
 import torch
 
-from harness import Case, Settings, Unavailable, estimate_interpreted, relative_error, run_case
+from harness import (BenchSession, Case, Settings, Unavailable, estimate_interpreted, relative_error,
+                     run_case)
 from kernels import td_weights as td
 
 BETA, W_MIN, W_MAX, GAMMA = 0.9, 0.1, 5.0, 1.0
@@ -128,7 +128,7 @@ CASES = _cases(Settings.from_env().device)
 
 @pytest.mark.parametrize("lam", LAMBDAS, ids=lambda lam: f"lam{lam}")
 @pytest.mark.parametrize("case", CASES, ids=[c.name.replace(" ", "-") for c in CASES])
-def test_td(case: TDBench, lam: float, settings: Settings, bench: Any) -> None:
+def test_td(case: TDBench, lam: float, settings: Settings, bench: BenchSession) -> None:
     table = f"TD weights, B={settings.td_batch} L={settings.td_len} lambda={lam}, {settings.device}"
     params = {"impl": case.impl, "lam": lam, "batch": settings.td_batch, "length": settings.td_len}
     result = bench.record(run_case(settings, table, case.name, __file__, "build_td", params, env=case.env,

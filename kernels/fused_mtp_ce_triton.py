@@ -1,9 +1,9 @@
 """Triton kernels for the row-wise part of the fused multi-head cross-entropy.
 
-On a logits chunk [C, V] (fp32 or 16-bit, row-major) with targets [C] and a per-row scale [C]:
-per-row log-sum-exp and CE (fp32) and, on request, scale * (softmax - onehot) written into a
-gradient buffer (the logits themselves, or a buffer of another dtype such as the 16-bit matmul
-operand). The matmuls around it stay in PyTorch (`kernels/fused_mtp_ce.py`).
+On a logits chunk [C, V] (fp32 or 16-bit, row-major) with targets [C]: per-row log-sum-exp and
+CE (fp32) and, on request, softmax - onehot written into a gradient buffer (the logits themselves,
+or a buffer of another dtype such as the 16-bit matmul operand). The matmuls around it, and the
+per-row scale of the gradient, stay in PyTorch (`kernels/fused_mtp_ce.py`).
 
 Two kernels, each over a grid of (row blocks of BLOCK_M rows) x (column splits):
 1. `_partial_lse_kernel`: every program walks its share of the columns in [BLOCK_M, BLOCK_V]
@@ -121,7 +121,7 @@ def _partial_lse_kernel(logits_ptr, stride_row, tgt_ptr, tgt_logit_ptr, part_max
 
 
 @triton.jit
-def _finish_kernel(logits_ptr, stride_row, grad_ptr, stride_grad, tgt_ptr, scale_ptr, lse_ptr, ce_ptr,
+def _finish_kernel(logits_ptr, stride_row, grad_ptr, stride_grad, tgt_ptr, lse_ptr, ce_ptr,
                    part_max_ptr, part_sum_ptr, n_rows, n_cols, cols_per_split, rows_padded, n_splits,
                    FROM_PARTIALS: tl.constexpr, WRITE_GRAD: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
@@ -151,7 +151,6 @@ def _finish_kernel(logits_ptr, stride_row, grad_ptr, stride_grad, tgt_ptr, scale
 
     if WRITE_GRAD:
         tgt = tl.load(tgt_ptr + rows, mask=row_ok, other=-1)
-        scale = tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
         row_base = logits_ptr + rows.to(tl.int64) * stride_row
         grad_base = grad_ptr + rows.to(tl.int64) * stride_grad
         start = pid_v * cols_per_split
@@ -162,8 +161,7 @@ def _finish_kernel(logits_ptr, stride_row, grad_ptr, stride_grad, tgt_ptr, scale
             x = tl.load(row_base[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
             prob = tl.exp(x - lse[:, None])
             prob = tl.where(cols[None, :] == tgt[:, None], prob - 1.0, prob)
-            tl.store(grad_base[:, None] + cols[None, :],
-                     (prob * scale[:, None]).to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_base[:, None] + cols[None, :], prob.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_chunk(logits: torch.Tensor, grad: torch.Tensor | None) -> None:
@@ -175,12 +173,11 @@ def _check_chunk(logits: torch.Tensor, grad: torch.Tensor | None) -> None:
 
 
 def ce_rows(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ce: torch.Tensor, *,
-            scale: torch.Tensor | None = None, grad: torch.Tensor | None = None,
-            blocks: RowBlocks | None = None) -> None:
+            grad: torch.Tensor | None = None, blocks: RowBlocks | None = None) -> None:
     """Fill lse [C] and ce [C] (fp32, contiguous) from logits [C, V].
 
-    With `scale` [C] (fp32) and `grad` [C, V] (may be `logits` itself), also write
-    scale * (softmax - onehot(targets)) into `grad` in its dtype.
+    With `grad` [C, V] (may be `logits` itself), also write softmax - onehot(targets) into `grad`
+    in its dtype.
     """
     _check_chunk(logits, grad)
     n_rows, n_cols = logits.shape
@@ -196,21 +193,21 @@ def ce_rows(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ce: 
     write_grad = grad is not None
     _finish_kernel[(row_block_count, splits if write_grad else 1)](
         logits, logits.stride(0), grad if write_grad else logits, grad.stride(0) if write_grad else 0,
-        targets, scale if write_grad else lse, lse, ce, partials[0], partials[1],
+        targets, lse, ce, partials[0], partials[1],
         n_rows, n_cols, cols_per_split, rows_padded, splits,
         FROM_PARTIALS=True, WRITE_GRAD=write_grad,
         BLOCK_M=blocks.block_m, BLOCK_V=blocks.block_v, num_warps=blocks.num_warps)
 
 
-def ce_rows_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, scale: torch.Tensor,
-                 grad: torch.Tensor, *, blocks: RowBlocks | None = None) -> None:
-    """Write scale * (softmax - onehot(targets)) into `grad` given the per-row log-sum-exp `lse`."""
+def ce_rows_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, *,
+                 blocks: RowBlocks | None = None) -> None:
+    """Write softmax - onehot(targets) into `grad` given the per-row log-sum-exp `lse`."""
     _check_chunk(logits, grad)
     n_rows, n_cols = logits.shape
     blocks = blocks or row_blocks(n_rows, n_cols, logits.device)
     cols_per_split, splits = _columns_per_split(n_cols, blocks)
     _finish_kernel[(triton.cdiv(n_rows, blocks.block_m), splits)](
-        logits, logits.stride(0), grad, grad.stride(0), targets, scale, lse, lse, lse, lse,
+        logits, logits.stride(0), grad, grad.stride(0), targets, lse, lse, lse, lse,
         n_rows, n_cols, cols_per_split, 0, splits,
         FROM_PARTIALS=False, WRITE_GRAD=True,
         BLOCK_M=blocks.block_m, BLOCK_V=blocks.block_v, num_warps=blocks.num_warps)

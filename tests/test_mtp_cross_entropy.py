@@ -107,3 +107,11 @@ def test_single_valid_pair_and_shape_errors():
         mtp_cross_entropy(hidden, weight, targets[:, :2])
     with pytest.raises(ValueError, match="reduction"):
         mtp_cross_entropy(hidden, weight, targets, reduction="mean")
+
+
+@pytest.mark.parametrize("bad", [-1, "vocab"], ids=["negative", "vocab-size"])
+def test_out_of_range_target_is_named(bad):
+    hidden, weight, targets, _ = make_inputs(n_rows=4)
+    targets[2, 0] = weight.shape[0] if bad == "vocab" else bad
+    with pytest.raises(ValueError, match=rf"targets must lie in \[0, {weight.shape[0]}\)"):
+        mtp_cross_entropy(hidden, weight, targets)
