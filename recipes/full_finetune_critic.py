@@ -4,7 +4,9 @@ Data: correct and incorrect solutions, 50/50. Reward R = 1 for a correct sample,
 Monte-Carlo G_t = R, or the lambda-return G_t = (1-λ) V_{t+1} + λ G_{t+1} (G_{t*} = R at the last
 response-predicting state; values detached). Loss: mean over response-predicting states (t with
 m_{t+1} = 1) of the whole global batch of (V_t - G_t)^2 (or Huber). Only the value head trains;
-its weights (final/value_head.safetensors) start the verifiable recipe.
+its weights (final/value_head.safetensors) start the verifiable recipe. Logged per step on the
+training batch, and with critic.eval_path on every held-out row: mean V on correct vs incorrect
+samples and the AUROC of the last-state value (how well V at the end separates the two).
 
     python recipes/full_finetune_critic.py --config configs/critic_tiny.toml
     torchrun --nproc_per_node=4 recipes/full_finetune_critic.py --config configs/critic_a100.toml
@@ -31,9 +33,10 @@ from wmtp.config.sections import (
     TokenizerConfig,
     TrainingConfig,
 )
-from wmtp.data.loader import GlobalBatchLoader
+from wmtp.data.loader import GlobalBatchLoader, eval_micro_batches, load_index
+from wmtp.data.samplers import fits_max_seq_len
 from wmtp.data.tokenizer import SentencePieceTokenizer
-from wmtp.distributed.env import all_gather_cat, all_reduce_sum, destroy, full_tensor, init_distributed
+from wmtp.distributed.env import all_gather_cat, all_reduce_sum, barrier, destroy, full_tensor, init_distributed
 from wmtp.distributed.parallelize import parallelize
 from wmtp.models import load_mtp
 from wmtp.models.checkpoint import load_value_head, save_value_head
@@ -43,6 +46,32 @@ from wmtp.training.run import (build_optimizer, checkpoint_due, log_due, open_ru
                                save_training_state, stop_step)
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, throughput
 from wmtp.weighting.critic import binary_auroc, critic_targets, response_states, value_loss, value_stats
+
+class ValueStats:
+    """Mean V on correct vs incorrect samples and AUROC of the last-state value, over micro-batches
+    and ranks (the gathered last-state values of every row, so the AUROC is exact)."""
+
+    SUMS = ("value_sum_correct", "count_correct", "value_sum_incorrect", "count_incorrect")
+    LAST = ("last_values", "rewards", "last_valid")
+
+    def __init__(self, device: torch.device) -> None:
+        self.sums = torch.zeros(len(self.SUMS), dtype=torch.float64, device=device)
+        self.last: dict[str, list[torch.Tensor]] = {key: [] for key in self.LAST}
+
+    def add(self, values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -> None:
+        stats = value_stats(values, rewards, mask)
+        self.sums += torch.stack([stats[key] for key in self.SUMS]).double()
+        for key, parts in self.last.items():
+            parts.append(stats[key])
+
+    def reduce(self, prefix: str = "") -> dict[str, float]:
+        sums = all_reduce_sum(self.sums)
+        scores, labels, keep = (all_gather_cat(torch.cat(self.last[key])) for key in self.LAST)
+        return {f"{prefix}value/correct": float(sums[0] / sums[1].clamp(min=1)),
+                f"{prefix}value/incorrect": float(sums[2] / sums[3].clamp(min=1)),
+                f"{prefix}auroc": binary_auroc(scores[keep].cpu(), labels[keep].cpu()),
+                f"{prefix}rows": int(keep.sum())}
+
 
 def _default_data() -> DataConfig:
     return DataConfig(sampler="balanced")
@@ -91,10 +120,17 @@ class CriticRecipe:
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
                                          total_steps=cfg.training.max_steps,
                                          min_lr_ratio=cfg.lr_scheduler.min_lr_ratio)
+        self.n_future = model.n_future
         self.loader = GlobalBatchLoader(
-            cfg.data, self.tokenizer, max_seq_len=cfg.model.max_seq_len, n_future=model.n_future,
+            cfg.data, self.tokenizer, max_seq_len=cfg.model.max_seq_len, n_future=self.n_future,
             micro_batch_size=cfg.training.micro_batch_size, grad_accum_steps=cfg.training.grad_accum_steps,
             rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps)
+        self.eval_index = None
+        if cfg.critic.eval_path:
+            self.eval_index = load_index(cfg.critic.eval_path, self.tokenizer, rank=self.dist.rank)
+            if not fits_max_seq_len(self.eval_index, cfg.model.max_seq_len).any():
+                raise ValueError(f"critic.eval_path {cfg.critic.eval_path}: no row fits model.max_seq_len "
+                                 f"{cfg.model.max_seq_len}")
 
         self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main,
                                          trainable_only=True)
@@ -126,18 +162,22 @@ class CriticRecipe:
             bar.update(1)
             if checkpoint_due(self.step, cfg, self.cfg.checkpoint.save_every):
                 self.save_checkpoint()
+            if self.eval_due():
+                self.log_eval()
         bar.close()
         if self.step >= cfg.max_steps and self.cfg.checkpoint.export_final:
             self.export_final()
+        # Ranks leave together: a barrier also waits for this rank's pending collectives, and a
+        # process group torn down with work in flight can abort its process.
+        barrier()
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         device, crit = self.dist.device, self.cfg.critic
         lam = 1.0 if crit.target == "mc" else crit.lam
         # Global denominator: response-predicting states of the whole global batch.
         n_states = all_reduce_sum(sum(response_states(mb["mask"]).sum() for mb in micro_batches).double().to(device))
-        # sums: loss, V on correct, #correct states, V on incorrect, #incorrect states
-        sums = torch.zeros(5, dtype=torch.float64, device=device)
-        last = {"last_values": [], "rewards": [], "last_valid": []}
+        loss_total = torch.zeros((), dtype=torch.float64, device=device)
+        stats = ValueStats(device)
         tokens = 0
         for mb in micro_batches:
             mask = mb["mask"].to(device)
@@ -150,22 +190,40 @@ class CriticRecipe:
             loss = loss_sum / n_states.clamp(min=1)
             # FSDP averages gradients over ranks; each rank holds a partial sum of one global loss.
             (loss * self.dist.world_size).backward()
-            stats = value_stats(values, rewards, mask)
-            sums += torch.stack([loss.detach(), stats["value_sum_correct"], stats["count_correct"],
-                                 stats["value_sum_incorrect"], stats["count_incorrect"]]).double()
-            for key, parts in last.items():
-                parts.append(stats[key])
+            loss_total += loss.detach().double()
+            stats.add(values, rewards, mask)
             tokens += int(mb["lengths"].sum())
-        all_reduce_sum(sums)
-        scores, labels, keep = (all_gather_cat(torch.cat(last[k])) for k in ("last_values", "rewards", "last_valid"))
         metrics = clip_and_step(self.trainable, self.optimizer, self.scheduler, self.cfg.training.max_grad_norm)
-        metrics.update({
-            "value_loss": float(sums[0]), "tokens": tokens,
-            "value/correct": float(sums[1] / sums[2].clamp(min=1)),
-            "value/incorrect": float(sums[3] / sums[4].clamp(min=1)),
-            "auroc": binary_auroc(scores[keep].cpu(), labels[keep].cpu()),
-        })
+        metrics.update(stats.reduce())
+        metrics.update({"value_loss": float(all_reduce_sum(loss_total)), "tokens": tokens})
         return metrics
+
+    def eval_due(self) -> bool:
+        every = self.cfg.critic.eval_every
+        return self.eval_index is not None and (self.step == self.cfg.training.max_steps
+                                                or (every > 0 and self.step % every == 0))
+
+    def log_eval(self) -> None:
+        metrics = self.evaluate()
+        self.metrics.log(self.step, metrics)
+        if self.dist.is_main:
+            keys = ["eval/value/correct", "eval/value/incorrect", "eval/auroc", "eval/rows"]
+            print(step_line("critic eval", self.step, self.cfg.training.max_steps, metrics, keys), flush=True)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The value head on every held-out row (critic.eval_path), each row once across ranks."""
+        device = self.dist.device
+        stats = ValueStats(device)
+        for mb in eval_micro_batches(self.eval_index, self.tokenizer, max_seq_len=self.cfg.model.max_seq_len,
+                                     n_future=self.n_future, micro_batch_size=self.cfg.training.micro_batch_size,
+                                     rank=self.dist.rank, world_size=self.dist.world_size):
+            # Fill-up rows (keep False) get an empty response mask: they count nowhere.
+            mask = (mb["mask"] * mb["keep"][:, None]).to(device)
+            with self.autocast:
+                values = self.model(mb["tokens"].to(device), with_values=True, with_heads=False).values
+            stats.add(values, mb["is_correct"].to(device).float(), mask)
+        return stats.reduce(prefix="eval/")
 
     # ------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> None:

@@ -38,7 +38,7 @@ from wmtp.config.sections import (
 from wmtp.constants import IGNORE_INDEX
 from wmtp.data.loader import GlobalBatchLoader
 from wmtp.data.tokenizer import SentencePieceTokenizer
-from wmtp.distributed.env import all_reduce_sum, destroy, init_distributed
+from wmtp.distributed.env import all_reduce_sum, barrier, destroy, init_distributed
 from wmtp.distributed.parallelize import parallelize
 from wmtp.losses.normalization import valid_pair_counts
 from wmtp.models import load_mtp, save_mtp
@@ -131,6 +131,9 @@ class Rho1Recipe:
         bar.close()
         if self.step >= cfg.max_steps and self.cfg.checkpoint.export_final:
             self.export_final()
+        # Ranks leave together: a barrier also waits for this rank's pending collectives, and a
+        # process group torn down with work in flight can abort its process.
+        barrier()
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         device, n, rho = self.dist.device, self.n_future, self.cfg.rho1

@@ -39,7 +39,7 @@ from wmtp.config.sections import (
 )
 from wmtp.data.loader import GlobalBatchLoader
 from wmtp.data.tokenizer import SentencePieceTokenizer
-from wmtp.distributed.env import all_reduce_sum, destroy, init_distributed
+from wmtp.distributed.env import all_reduce_sum, barrier, destroy, init_distributed
 from wmtp.distributed.parallelize import parallelize
 from wmtp.losses.normalization import global_valid_pair_counts, head_mean_weights
 from wmtp.models import load_mtp, save_mtp
@@ -141,6 +141,9 @@ class VerifiableRecipe:
         bar.close()
         if self.step >= cfg.max_steps and self.cfg.checkpoint.export_final:
             self.export_final()
+        # Ranks leave together: a barrier also waits for this rank's pending collectives, and a
+        # process group torn down with work in flight can abort its process.
+        barrier()
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         device, n, td, crit = self.dist.device, self.n_future, self.cfg.td, self.cfg.critic

@@ -66,8 +66,11 @@ def main() -> None:
         rows = read_metrics(out)
         last = rows[-1]
         if name == "critic":
-            note = (f"  value loss {last['value_loss']:.4f}, V correct {last['value/correct']:.3f} vs "
-                    f"incorrect {last['value/incorrect']:.3f}, AUROC {last['auroc']:.3f}")
+            last = [r for r in rows if "value_loss" in r][-1]
+            held_out = [r for r in rows if "eval/auroc" in r][-1]
+            note = (f"  value loss {last['value_loss']:.4f}; held-out {held_out['eval/rows']} rows: V correct "
+                    f"{held_out['eval/value/correct']:.3f} vs incorrect {held_out['eval/value/incorrect']:.3f}, "
+                    f"AUROC {held_out['eval/auroc']:.3f}")
             print(f"{name:<11}{last['step']:>6}{fmt(None, 9)}" + fmt(None, 9) * N_HEADS + note)
             continue
         heads = "".join(fmt(last.get(f"loss/head_{k}"), 9) for k in range(N_HEADS))

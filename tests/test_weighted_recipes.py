@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import load_recipe, recipe_args, run_script, torchrun
-from wmtp.data.tokenizer import train_sentencepiece
+from wmtp.data.collate import encode_rows
+from wmtp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from wmtp.models import load_mtp
+from wmtp.models.checkpoint import load_value_head
 from wmtp.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -20,7 +24,7 @@ LOSS_KEY = {"critic": "value_loss", "verifiable": "loss", "rho1": "loss"}
 
 
 def args_for(name: str, tiny: Path, out: Path, **overrides) -> list[str]:
-    extra = {"critic": {"optimizer.lr": 3e-2},
+    extra = {"critic": {"optimizer.lr": 3e-2, "critic.eval_path": tiny / "data" / "valid.jsonl"},
              "verifiable": {"critic.value_head": "none"},
              "rho1": {"reference.path": tiny / "reference"}}[name]
     return recipe_args(tiny, out, RECIPES[name], **{**extra, **overrides})
@@ -90,6 +94,49 @@ def test_critic_trains_only_the_value_head(tiny, tmp_path):
             assert torch.equal(after[key], before[key]), key  # bitwise unchanged
     exported = load_file(str(tmp_path / "critic" / "final" / "value_head.safetensors"))["value_head.weight"]
     assert torch.equal(exported, after["value_head.weight"])
+
+
+def held_out_reference(tiny: Path, value_head: Path, max_seq_len: int) -> dict[str, float]:
+    """The critic's held-out metrics computed row by row (no padding, no batching, no ranks)."""
+    tokenizer = SentencePieceTokenizer(tiny / "tokenizer.model")
+    model = load_mtp(tiny / "mtp_model", dtype=torch.float32, value_head=True, vocab_size=tokenizer.vocab_size,
+                     max_seq_len=max_seq_len)
+    load_value_head(model, value_head)
+    last = {True: [], False: []}
+    state_values = {True: [], False: []}
+    with torch.no_grad():
+        for line in (tiny / "data" / "valid.jsonl").read_text().splitlines():
+            row = json.loads(line)
+            tokens, mask = encode_rows(tokenizer, [row])[0]
+            if len(tokens) > max_seq_len:
+                continue
+            values = model(torch.tensor([tokens]), with_values=True, with_heads=False).values[0].double()
+            correct = bool(row["is_correct"])
+            # States whose next token is a response token; the last one predicts EOS.
+            state_values[correct] += [float(values[t]) for t in range(len(tokens) - 1) if mask[t + 1]]
+            last[correct].append(float(values[len(tokens) - 2]))
+    pairs = [(p > n) + 0.5 * (p == n) for p in last[True] for n in last[False]]
+    return {"eval/value/correct": sum(state_values[True]) / len(state_values[True]),
+            "eval/value/incorrect": sum(state_values[False]) / len(state_values[False]),
+            "eval/auroc": sum(pairs) / len(pairs), "eval/rows": len(last[True]) + len(last[False])}
+
+
+def test_critic_held_out_evaluation_matches_row_by_row(tiny, tmp_path):
+    """Every held-out row once (padding rows and ranks included), as a naive row-by-row pass finds it."""
+    extra = {"training.max_steps": 4, "training.micro_batch_size": 5, "critic.eval_every": 2}
+    train("critic", tiny, tmp_path / "single", **extra)
+    torchrun("recipes/full_finetune_critic.py", args_for("critic", tiny, tmp_path / "fsdp", **extra))
+    for run in ("single", "fsdp"):
+        reference = held_out_reference(tiny, tmp_path / run / "final" / "value_head.safetensors", max_seq_len=1024)
+        assert reference["eval/rows"] % 10 != 0, "the test wants a partial last batch on two ranks of 5 rows"
+        evals = [r for r in read_metrics(tmp_path / run) if "eval/auroc" in r]
+        assert [r["step"] for r in evals] == [2, 4]
+        final = evals[-1]
+        assert final["eval/rows"] == reference["eval/rows"]
+        assert 0.0 <= final["eval/auroc"] <= 1.0
+        assert abs(final["eval/auroc"] - reference["eval/auroc"]) <= 1e-9, run
+        for key in ("eval/value/correct", "eval/value/incorrect"):
+            assert final[key] == pytest.approx(reference[key], rel=1e-5), (run, key)
 
 
 def test_rho1_refuses_a_reference_with_another_tokenizer(tiny, tmp_path):

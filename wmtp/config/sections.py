@@ -132,6 +132,12 @@ class CriticConfig:
     """Value loss: squared error or Huber."""
     huber_delta: float = 1.0
     """Huber transition point."""
+    eval_path: str = ""
+    """Held-out processed JSONL (e.g. the tiny artifacts' valid.jsonl), scored after the last step and
+    every eval_every steps: mean V on correct vs incorrect rows and AUROC of the last-state value,
+    over every row that fits model.max_seq_len. Empty: no held-out evaluation."""
+    eval_every: int = 0
+    """Steps between held-out evaluations (0: only after the last step)."""
 
 
 @dataclasses.dataclass

@@ -7,14 +7,16 @@ accumulation; the sampler's state after a step is the whole data state of a chec
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from wmtp.config.sections import DataConfig
 from wmtp.data.collate import collate, encode_rows, mtp_targets
 from wmtp.data.index import RowIndex, load_or_build_index
-from wmtp.data.samplers import BalancedSampler, CorrectOnlySampler, CurriculumSampler, split_global_batch
+from wmtp.data.samplers import (BalancedSampler, CorrectOnlySampler, CurriculumSampler, fits_max_seq_len,
+                                 split_global_batch)
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import barrier
 
@@ -29,6 +31,45 @@ def build_sampler(cfg: DataConfig, index: RowIndex, *, max_seq_len: int, total_s
                              schedule=schedule, total_samples=total_samples)
 
 
+def load_index(path: str, tokenizer: SentencePieceTokenizer, *, rank: int) -> RowIndex:
+    """The sidecar index of `path`: rank 0 builds a missing one, the others then find it fresh."""
+    if rank == 0:
+        index = load_or_build_index(path, tokenizer)
+    barrier()
+    return index if rank == 0 else load_or_build_index(path, tokenizer)
+
+
+def read_batch(index: RowIndex, ids, tokenizer: SentencePieceTokenizer, n_future: int) -> dict[str, torch.Tensor]:
+    """Rows `ids` of `index`, tokenised and collated, with MTP targets and the is_correct labels."""
+    rows = index.read_rows(ids)
+    batch = collate(encode_rows(tokenizer, rows), pad_id=tokenizer.pad_id)
+    batch["targets"] = mtp_targets(batch["labels"], n_future)
+    batch["is_correct"] = torch.tensor([bool(r["is_correct"]) for r in rows])
+    return batch
+
+
+def eval_micro_batches(index: RowIndex, tokenizer: SentencePieceTokenizer, *, max_seq_len: int, n_future: int,
+                       micro_batch_size: int, rank: int, world_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Every row of `index` that fits `max_seq_len`, once across all ranks, in file order.
+
+    Each rank yields the same number of micro-batches (sharded models run collectives in every
+    forward): the last global batch is filled up with repeats of the first row, marked
+    batch["keep"] = False so that they count nowhere.
+    """
+    ids = np.flatnonzero(fits_max_seq_len(index, max_seq_len))
+    if ids.size == 0:
+        return
+    per_step = micro_batch_size * world_size
+    n_fill = -ids.size % per_step
+    padded = np.concatenate([ids, np.full(n_fill, ids[0])])
+    keep = np.arange(padded.size) < ids.size
+    for start in range(0, padded.size, per_step):
+        mine = slice(start + rank * micro_batch_size, start + (rank + 1) * micro_batch_size)
+        batch = read_batch(index, padded[mine], tokenizer, n_future)
+        batch["keep"] = torch.from_numpy(keep[mine])
+        yield batch
+
+
 class GlobalBatchLoader:
     def __init__(self, cfg: DataConfig, tokenizer: SentencePieceTokenizer, *, max_seq_len: int, n_future: int,
                  micro_batch_size: int, grad_accum_steps: int, rank: int, world_size: int,
@@ -38,12 +79,7 @@ class GlobalBatchLoader:
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.rank, self.world_size = rank, world_size
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
-        # Rank 0 builds a missing index; the others then find it fresh and only load it.
-        if rank == 0:
-            self.index = load_or_build_index(cfg.train_path, tokenizer)
-        barrier()
-        if rank != 0:
-            self.index = load_or_build_index(cfg.train_path, tokenizer)
+        self.index = load_index(cfg.train_path, tokenizer, rank=rank)
         self.sampler = build_sampler(cfg, self.index, max_seq_len=max_seq_len,
                                      total_samples=total_steps * self.global_batch)
 
@@ -54,11 +90,7 @@ class GlobalBatchLoader:
         return [self._batch(m) for m in micro]
 
     def _batch(self, ids) -> dict[str, torch.Tensor]:
-        rows = self.index.read_rows(ids)
-        batch = collate(encode_rows(self.tokenizer, rows), pad_id=self.tokenizer.pad_id)
-        batch["targets"] = mtp_targets(batch["labels"], self.n_future)
-        batch["is_correct"] = torch.tensor([bool(r["is_correct"]) for r in rows])
-        return batch
+        return read_batch(self.index, ids, self.tokenizer, self.n_future)
 
     def counts(self) -> dict[str, int]:
         """Rows in the file's index, rows skipped by reason, rows excluded as too long."""

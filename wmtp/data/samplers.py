@@ -64,7 +64,7 @@ def _uniforms(key: tuple[int, ...], start: int, count: int) -> np.ndarray:
     return np.concatenate(blocks)[offset: offset + count]
 
 
-def _fits(index: RowIndex, max_seq_len: int) -> np.ndarray:
+def fits_max_seq_len(index: RowIndex, max_seq_len: int) -> np.ndarray:
     """Rows of at most `max_seq_len` tokens (a saturated stored length never fits)."""
     if max_seq_len < 2:
         raise ValueError(f"max_seq_len must be >= 2 (BOS and EOS), got {max_seq_len}")
@@ -122,7 +122,7 @@ class CorrectOnlySampler(_Sampler):
 
     def __init__(self, index: RowIndex, *, seed: int, max_seq_len: int) -> None:
         super().__init__(index, seed=seed, max_seq_len=max_seq_len)
-        correct, fits = index.rows["is_correct"].astype(bool), _fits(index, max_seq_len)
+        correct, fits = index.rows["is_correct"].astype(bool), fits_max_seq_len(index, max_seq_len)
         self.too_long = int(np.count_nonzero(correct & ~fits))
         pool = np.flatnonzero(correct & fits)
         if not len(pool):
@@ -148,7 +148,7 @@ class BalancedSampler(_Sampler):
 
     def __init__(self, index: RowIndex, *, seed: int, max_seq_len: int) -> None:
         super().__init__(index, seed=seed, max_seq_len=max_seq_len)
-        correct, fits = index.rows["is_correct"].astype(bool), _fits(index, max_seq_len)
+        correct, fits = index.rows["is_correct"].astype(bool), fits_max_seq_len(index, max_seq_len)
         self.too_long = int(np.count_nonzero(~fits))
         pools = {"correct": np.flatnonzero(correct & fits), "incorrect": np.flatnonzero(~correct & fits)}
         for what, pool in pools.items():
@@ -199,7 +199,7 @@ class CurriculumSampler(_Sampler):
         self.total_samples = total_samples
         self._points, self._weights = _check_schedule(schedule, len(edges))
 
-        fits = _fits(index, max_seq_len)
+        fits = fits_max_seq_len(index, max_seq_len)
         self.too_long = int(np.count_nonzero(~fits))
         bins = np.maximum(np.searchsorted(edges, index.rows["difficulty"], side="right") - 1, 0)
         pools = [np.flatnonzero(fits & (bins == j)) for j in range(len(edges))]
