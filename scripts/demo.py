@@ -68,7 +68,7 @@ def main() -> None:
         if name == "critic":
             last = [r for r in rows if "value_loss" in r][-1]
             held_out = [r for r in rows if "eval/auroc" in r][-1]
-            note = (f"  value loss {last['value_loss']:.4f}; held-out {held_out['eval/rows']} rows: V correct "
+            note = (f"  value loss {last['value_loss']:.4f}; held-out {int(held_out['eval/rows'])} rows: V correct "
                     f"{held_out['eval/value/correct']:.3f} vs incorrect {held_out['eval/value/incorrect']:.3f}, "
                     f"AUROC {held_out['eval/auroc']:.3f}")
             print(f"{name:<11}{last['step']:>6}{fmt(None, 9)}" + fmt(None, 9) * N_HEADS + note)
