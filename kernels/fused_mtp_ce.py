@@ -93,7 +93,7 @@ def _check_target_range(tgt: torch.Tensor, vocab: int, ignore_index: int) -> Non
     # in a chunk: name the problem here instead (one device sync; `_active_rows` already has one).
     if tgt.numel() == 0:
         return
-    low, high = (int(v) for v in torch.aminmax(tgt))
+    low, high = torch.stack(torch.aminmax(tgt)).tolist()
     if low < 0 or high >= vocab:
         raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index ({ignore_index}); "
                          f"found values from {low} to {high}")

@@ -47,6 +47,7 @@ from wmtp.training.run import (build_optimizer, checkpoint_due, log_due, open_ru
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, throughput
 from wmtp.weighting.critic import binary_auroc, critic_targets, response_states, value_loss, value_stats
 
+
 class ValueStats:
     """Mean V on correct vs incorrect samples and AUROC of the last-state value, over micro-batches
     and ranks (the gathered last-state values of every row, so the AUROC is exact)."""
