@@ -1,4 +1,5 @@
-"""Which implementation the kernels use: Triton on CUDA, the chunked PyTorch fallback elsewhere.
+"""Which implementation the kernels use (Triton on CUDA, the chunked PyTorch fallback elsewhere), and
+what a device supports.
 
 Set `WMTP_KERNEL_BACKEND` (auto | triton | torch) or call `set_backend` to force one. "triton" on
 a CPU tensor needs `TRITON_INTERPRET=1` (the tests run the Triton kernels that way).
@@ -12,6 +13,9 @@ import os
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+NO_FLOAT64_DEVICE_TYPES = {"mps"}
+"""Device types without float64 tensors (Apple's MPS): accumulators there are float32. A test adds
+"cpu" to this set to check that nothing creates a float64 tensor on such a device."""
 ENV_VAR = "WMTP_KERNEL_BACKEND"
 _forced: str | None = None
 
@@ -45,3 +49,8 @@ def resolve_backend(device: torch.device, requested: str | None = None) -> str:
         if device.type != "cuda" and not interpreting():
             raise RuntimeError(f"kernel backend 'triton' on {device.type} tensors needs TRITON_INTERPRET=1")
     return name
+
+
+def accumulation_dtype(device: torch.device | str) -> torch.dtype:
+    """The widest float a device has: float64 for sums, counts and statistics, float32 on MPS."""
+    return torch.float32 if torch.device(device).type in NO_FLOAT64_DEVICE_TYPES else torch.float64

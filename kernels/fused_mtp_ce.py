@@ -1,8 +1,9 @@
 """Multi-head linear cross-entropy without materialising all-head logits.
 
-hidden [N, n, D] (per-head hidden states), weight [V, D] (the shared `output`), targets [N, n]
-(ignore_index where a pair has no target), optional per-pair weights [N, n]. The N*n pairs are
-flattened into rows that all share `weight`, so one fp32 dW accumulator serves every head.
+hidden [N, n, D] (per-head hidden states; any leading dims in place of N), weight [V, D] (the
+shared `output`), targets [N, n] (ignore_index where a pair has no target), optional per-pair
+weights [N, n]. The N*n pairs are flattened into rows that all share `weight`, so one fp32 dW
+accumulator serves every head.
 
 Rows are processed in chunks of logits [C, V]: a matmul, then the row-wise part (log-sum-exp, CE
 and, when needed, the gradient G = softmax - onehot written over the chunk), then
@@ -55,11 +56,12 @@ def _chunk_rows(vocab: int, chunk_rows: int | None) -> int:
     return chunk_rows if chunk_rows else max(1, LOGITS_CHUNK_ELEMENTS // vocab)
 
 
-def _active_rows(targets: torch.Tensor, weights: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
-    keep = targets.reshape(-1) != ignore_index
+def _active_pairs(targets: torch.Tensor, weights: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """Bool mask (targets' shape) of the pairs that need a logits row: a target and a nonzero weight."""
+    keep = targets != ignore_index
     if weights is not None:
-        keep &= weights.reshape(-1) != 0
-    return keep.nonzero().squeeze(1)
+        keep &= weights != 0
+    return keep
 
 
 def _torch_ce_rows(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ce: torch.Tensor, *,
@@ -90,7 +92,8 @@ def _softmax_minus_onehot(probs: torch.Tensor, targets: torch.Tensor, grad: torc
 
 def _check_target_range(tgt: torch.Tensor, vocab: int, ignore_index: int) -> None:
     # The Triton kernels would read out of bounds and the torch ops fail with an index error deep
-    # in a chunk: name the problem here instead (one device sync; `_active_rows` already has one).
+    # in a chunk: name the problem here instead (one device sync; the `nonzero` of the active
+    # pairs already has one).
     if tgt.numel() == 0:
         return
     low, high = torch.stack(torch.aminmax(tgt)).tolist()
@@ -274,35 +277,39 @@ def chunked_mtp_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused multi-head linear cross-entropy, chunked over the active (row, head) pairs.
 
-    Returns (out, ce): out is [N, n] weighted CE for reduction "none" or the scalar weighted sum
-    for "sum"; ce [N, n] is the unweighted per-pair CE, detached (0 where ignored), for logging.
+    hidden [..., n, D], targets and weights [..., n] (any leading dims, e.g. [N] or [B, T]).
+    Returns (out, ce): out is [..., n] weighted CE for reduction "none" or the scalar weighted sum
+    for "sum"; ce [..., n] is the unweighted per-pair CE, detached (0 where ignored), for logging.
+    Both [..., n] results are fresh tensors, not views, so a caller may modify them in place.
     `backend` ("auto" | "triton" | "torch", None: process default) picks the row-wise
     implementation, see `kernels.backend`.
     """
-    n_rows, n_heads, dim = hidden.shape
+    dim = hidden.shape[-1]
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be [..., n, D], got {tuple(hidden.shape)}")
     if weight.shape[1] != dim:
         raise ValueError(f"hidden dim {dim} does not match output weight {tuple(weight.shape)}")
-    if targets.shape != (n_rows, n_heads):
-        raise ValueError(f"targets shape {tuple(targets.shape)} != {(n_rows, n_heads)}")
+    if targets.shape != hidden.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} != {tuple(hidden.shape[:-1])}")
     if weights is not None and weights.shape != targets.shape:
         raise ValueError(f"weights shape {tuple(weights.shape)} != targets shape {tuple(targets.shape)}")
     if reduction not in ("none", "sum"):
         raise ValueError(f"reduction must be 'none' or 'sum', got {reduction!r}")
     plan = _plan(hidden, weight, chunk_rows, backend)
-    rows = _active_rows(targets, weights, ignore_index)
+    keep = _active_pairs(targets, weights, ignore_index)
+    rows = keep.reshape(-1).nonzero().squeeze(1)
     h_rows = hidden.reshape(-1, dim).index_select(0, rows)
     tgt = targets.reshape(-1).index_select(0, rows)
     _check_target_range(tgt, weight.shape[0], ignore_index)
     row_w = (weights.reshape(-1).index_select(0, rows).float() if weights is not None
              else torch.ones(rows.shape[0], dtype=torch.float32, device=hidden.device))
-    full = torch.zeros(n_rows * n_heads, dtype=torch.float32, device=hidden.device)
+    zeros = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
     if reduction == "sum":
         need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
         loss, ce_rows = _FusedSumMTPCE.apply(h_rows, weight, tgt, row_w, plan, need_grad)
-        return loss, full.index_copy(0, rows, ce_rows).view(n_rows, n_heads)
+        return loss, zeros.masked_scatter(keep, ce_rows)
     ce_rows = _ChunkedMTPCE.apply(h_rows, weight, tgt, plan)
-    out = full.index_copy(0, rows, ce_rows * row_w).view(n_rows, n_heads)
-    return out, full.index_copy(0, rows, ce_rows.detach()).view(n_rows, n_heads)
+    return zeros.masked_scatter(keep, ce_rows * row_w), zeros.masked_scatter(keep, ce_rows.detach())
 
 
 def reference_mtp_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

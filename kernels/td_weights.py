@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import interpreting, resolve_backend, triton_available
+from kernels.backend import accumulation_dtype, interpreting, resolve_backend, triton_available
 
 # triton (optional on CPU/MPS installs) is imported on first use of the Triton backend, by
 # `_row_kernel`, which binds these names. Importing it reads TRITON_INTERPRET once for the whole
@@ -77,15 +77,10 @@ class TDWeights(NamedTuple):
     stats: torch.Tensor
 
 
-def stats_dtype(device: torch.device) -> torch.dtype:
-    """float64 for the statistics, except on MPS, which has no float64."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 def empty_td_stats(device: torch.device | str = "cpu") -> torch.Tensor:
     """Statistics of no positions: zero sums, -inf extremes (the identity of `merge_td_stats`)."""
     device = torch.device(device)
-    stats = torch.zeros(N_STATS, dtype=stats_dtype(device), device=device)
+    stats = torch.zeros(N_STATS, dtype=accumulation_dtype(device), device=device)
     stats[N_SUM_STATS:] = -math.inf
     return stats
 
@@ -211,7 +206,7 @@ def _reverse_linear_scan(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def _torch_stats(adv: torch.Tensor, exp: torch.Tensor, w: torch.Tensor, action: torch.Tensor,
                  w_min: float, w_max: float) -> torch.Tensor:
     """Statistics over the action positions, without boolean indexing (no host sync)."""
-    dtype = stats_dtype(adv.device)
+    dtype = accumulation_dtype(adv.device)
     a = torch.where(action, adv, 0.0).to(dtype)
     wd = w.to(dtype)
     neg_inf = torch.tensor(-math.inf, device=adv.device)
@@ -405,7 +400,7 @@ def td_weights_triton(values: torch.Tensor, rewards: torch.Tensor, mask: torch.T
         row_stats, seq_len, float(gamma), float(gamma * lam), float(beta), float(w_min), float(w_max),
         USE_GAE=lam > 0, NORMALIZE=normalize, BLOCK=block or _block_size(seq_len, device),
         num_warps=GPU_NUM_WARPS)
-    dtype = stats_dtype(device)
+    dtype = accumulation_dtype(device)
     stats = torch.cat([row_stats[:, :N_SUM_STATS].to(dtype).sum(0), row_stats[:, N_SUM_STATS:].amax(0).to(dtype)])
     return TDWeights(weights, stats)
 

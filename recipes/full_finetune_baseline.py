@@ -29,17 +29,18 @@ from wmtp.config.sections import (
     TokenizerConfig,
     TrainingConfig,
 )
+from kernels.backend import accumulation_dtype
 from wmtp.data.loader import GlobalBatchLoader
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import all_reduce_sum, barrier, destroy, init_distributed
-from wmtp.distributed.parallelize import parallelize
+from wmtp.distributed.parallelize import build_mesh
 from wmtp.losses.normalization import global_valid_pair_counts, head_mean_weights
-from wmtp.models import load_mtp, save_mtp
+from wmtp.models import save_mtp
 from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
 from wmtp.training.lr_schedule import build_scheduler
 from wmtp.training.run import (build_optimizer, checkpoint_due, log_due, open_run, progress_bar, resume_latest,
-                               save_training_state, stop_step)
-from wmtp.training.step import clip_and_step, resolve_precision, step_line, throughput
+                               save_training_state, setup_policy, stop_step)
+from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
 
 
 @dataclasses.dataclass
@@ -65,16 +66,16 @@ class BaselineRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.dist = init_distributed(cfg.training.device)
+        mesh = build_mesh(self.dist, cfg.distributed.hsdp_replicas)
         torch.manual_seed(cfg.training.seed)
-        device = self.dist.device
         param_dtype, self.autocast = resolve_precision(cfg.training.precision, self.dist)
 
         self.tokenizer = SentencePieceTokenizer(cfg.tokenizer.path)
-        model = load_mtp(cfg.model.path, device=device, dtype=torch.float32,
-                         vocab_size=self.tokenizer.vocab_size, max_seq_len=cfg.model.max_seq_len)
-        self.n_future = model.n_future
-        self.model_args = model.args
-        self.model = parallelize(model, cfg.distributed, world_size=self.dist.world_size, param_dtype=param_dtype)
+        # Built on the meta device and sharded first; rank 0 alone reads the checkpoint.
+        self.model = setup_policy(cfg.model, cfg.distributed, self.dist, mesh=mesh,
+                                  vocab_size=self.tokenizer.vocab_size, param_dtype=param_dtype)
+        self.n_future = self.model.n_future
+        self.model_args = self.model.args
 
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
@@ -83,7 +84,8 @@ class BaselineRecipe:
         self.loader = GlobalBatchLoader(
             cfg.data, self.tokenizer, max_seq_len=cfg.model.max_seq_len, n_future=self.n_future,
             micro_batch_size=cfg.training.micro_batch_size, grad_accum_steps=cfg.training.grad_accum_steps,
-            rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps)
+            rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps,
+            device=self.dist.device)
 
         self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main)
         state = (resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
@@ -102,8 +104,8 @@ class BaselineRecipe:
             t0 = time.perf_counter()
             metrics = self.train_step(self.loader.next_step())
             self.step += 1
-            metrics.update(throughput(metrics.pop("tokens"), time.perf_counter() - t0, args=self.model_args,
-                                      seq_len=self.cfg.model.max_seq_len, device=self.dist.device))
+            metrics.update(throughput(metrics.pop("tokens"), metrics.pop("flops"), time.perf_counter() - t0,
+                                      device=self.dist.device))
             if log_due(self.step, cfg):
                 self.metrics.log(self.step, metrics)
                 if not bar.disable:
@@ -122,27 +124,26 @@ class BaselineRecipe:
         barrier()
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-        device = self.dist.device
-        counts = global_valid_pair_counts([mb["targets"] for mb in micro_batches])
-        head_sums = torch.zeros(self.n_future, dtype=torch.float64, device=device)
-        tokens = 0
+        device, n = self.dist.device, self.n_future
+        local_counts, counts = global_valid_pair_counts([mb["targets"] for mb in micro_batches])
+        head_sums = torch.zeros(n, dtype=accumulation_dtype(device), device=device)
         for mb in micro_batches:
-            targets = mb["targets"].to(device)
+            mean_w = head_mean_weights(mb["targets"], counts)  # valid / (n N_k)
             with self.autocast:
-                out = self.model(mb["tokens"].to(device), targets=targets,
-                                 pair_weights=head_mean_weights(targets, counts))
-            loss = out.ce.sum()
+                # The weights are known before the loss: gradients in the forward (6NHV, not 8NHV).
+                out = self.model(mb["tokens"], targets=mb["targets"], pair_weights=mean_w, reduction="sum")
             # FSDP averages gradients over ranks; each rank holds a partial sum of one global loss.
-            (loss * self.dist.world_size).backward()
-            head_sums += out.ce.detach().sum(dim=(0, 1)).double()
-            tokens += int(mb["lengths"].sum())
+            (out.loss * self.dist.world_size).backward()
+            head_sums += (out.ce * mean_w).sum(dim=(0, 1)).to(head_sums.dtype)
         all_reduce_sum(head_sums)
         metrics = clip_and_step(self.model.parameters(), self.optimizer, self.scheduler,
                                 self.cfg.training.max_grad_norm)
-        metrics.update(loss=float(head_sums.sum()), tokens=tokens)
-        for k in range(self.n_future):
+        metrics["tokens"], metrics["flops"] = step_work(micro_batches, self.model_args, heads=n,
+                                                        scored_pairs=int(local_counts.sum()))
+        metrics["loss"] = float(head_sums.sum())
+        for k in range(n):
             # head_sums[k] = sum_t CE_{t,k} / (n N_k): times n it is head k's mean CE.
-            metrics[f"loss/head_{k}"] = float(head_sums[k] * self.n_future)
+            metrics[f"loss/head_{k}"] = float(head_sums[k] * n)
             metrics[f"pairs/head_{k}"] = float(counts[k])
         return metrics
 

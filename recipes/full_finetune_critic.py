@@ -33,18 +33,18 @@ from wmtp.config.sections import (
     TokenizerConfig,
     TrainingConfig,
 )
+from kernels.backend import accumulation_dtype
 from wmtp.data.loader import GlobalBatchLoader, eval_micro_batches, load_index
 from wmtp.data.samplers import fits_max_seq_len
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import all_gather_cat, all_reduce_sum, barrier, destroy, full_tensor, init_distributed
-from wmtp.distributed.parallelize import parallelize
-from wmtp.models import load_mtp
-from wmtp.models.checkpoint import load_value_head, save_value_head
+from wmtp.distributed.parallelize import build_mesh
+from wmtp.models.checkpoint import VALUE_HEAD_KEY, save_value_head
 from wmtp.training.checkpointer import Checkpointer
 from wmtp.training.lr_schedule import build_scheduler
 from wmtp.training.run import (build_optimizer, checkpoint_due, log_due, open_run, progress_bar, resume_latest,
-                               save_training_state, stop_step)
-from wmtp.training.step import clip_and_step, resolve_precision, step_line, throughput
+                               save_training_state, setup_policy, stop_step)
+from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
 from wmtp.weighting.critic import binary_auroc, critic_targets, response_states, value_loss, value_stats
 
 
@@ -56,12 +56,12 @@ class ValueStats:
     LAST = ("last_values", "rewards", "last_valid")
 
     def __init__(self, device: torch.device) -> None:
-        self.sums = torch.zeros(len(self.SUMS), dtype=torch.float64, device=device)
+        self.sums = torch.zeros(len(self.SUMS), dtype=accumulation_dtype(device), device=device)
         self.last: dict[str, list[torch.Tensor]] = {key: [] for key in self.LAST}
 
     def add(self, values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -> None:
         stats = value_stats(values, rewards, mask)
-        self.sums += torch.stack([stats[key] for key in self.SUMS]).double()
+        self.sums += torch.stack([stats[key] for key in self.SUMS]).to(self.sums.dtype)
         for key, parts in self.last.items():
             parts.append(stats[key])
 
@@ -102,30 +102,30 @@ class CriticRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.dist = init_distributed(cfg.training.device)
+        mesh = build_mesh(self.dist, cfg.distributed.hsdp_replicas)
         torch.manual_seed(cfg.training.seed)
         param_dtype, self.autocast = resolve_precision(cfg.training.precision, self.dist)
 
         self.tokenizer = SentencePieceTokenizer(cfg.tokenizer.path)
-        model = load_mtp(cfg.model.path, device=self.dist.device, dtype=torch.float32, value_head=True,
-                         vocab_size=self.tokenizer.vocab_size, max_seq_len=cfg.model.max_seq_len)
-        if cfg.critic.value_head:
-            load_value_head(model, cfg.critic.value_head)
-        # Trunk, heads, norm and output stay frozen: only the value head learns.
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.startswith("value_head."))
-        self.model_args = model.args
-        self.model = parallelize(model, cfg.distributed, world_size=self.dist.world_size, param_dtype=param_dtype)
+        # Trunk, heads, norm and output stay frozen: only the value head learns. Built on the meta
+        # device and sharded first; rank 0 alone reads the checkpoint (and critic.value_head).
+        self.model = setup_policy(cfg.model, cfg.distributed, self.dist, mesh=mesh,
+                                  vocab_size=self.tokenizer.vocab_size, param_dtype=param_dtype,
+                                  value_head=True, value_head_path=cfg.critic.value_head,
+                                  trainable=lambda name: name == VALUE_HEAD_KEY)
+        self.model_args = self.model.args
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
         self.optimizer = build_optimizer(self.trainable, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
                                          total_steps=cfg.training.max_steps,
                                          min_lr_ratio=cfg.lr_scheduler.min_lr_ratio)
-        self.n_future = model.n_future
+        self.n_future = self.model.n_future
         self.loader = GlobalBatchLoader(
             cfg.data, self.tokenizer, max_seq_len=cfg.model.max_seq_len, n_future=self.n_future,
             micro_batch_size=cfg.training.micro_batch_size, grad_accum_steps=cfg.training.grad_accum_steps,
-            rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps)
+            rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps,
+            device=self.dist.device)
         self.eval_index = None
         if cfg.critic.eval_path:
             self.eval_index = load_index(cfg.critic.eval_path, self.tokenizer, rank=self.dist.rank)
@@ -151,8 +151,8 @@ class CriticRecipe:
             t0 = time.perf_counter()
             metrics = self.train_step(self.loader.next_step())
             self.step += 1
-            metrics.update(throughput(metrics.pop("tokens"), time.perf_counter() - t0, args=self.model_args,
-                                      seq_len=self.cfg.model.max_seq_len, device=self.dist.device, n_heads_used=0))
+            metrics.update(throughput(metrics.pop("tokens"), metrics.pop("flops"), time.perf_counter() - t0,
+                                      device=self.dist.device))
             if log_due(self.step, cfg):
                 self.metrics.log(self.step, metrics)
                 if not bar.disable:
@@ -175,28 +175,29 @@ class CriticRecipe:
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         device, crit = self.dist.device, self.cfg.critic
         lam = 1.0 if crit.target == "mc" else crit.lam
+        acc = accumulation_dtype(device)
         # Global denominator: response-predicting states of the whole global batch.
-        n_states = all_reduce_sum(sum(response_states(mb["mask"]).sum() for mb in micro_batches).double().to(device))
-        loss_total = torch.zeros((), dtype=torch.float64, device=device)
+        n_states = all_reduce_sum(sum(response_states(mb["mask"]).sum() for mb in micro_batches).to(acc))
+        loss_total = torch.zeros((), dtype=acc, device=device)
         stats = ValueStats(device)
-        tokens = 0
         for mb in micro_batches:
-            mask = mb["mask"].to(device)
-            rewards = mb["is_correct"].to(device).float()
+            mask, rewards = mb["mask"], mb["is_correct"].float()
             with self.autocast:
-                values = self.model(mb["tokens"].to(device), with_values=True, with_heads=False).values
+                values = self.model(mb["tokens"], with_values=True, with_heads=False).values
             targets = critic_targets(values.detach(), rewards, mask, lam=lam)
             loss_sum, _ = value_loss(values, targets, response_states(mask), kind=crit.loss,
                                      huber_delta=crit.huber_delta)
             loss = loss_sum / n_states.clamp(min=1)
             # FSDP averages gradients over ranks; each rank holds a partial sum of one global loss.
             (loss * self.dist.world_size).backward()
-            loss_total += loss.detach().double()
+            loss_total += loss.detach().to(acc)
             stats.add(values, rewards, mask)
-            tokens += int(mb["lengths"].sum())
         metrics = clip_and_step(self.trainable, self.optimizer, self.scheduler, self.cfg.training.max_grad_norm)
         metrics.update(stats.reduce())
-        metrics.update({"value_loss": float(all_reduce_sum(loss_total)), "tokens": tokens})
+        # The frozen trunk runs forward only; no head block and no vocabulary projection.
+        metrics["tokens"], metrics["flops"] = step_work(micro_batches, self.model_args, heads=0, scored_pairs=0,
+                                                        backward=False)
+        metrics["value_loss"] = float(all_reduce_sum(loss_total))
         return metrics
 
     def eval_due(self) -> bool:
@@ -218,12 +219,12 @@ class CriticRecipe:
         stats = ValueStats(device)
         for mb in eval_micro_batches(self.eval_index, self.tokenizer, max_seq_len=self.cfg.model.max_seq_len,
                                      n_future=self.n_future, micro_batch_size=self.cfg.training.micro_batch_size,
-                                     rank=self.dist.rank, world_size=self.dist.world_size):
+                                     rank=self.dist.rank, world_size=self.dist.world_size, device=device):
             # Fill-up rows (keep False) get an empty response mask: they count nowhere.
-            mask = (mb["mask"] * mb["keep"][:, None]).to(device)
+            mask = mb["mask"] * mb["keep"][:, None]
             with self.autocast:
-                values = self.model(mb["tokens"].to(device), with_values=True, with_heads=False).values
-            stats.add(values, mb["is_correct"].to(device).float(), mask)
+                values = self.model(mb["tokens"], with_values=True, with_heads=False).values
+            stats.add(values, mb["is_correct"].float(), mask)
         return stats.reduce(prefix="eval/")
 
     # ------------------------------------------------------------- checkpoint

@@ -35,19 +35,21 @@ from wmtp.config.sections import (
     TokenizerConfig,
     TrainingConfig,
 )
+from kernels.backend import accumulation_dtype
 from wmtp.constants import IGNORE_INDEX
 from wmtp.data.loader import GlobalBatchLoader
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import all_reduce_sum, barrier, destroy, init_distributed
-from wmtp.distributed.parallelize import parallelize
+from wmtp.distributed.load import load_weights
+from wmtp.distributed.parallelize import build_mesh, shard_frozen
 from wmtp.losses.normalization import valid_pair_counts
-from wmtp.models import load_mtp, save_mtp
+from wmtp.models import save_mtp
 from wmtp.models.reference import ReferenceModel
 from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
 from wmtp.training.lr_schedule import build_scheduler
 from wmtp.training.run import (build_optimizer, checkpoint_due, log_due, open_run, progress_bar, resume_latest,
-                               save_training_state, stop_step)
-from wmtp.training.step import clip_and_step, resolve_precision, step_line, throughput
+                               save_training_state, setup_policy, stop_step)
+from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
 from wmtp.weighting.rho1 import rho1_excess, rho1_select, rho1_selected_counts
 
 
@@ -76,18 +78,23 @@ class Rho1Recipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.dist = init_distributed(cfg.training.device)
+        mesh = build_mesh(self.dist, cfg.distributed.hsdp_replicas)
         torch.manual_seed(cfg.training.seed)
         param_dtype, self.autocast = resolve_precision(cfg.training.precision, self.dist)
 
         self.tokenizer = SentencePieceTokenizer(cfg.tokenizer.path)
-        # The reference is checked first: a tokenizer mismatch stops the run before any work.
-        self.reference = ReferenceModel(cfg.reference.path, kind=cfg.reference.kind, tokenizer=self.tokenizer,
-                                        device=self.dist.device)
-        model = load_mtp(cfg.model.path, device=self.dist.device, dtype=torch.float32,
-                         vocab_size=self.tokenizer.vocab_size, max_seq_len=cfg.model.max_seq_len)
-        self.n_future = model.n_future
-        self.model_args = model.args
-        self.model = parallelize(model, cfg.distributed, world_size=self.dist.world_size, param_dtype=param_dtype)
+        # The reference is checked first: a tokenizer mismatch stops the run before any work. Like
+        # the policy it is built on the meta device, sharded, and read by rank 0 alone.
+        self.reference = ReferenceModel(
+            cfg.reference.path, kind=cfg.reference.kind, tokenizer=self.tokenizer, device=self.dist.device,
+            shard=None if mesh is None else lambda model, blocks, methods: shard_frozen(model, blocks, methods,
+                                                                                         mesh=mesh),
+            fill=lambda model, read, buffers_from=None: load_weights(model, read, info=self.dist,
+                                                                     buffers_from=buffers_from))
+        self.model = setup_policy(cfg.model, cfg.distributed, self.dist, mesh=mesh,
+                                  vocab_size=self.tokenizer.vocab_size, param_dtype=param_dtype)
+        self.n_future = self.model.n_future
+        self.model_args = self.model.args
 
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
@@ -96,7 +103,8 @@ class Rho1Recipe:
         self.loader = GlobalBatchLoader(
             cfg.data, self.tokenizer, max_seq_len=cfg.model.max_seq_len, n_future=self.n_future,
             micro_batch_size=cfg.training.micro_batch_size, grad_accum_steps=cfg.training.grad_accum_steps,
-            rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps)
+            rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps,
+            device=self.dist.device)
 
         self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main)
         state = (resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
@@ -115,8 +123,8 @@ class Rho1Recipe:
             t0 = time.perf_counter()
             metrics = self.train_step(self.loader.next_step())
             self.step += 1
-            metrics.update(throughput(metrics.pop("tokens"), time.perf_counter() - t0, args=self.model_args,
-                                      seq_len=self.cfg.model.max_seq_len, device=self.dist.device))
+            metrics.update(throughput(metrics.pop("tokens"), metrics.pop("flops"), time.perf_counter() - t0,
+                                      device=self.dist.device))
             if log_due(self.step, cfg):
                 self.metrics.log(self.step, metrics)
                 if not bar.disable:
@@ -139,33 +147,35 @@ class Rho1Recipe:
         device, n, rho = self.dist.device, self.n_future, self.cfg.rho1
         # Denominators before any backward: valid pairs N_k and selected pairs sum_mb ceil(ρ N_k^mb).
         valid_counts = [valid_pair_counts(mb["targets"]) for mb in micro_batches]
+        local_valid = sum(valid_counts)
         selected = all_reduce_sum(sum(rho1_selected_counts(c, ratio=rho.ratio, select_head0=rho.select_head0)
-                                      for c in valid_counts).to(device))
-        n_valid = all_reduce_sum(sum(valid_counts).to(device))
+                                      for c in valid_counts))
+        n_valid = all_reduce_sum(local_valid.clone())
         inv = torch.where(selected > 0, 1.0 / (n * selected.clamp(min=1)), torch.zeros_like(selected))
         # sums per head: weighted loss, excess over valid pairs
-        head_loss = torch.zeros(n, dtype=torch.float64, device=device)
-        head_excess = torch.zeros(n, dtype=torch.float64, device=device)
-        tokens = 0
+        head_loss = torch.zeros(n, dtype=accumulation_dtype(device), device=device)
+        head_excess = torch.zeros_like(head_loss)
         for mb in micro_batches:
-            tok, targets = mb["tokens"].to(device), mb["targets"].to(device)
+            tok, targets = mb["tokens"], mb["targets"]
             valid = targets != IGNORE_INDEX
             ref_ce = self.reference.token_ce(tok)
             with self.autocast:
+                # CE first (reduction "none"): the selection depends on it; the backward recomputes the logits.
                 ce = self.model(tok, targets=targets).ce
             excess = rho1_excess(ce.detach(), ref_ce, valid)
             select = rho1_select(excess.reshape(-1, n), valid.reshape(-1, n), ratio=rho.ratio,
                                  select_head0=rho.select_head0).view_as(ce)
             per_pair = ce * select * inv.to(ce.dtype)
             (per_pair.sum() * self.dist.world_size).backward()
-            head_loss += per_pair.detach().sum(dim=(0, 1)).double()
-            head_excess += excess.double().sum(dim=(0, 1))
-            tokens += int(mb["lengths"].sum())
+            head_loss += per_pair.detach().sum(dim=(0, 1)).to(head_loss.dtype)
+            head_excess += excess.sum(dim=(0, 1)).to(head_excess.dtype)
         all_reduce_sum(head_loss)
         all_reduce_sum(head_excess)
         metrics = clip_and_step(self.model.parameters(), self.optimizer, self.scheduler,
                                 self.cfg.training.max_grad_norm)
-        metrics.update(loss=float(head_loss.sum()), tokens=tokens)
+        metrics["tokens"], metrics["flops"] = step_work(micro_batches, self.model_args, heads=n,
+                                                        scored_pairs=int(local_valid.sum()))
+        metrics["loss"] = float(head_loss.sum())
         for k in range(n):
             metrics[f"loss/head_{k}"] = float(head_loss[k] * n)
             metrics[f"selected/head_{k}"] = float(selected[k] / n_valid[k].clamp(min=1))

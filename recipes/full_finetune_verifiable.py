@@ -37,18 +37,18 @@ from wmtp.config.sections import (
     TokenizerConfig,
     TrainingConfig,
 )
+from kernels.backend import accumulation_dtype
 from wmtp.data.loader import GlobalBatchLoader
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import all_reduce_sum, barrier, destroy, init_distributed
-from wmtp.distributed.parallelize import parallelize
+from wmtp.distributed.parallelize import build_mesh
 from wmtp.losses.normalization import global_valid_pair_counts, head_mean_weights
-from wmtp.models import load_mtp, save_mtp
-from wmtp.models.checkpoint import load_value_head
+from wmtp.models import save_mtp
 from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
 from wmtp.training.lr_schedule import build_scheduler
 from wmtp.training.run import (build_optimizer, checkpoint_due, log_due, open_run, progress_bar, resume_latest,
-                               save_training_state, stop_step)
-from wmtp.training.step import clip_and_step, resolve_precision, step_line, throughput
+                               save_training_state, setup_policy, stop_step)
+from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
 from wmtp.weighting.critic import critic_targets, response_states, value_loss
 from wmtp.weighting.td import (AdvantageNormalizer, all_reduce_td_stats, empty_td_stats, merge_td_stats,
                                td_head_weights, td_stats, td_weights_with_stats)
@@ -83,19 +83,19 @@ class VerifiableRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         self.dist = init_distributed(cfg.training.device)
+        mesh = build_mesh(self.dist, cfg.distributed.hsdp_replicas)
         torch.manual_seed(cfg.training.seed)
         param_dtype, self.autocast = resolve_precision(cfg.training.precision, self.dist)
 
         self.tokenizer = SentencePieceTokenizer(cfg.tokenizer.path)
-        model = load_mtp(cfg.model.path, device=self.dist.device, dtype=torch.float32, value_head=True,
-                         vocab_size=self.tokenizer.vocab_size, max_seq_len=cfg.model.max_seq_len)
-        if cfg.critic.value_head:
-            load_value_head(model, cfg.critic.value_head)
-        elif self.dist.is_main:
+        if not cfg.critic.value_head and self.dist.is_main:
             print("[verifiable] no critic.value_head given: the value head starts at zero", flush=True)
-        self.n_future = model.n_future
-        self.model_args = model.args
-        self.model = parallelize(model, cfg.distributed, world_size=self.dist.world_size, param_dtype=param_dtype)
+        # Built on the meta device and sharded first; rank 0 alone reads the checkpoint and value head.
+        self.model = setup_policy(cfg.model, cfg.distributed, self.dist, mesh=mesh,
+                                  vocab_size=self.tokenizer.vocab_size, param_dtype=param_dtype,
+                                  value_head=True, value_head_path=cfg.critic.value_head)
+        self.n_future = self.model.n_future
+        self.model_args = self.model.args
         self.normalizer = AdvantageNormalizer(momentum=cfg.td.ema_momentum, device=self.dist.device)
 
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
@@ -105,7 +105,8 @@ class VerifiableRecipe:
         self.loader = GlobalBatchLoader(
             cfg.data, self.tokenizer, max_seq_len=cfg.model.max_seq_len, n_future=self.n_future,
             micro_batch_size=cfg.training.micro_batch_size, grad_accum_steps=cfg.training.grad_accum_steps,
-            rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps)
+            rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps,
+            device=self.dist.device)
 
         self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main)
         state = (resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
@@ -125,8 +126,8 @@ class VerifiableRecipe:
             t0 = time.perf_counter()
             metrics = self.train_step(self.loader.next_step())
             self.step += 1
-            metrics.update(throughput(metrics.pop("tokens"), time.perf_counter() - t0, args=self.model_args,
-                                      seq_len=self.cfg.model.max_seq_len, device=self.dist.device))
+            metrics.update(throughput(metrics.pop("tokens"), metrics.pop("flops"), time.perf_counter() - t0,
+                                      device=self.dist.device))
             if log_due(self.step, cfg):
                 self.metrics.log(self.step, metrics)
                 if not bar.disable:
@@ -148,37 +149,44 @@ class VerifiableRecipe:
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         device, n, td, crit = self.dist.device, self.n_future, self.cfg.td, self.cfg.critic
         value_lam = 1.0 if crit.target == "mc" else crit.lam
+        acc = accumulation_dtype(device)
         # Denominators before any backward: valid pairs per head and value states, global batch.
-        counts = global_valid_pair_counts([mb["targets"] for mb in micro_batches])
-        n_states = all_reduce_sum(sum(response_states(mb["mask"]).sum() for mb in micro_batches).double().to(device))
+        local_counts, counts = global_valid_pair_counts([mb["targets"] for mb in micro_batches])
+        n_states = all_reduce_sum(sum(response_states(mb["mask"]).sum() for mb in micro_batches).to(acc))
         # per head: weighted loss, unweighted CE, weight; then the value loss
-        head_sums = torch.zeros(3, n, dtype=torch.float64, device=device)
-        value_sum = torch.zeros((), dtype=torch.float64, device=device)
+        head_sums = torch.zeros(3, n, dtype=acc, device=device)
+        value_sum = torch.zeros((), dtype=acc, device=device)
         stats = empty_td_stats(device)
-        tokens = 0
         for mb in micro_batches:
-            tok, targets, mask = mb["tokens"].to(device), mb["targets"].to(device), mb["mask"].to(device)
-            rewards = mb["is_correct"].to(device).float()
-            with self.autocast:
-                out = self.model(tok, targets=targets, with_values=True)
-            weights = td_weights_with_stats(out.values.detach(), rewards, mask, beta=td.beta, w_min=td.w_min,
-                                            w_max=td.w_max, gamma=td.gamma, lam=td.lam,
-                                            normalizer=self.normalizer if td.normalize else None)
+            targets, mask = mb["targets"], mb["mask"]
+            rewards = mb["is_correct"].float()
             mean_w = head_mean_weights(targets, counts)  # valid / (n N_k)
-            head_w = td_head_weights(weights.weights, n)  # w_{t+1+k}
-            policy = out.ce * head_w * mean_w
+            step_td = {}
+
+            def pair_weights(values: torch.Tensor) -> torch.Tensor:
+                # Called by the model between the trunk and the heads' loss: TD weights from this
+                # forward's detached values, known before the loss (gradients in the forward, 6NHV).
+                step_td["td"] = td_weights_with_stats(
+                    values.detach(), rewards, mask, beta=td.beta, w_min=td.w_min, w_max=td.w_max, gamma=td.gamma,
+                    lam=td.lam, normalizer=self.normalizer if td.normalize else None)
+                step_td["head_w"] = td_head_weights(step_td["td"].weights, n)  # w_{t+1+k}
+                return step_td["head_w"] * mean_w
+
+            with self.autocast:
+                out = self.model(mb["tokens"], targets=targets, with_values=True, pair_weights=pair_weights,
+                                 reduction="sum")
             v_targets = critic_targets(out.values.detach(), rewards, mask, lam=value_lam)
             v_sum, _ = value_loss(out.values, v_targets, response_states(mask), kind=crit.loss,
                                   huber_delta=crit.huber_delta)
             v_loss = v_sum / n_states.clamp(min=1)
-            loss = policy.sum() + td.value_coef * v_loss
+            loss = out.loss + td.value_coef * v_loss
             # FSDP averages gradients over ranks; each rank holds a partial sum of one global loss.
             (loss * self.dist.world_size).backward()
-            head_sums += torch.stack([policy.detach().sum(dim=(0, 1)), (out.ce.detach() * mean_w).sum(dim=(0, 1)),
-                                      (head_w * mean_w).sum(dim=(0, 1))]).double()
-            value_sum += v_loss.detach().double()
-            stats = merge_td_stats(stats, weights.stats)
-            tokens += int(mb["lengths"].sum())
+            head_w = step_td["head_w"]
+            head_sums += torch.stack([(out.ce * head_w * mean_w).sum(dim=(0, 1)), (out.ce * mean_w).sum(dim=(0, 1)),
+                                      (head_w * mean_w).sum(dim=(0, 1))]).to(acc)
+            value_sum += v_loss.detach().to(acc)
+            stats = merge_td_stats(stats, step_td["td"].stats)
         all_reduce_sum(head_sums)
         all_reduce_sum(value_sum)
         all_reduce_td_stats(stats)
@@ -186,9 +194,11 @@ class VerifiableRecipe:
             self.normalizer.update(stats)
         metrics = clip_and_step(self.model.parameters(), self.optimizer, self.scheduler,
                                 self.cfg.training.max_grad_norm)
+        metrics["tokens"], metrics["flops"] = step_work(micro_batches, self.model_args, heads=n,
+                                                        scored_pairs=int(local_counts.sum()))
         policy_loss = float(head_sums[0].sum())
         metrics.update(loss=policy_loss + td.value_coef * float(value_sum), policy_loss=policy_loss,
-                       value_loss=float(value_sum), tokens=tokens, **td_stats(stats))
+                       value_loss=float(value_sum), **td_stats(stats))
         for k in range(n):
             # Each sum carries 1/(n N_k): times n it is head k's mean over its valid pairs.
             metrics[f"loss/head_{k}"] = float(head_sums[0, k] * n)

@@ -104,6 +104,13 @@ class DistributedConfig:
     """With activation_checkpointing = "every_n": checkpoint one block in this many."""
     compile: bool = False
     """torch.compile each transformer block."""
+    hsdp_replicas: int = 1
+    """HSDP: replicate the model over this many groups of ranks and shard it within each (set it to
+    the number of nodes: shards within a node, gradients all-reduced across nodes). 1: plain FSDP2
+    over all ranks."""
+    float8: bool = False
+    """float8 training (torchao, dynamic tensorwise scaling) of the transformer blocks' linears;
+    needs a GPU with compute capability >= 8.9 (H100) and stops at setup elsewhere."""
 
 
 @dataclasses.dataclass

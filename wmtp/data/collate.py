@@ -15,11 +15,12 @@ Example = tuple[list[int], list[int]]
 
 
 def encode_rows(tokenizer: SentencePieceTokenizer, rows: Sequence[Mapping[str, Any]]) -> list[Example]:
-    """`tokenize_row` for many rows with a single batched encode call."""
-    prompts = [format_prompt(r["instruction"], r.get("input") or "") for r in rows]
-    ids = tokenizer.encode_batch(prompts + [r["output"] for r in rows])
-    n = len(rows)
-    return [assemble(ids[i], ids[n + i], bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id) for i in range(n)]
+    """`tokenize_row` for many rows with two batched encode calls (prompts, then responses)."""
+    prompt_ids = tokenizer.encode_batch([format_prompt(r["instruction"], r.get("input") or "") for r in rows],
+                                        prefix=True)
+    response_ids = tokenizer.encode_batch([r["output"] for r in rows])
+    return [assemble(p, r, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+            for p, r in zip(prompt_ids, response_ids)]
 
 
 def collate(examples: Sequence[Example], *, pad_id: int, pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:

@@ -26,7 +26,8 @@ from wmtp.data.tokenizer import SentencePieceTokenizer
 
 logger = logging.getLogger(__name__)
 
-INDEX_FORMAT_VERSION = 1
+INDEX_FORMAT_VERSION = 2
+"""Bumped when token lengths change for the same file and tokenizer (2: prompts keep the dummy prefix)."""
 INDEX_SUFFIX = ".index.npy"
 META_SUFFIX = ".index.json"
 
@@ -155,8 +156,9 @@ class _ChunkBuilder:
 
     def finish(self) -> np.ndarray:
         encode = self.tokenizer.encode_batch
-        prompt_lengths = np.array([len(x) for x in encode(list(self.prompts), num_threads=self.num_threads)],
-                                  dtype=np.int64)
+        # As `tokenize_row` encodes them: prompts begin the sequence, outputs continue it.
+        prompt_lengths = np.array([len(x) for x in encode(list(self.prompts), prefix=True,
+                                                          num_threads=self.num_threads)], dtype=np.int64)
         output_lengths = np.array([len(x) for x in encode(self.outputs, num_threads=self.num_threads)],
                                   dtype=np.int64)
         lengths = 2 + prompt_lengths[np.array(self.prompt_slots, dtype=np.int64)] + output_lengths  # BOS, EOS

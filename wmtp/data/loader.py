@@ -3,6 +3,8 @@
 Every rank draws the same global batch of row ids from the sampler and keeps its own contiguous
 slice, so the global batch (and the loss) does not depend on the world size or on gradient
 accumulation; the sampler's state after a step is the whole data state of a checkpoint.
+Micro-batches come out on the training device: everything a recipe computes from them (counts
+that are all-reduced included) lives there too, as NCCL needs.
 """
 
 from __future__ import annotations
@@ -39,17 +41,25 @@ def load_index(path: str, tokenizer: SentencePieceTokenizer, *, rank: int) -> Ro
     return index if rank == 0 else load_or_build_index(path, tokenizer)
 
 
-def read_batch(index: RowIndex, ids, tokenizer: SentencePieceTokenizer, n_future: int) -> dict[str, torch.Tensor]:
-    """Rows `ids` of `index`, tokenised and collated, with MTP targets and the is_correct labels."""
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every tensor of a batch on `device` (from pinned memory on CUDA, so the copies overlap)."""
+    pin = device.type == "cuda"
+    return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
+
+
+def read_batch(index: RowIndex, ids, tokenizer: SentencePieceTokenizer, n_future: int,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """Rows `ids` of `index`, tokenised and collated, with MTP targets and the is_correct labels, on `device`."""
     rows = index.read_rows(ids)
     batch = collate(encode_rows(tokenizer, rows), pad_id=tokenizer.pad_id)
     batch["targets"] = mtp_targets(batch["labels"], n_future)
     batch["is_correct"] = torch.tensor([bool(r["is_correct"]) for r in rows])
-    return batch
+    return to_device(batch, device)
 
 
 def eval_micro_batches(index: RowIndex, tokenizer: SentencePieceTokenizer, *, max_seq_len: int, n_future: int,
-                       micro_batch_size: int, rank: int, world_size: int) -> Iterator[dict[str, torch.Tensor]]:
+                       micro_batch_size: int, rank: int, world_size: int,
+                       device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """Every row of `index` that fits `max_seq_len`, once across all ranks, in file order.
 
     Each rank yields the same number of micro-batches (sharded models run collectives in every
@@ -65,16 +75,17 @@ def eval_micro_batches(index: RowIndex, tokenizer: SentencePieceTokenizer, *, ma
     keep = np.arange(padded.size) < ids.size
     for start in range(0, padded.size, per_step):
         mine = slice(start + rank * micro_batch_size, start + (rank + 1) * micro_batch_size)
-        batch = read_batch(index, padded[mine], tokenizer, n_future)
-        batch["keep"] = torch.from_numpy(keep[mine])
+        batch = read_batch(index, padded[mine], tokenizer, n_future, device)
+        batch["keep"] = torch.from_numpy(keep[mine]).to(device)
         yield batch
 
 
 class GlobalBatchLoader:
     def __init__(self, cfg: DataConfig, tokenizer: SentencePieceTokenizer, *, max_seq_len: int, n_future: int,
                  micro_batch_size: int, grad_accum_steps: int, rank: int, world_size: int,
-                 total_steps: int) -> None:
+                 total_steps: int, device: torch.device) -> None:
         self.tokenizer = tokenizer
+        self.device = device
         self.n_future = n_future
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.rank, self.world_size = rank, world_size
@@ -90,7 +101,7 @@ class GlobalBatchLoader:
         return [self._batch(m) for m in micro]
 
     def _batch(self, ids) -> dict[str, torch.Tensor]:
-        return read_batch(self.index, ids, self.tokenizer, self.n_future)
+        return read_batch(self.index, ids, self.tokenizer, self.n_future, self.device)
 
     def counts(self) -> dict[str, int]:
         """Rows in the file's index, rows skipped by reason, rows excluded as too long."""

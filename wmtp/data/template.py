@@ -29,8 +29,11 @@ def assemble(prompt_ids: list[int], response_ids: list[int], *, bos_id: int,
 
 
 def tokenize_row(tokenizer: SentencePieceTokenizer, row: Mapping[str, Any]) -> tuple[list[int], list[int]]:
-    """Tokens and response mask of a processed row ({instruction, input, output, ...})."""
-    prompt_ids, response_ids = tokenizer.encode_batch(
-        [format_prompt(row["instruction"], row.get("input") or ""), row["output"]]
-    )
+    """Tokens and response mask of a processed row ({instruction, input, output, ...}).
+
+    The prompt begins the sequence (encoded with the model's dummy prefix, if any); the response
+    continues it (without one), so it decodes back to exactly row["output"].
+    """
+    prompt_ids = tokenizer.encode(format_prompt(row["instruction"], row.get("input") or ""), prefix=True)
+    response_ids = tokenizer.encode(row["output"])
     return assemble(prompt_ids, response_ids, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)

@@ -21,13 +21,22 @@ def resolve_tokenizer_file(path: str | Path) -> Path:
     return candidate
 
 
+SPACE_SYMBOL = "\u2581"
+"""sentencepiece's whitespace symbol "▁": spaces are encoded as it, so a literal one decodes as a space."""
+
+
 class SentencePieceTokenizer:
-    """Encode/decode with BOS/EOS/pad ids; `encode` never inserts a dummy-prefix space.
+    """Encode/decode with BOS/EOS/pad ids; text round-trips exactly.
 
     Meta's LLaMA tokenizer adds a dummy "▁" before every encoded string. The prompt and the
-    response are encoded separately (so that the response mask is exact), and a response that
-    follows "### Response:\\n" must not start with an extra space, so for such models text is
-    encoded after a newline sentinel whose tokens are then dropped (as torchtune does).
+    response are encoded separately (so that the response mask is exact), so every call says where
+    its text sits. ``prefix=True``: the text begins a sequence (the prompt); it is encoded with the
+    model's own normaliser, dummy prefix included, as sentencepiece encodes the text on its own.
+    ``prefix=False`` (the default): the text continues a sequence (the response, or anything
+    appended); it is encoded by a copy of the model without the dummy prefix, so it starts with no
+    extra space whatever its first characters. ``decode`` takes the flag of the encode call that
+    produced its first ids. Without a dummy prefix (the tiny tokenizer) the flag changes nothing.
+    A literal "▁" in the text is encoded as its UTF-8 byte pieces, so it does not read back as a space.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -35,9 +44,15 @@ class SentencePieceTokenizer:
         self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
         proto = sentencepiece_model_pb2.ModelProto()
         proto.ParseFromString(self.path.read_bytes())
-        self._dummy_prefix = proto.normalizer_spec.add_dummy_prefix
-        self._sentinel = "\n"
-        self._sentinel_ids = self._sp.encode(self._sentinel) if self._dummy_prefix else []
+        if proto.normalizer_spec.add_dummy_prefix:
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._sp_continue = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        else:
+            self._sp_continue = self._sp
+        # A literal "▁" is spelt with its UTF-8 byte pieces, which decode to "▁" itself; without
+        # byte fallback it is left to sentencepiece (and reads back as a space).
+        self._symbol_ids = ([self._sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_SYMBOL.encode()]
+                            if proto.trainer_spec.byte_fallback else [])
 
     @property
     def vocab_size(self) -> int:
@@ -60,26 +75,44 @@ class SentencePieceTokenizer:
     def pieces(self) -> list[str]:
         return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
 
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        return self.encode_batch([text], bos=bos, eos=eos)[0]
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, prefix: bool = False) -> list[int]:
+        """Ids of `text`; `prefix=True` for a prompt (begins a sequence), False for a response."""
+        return self.encode_batch([text], bos=bos, eos=eos, prefix=prefix)[0]
 
     def encode_batch(self, texts: Sequence[str], *, bos: bool = False, eos: bool = False,
-                     num_threads: int = -1) -> list[list[int]]:
-        """Encode many strings at once (sentencepiece's threaded batch path; -1: all cores)."""
-        if self._dummy_prefix:
-            ids = self._sp.encode([self._sentinel + t for t in texts], num_threads=num_threads)
-            cut = len(self._sentinel_ids)
-            ids = [x[cut:] for x in ids]
-        else:
-            ids = self._sp.encode(list(texts), num_threads=num_threads)
+                     prefix: bool = False, num_threads: int = -1) -> list[list[int]]:
+        """Encode many strings at once (sentencepiece's threaded batch path; -1: all cores).
+
+        `prefix=True` for prompts (each begins a sequence), False for responses (see the class).
+        """
+        ids = self._encode(list(texts), prefix=prefix, num_threads=num_threads)
         if bos or eos:
             head = [self.bos_id] if bos else []
             tail = [self.eos_id] if eos else []
             ids = [head + x + tail for x in ids]
         return ids
 
-    def decode(self, ids: Iterable[int]) -> str:
-        return self._sp.decode([int(i) for i in ids])
+    def decode(self, ids: Iterable[int], *, prefix: bool = False) -> str:
+        """Text of `ids`; `prefix=True` when they begin with a non-empty `prefix=True` encoding.
+
+        The model's own decoder drops one "▁" from the first non-control piece when the model has a
+        dummy prefix (that is the prefix); the copy without it drops nothing.
+        """
+        sp = self._sp if prefix else self._sp_continue
+        return sp.decode([int(i) for i in ids])
+
+    def _encode(self, texts: list[str], *, prefix: bool, num_threads: int) -> list[list[int]]:
+        first = self._sp if prefix else self._sp_continue
+        if not self._symbol_ids:
+            return first.encode(texts, num_threads=num_threads)
+        # Split at each literal "▁": the first part is where the text starts, the others continue it.
+        parts = [t.split(SPACE_SYMBOL) for t in texts]
+        heads = first.encode([p[0] for p in parts], num_threads=num_threads)
+        rest = iter(self._sp_continue.encode([s for p in parts for s in p[1:]], num_threads=num_threads))
+        for ids, p in zip(heads, parts):
+            for _ in p[1:]:
+                ids += self._symbol_ids + next(rest)
+        return heads
 
 
 def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, *, vocab_size: int = 512) -> Path:

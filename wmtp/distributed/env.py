@@ -1,4 +1,10 @@
-"""Process-group setup and the few collectives the recipes use (no-ops on a single process)."""
+"""Process-group setup and the few collectives the recipes use (no-ops without a process group).
+
+Under torchrun a recipe always joins the process group, even with one process, so FSDP2, its
+mixed precision and DCP run the same way on one GPU as on many. On CUDA the group has a gloo
+backend for CPU tensors beside NCCL ("cpu:gloo,cuda:nccl"): the recipes reduce tensors on the
+training device, and a host tensor that slips through costs a copy instead of crashing the run.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +15,22 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=30)
+"""How long a collective may wait for the slowest rank (e.g. rank 0 building a data index)."""
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+"""Variables torchrun (and any env:// launcher) sets for every worker."""
+
 
 @dataclasses.dataclass(frozen=True)
 class DistInfo:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int
+    """Processes on this node (torchrun's --nproc_per_node)."""
     device: torch.device
+    in_process_group: bool
+    """Launched by torchrun: FSDP2 and the collectives run, even with one process."""
 
     @property
     def is_main(self) -> bool:
@@ -23,7 +38,7 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.in_process_group
 
 
 def pick_device(kind: str, local_rank: int) -> torch.device:
@@ -37,22 +52,37 @@ def pick_device(kind: str, local_rank: int) -> torch.device:
     return torch.device(kind)
 
 
+def launched_by_torchrun() -> bool:
+    return all(name in os.environ for name in TORCHRUN_ENV)
+
+
+def process_group_backend(device: torch.device) -> str:
+    """NCCL for CUDA tensors with gloo for CPU ones on GPUs; gloo alone elsewhere."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
 def init_distributed(device_kind: str = "auto") -> DistInfo:
-    """Join the torchrun process group when launched by torchrun (NCCL on CUDA, gloo otherwise)."""
+    """Join the torchrun process group when launched by torchrun (whatever its size)."""
+    torchrun = launched_by_torchrun()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     device = pick_device(device_kind, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30),
+    if torchrun and not dist.is_initialized():
+        dist.init_process_group(backend=process_group_backend(device), timeout=PROCESS_GROUP_TIMEOUT,
                                 device_id=device if device.type == "cuda" else None)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size,
+                    device=device, in_process_group=dist.is_initialized())
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """In-place SUM over ranks (identity on one process)."""
-    if dist.is_available() and dist.is_initialized():
+    """In-place SUM over ranks (identity without a process group)."""
+    if _active():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -64,7 +94,7 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's tensor along dim 0 (all ranks pass the same shape)."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _active():
         return tensor
     parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, tensor.contiguous())
@@ -72,13 +102,13 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.barrier()
 
 
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s Python object on every rank."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if not _active():
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -86,5 +116,5 @@ def broadcast_object(obj, src: int = 0):
 
 
 def destroy() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.destroy_process_group()

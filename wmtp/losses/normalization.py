@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import torch
 
+from kernels.backend import accumulation_dtype
 from wmtp.constants import IGNORE_INDEX
 from wmtp.distributed.env import all_reduce_sum
 
 
 def valid_pair_counts(targets: torch.Tensor) -> torch.Tensor:
-    """Valid (t, k) pairs per head of one micro-batch: targets [B, T, n] -> [n] (float64)."""
-    return (targets != IGNORE_INDEX).sum(dim=(0, 1)).double()
+    """Valid (t, k) pairs per head of one micro-batch: targets [B, T, n] -> [n] (float64; float32 on
+    MPS), on the targets' device."""
+    return (targets != IGNORE_INDEX).sum(dim=(0, 1)).to(accumulation_dtype(targets.device))
 
 
-def global_valid_pair_counts(micro_targets: list[torch.Tensor]) -> torch.Tensor:
-    """N_k over the whole global batch (all micro-batches here, summed over ranks)."""
-    counts = sum(valid_pair_counts(t) for t in micro_targets)
-    return all_reduce_sum(counts)
+def global_valid_pair_counts(micro_targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(this rank's valid pairs per head, N_k over the whole global batch: all micro-batches, all ranks)."""
+    local = sum(valid_pair_counts(t) for t in micro_targets)
+    return local, all_reduce_sum(local.clone())
 
 
 def head_mean_weights(targets: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,42 @@ def check_state_dict(model: MTPTransformer, sd: Mapping[str, torch.Tensor], *, s
         raise ValueError(f"{source}: " + "; ".join(problems))
 
 
+def build_mtp(path: str | Path, *, vocab_size: int | None = None, value_head: bool = False,
+              max_seq_len: int | None = None) -> MTPTransformer:
+    """The model of a checkpoint folder (its params.json) on the meta device: no weights are read.
+
+    Parallelise it, materialise it on the training device, then fill it with `read_checkpoint`'s
+    tensors (the recipes do this with `wmtp.distributed.load.load_weights`: rank 0 reads).
+    """
+    folder = Path(path)
+    args = resolve_vocab_size(ModelArgs.load(folder), folder, vocab_size)
+    if max_seq_len is not None:
+        args.max_seq_len = max_seq_len
+    with torch.device("meta"):
+        return MTPTransformer(args, value_head=value_head)
+
+
+def read_checkpoint(path: str | Path, model: MTPTransformer, *,
+                    value_head_path: str | Path | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors for `model` (memory-mapped, as stored), checked against its keys and shapes.
+
+    A stored value head is dropped when the model has none. A model with a value head gets the one
+    in `value_head_path` (a critic run's value_head.safetensors) if given, else the stored one, else
+    zeros.
+    """
+    folder = Path(path)
+    sd = read_state_dict(folder)
+    if model.value_head is None:
+        sd.pop(VALUE_HEAD_KEY, None)
+    check_state_dict(model, sd, source=str(folder), optional=(VALUE_HEAD_KEY,))
+    if model.value_head is not None:
+        if value_head_path:
+            sd[VALUE_HEAD_KEY] = read_value_head(value_head_path, dim=model.args.dim)
+        elif VALUE_HEAD_KEY not in sd:
+            sd[VALUE_HEAD_KEY] = torch.zeros(1, model.args.dim)
+    return sd
+
+
 def load_mtp(path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
              vocab_size: int | None = None, value_head: bool | None = None,
              max_seq_len: int | None = None) -> MTPTransformer:
@@ -81,21 +117,10 @@ def load_mtp(path: str | Path, *, device: torch.device | str | None = None, dtyp
     (zero-initialised when the checkpoint has none); False ignores a stored one.
     """
     folder = Path(path)
-    args = resolve_vocab_size(ModelArgs.load(folder), folder, vocab_size)
-    if max_seq_len is not None:
-        args.max_seq_len = max_seq_len
-    sd = read_state_dict(folder)
-    has_vh = VALUE_HEAD_KEY in sd
-    build_vh = has_vh if value_head is None else value_head
-    if has_vh and not build_vh:
-        sd = {k: v for k, v in sd.items() if k != VALUE_HEAD_KEY}
-    with torch.device("meta"):
-        model = MTPTransformer(args, value_head=build_vh)
-    check_state_dict(model, sd, source=str(folder), optional=(VALUE_HEAD_KEY,))
-    if build_vh and not has_vh:
-        sd = {**sd, VALUE_HEAD_KEY: torch.zeros(1, args.dim)}
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.init_buffers("cpu")
+    model = build_mtp(folder, vocab_size=vocab_size, value_head=bool(value_head), max_seq_len=max_seq_len)
+    if value_head is None and VALUE_HEAD_KEY in read_state_dict(folder):
+        model = build_mtp(folder, vocab_size=vocab_size, value_head=True, max_seq_len=max_seq_len)
+    model.load_state_dict(read_checkpoint(folder, model), strict=True, assign=True)
     return model.to(device=device or "cpu", dtype=dtype)
 
 
@@ -120,14 +145,20 @@ def save_value_head(folder: str | Path, weight: torch.Tensor) -> Path:
     return folder / VALUE_HEAD_FILENAME
 
 
-def load_value_head(model: MTPTransformer, path: str | Path) -> None:
-    """Copy value_head.weight from a critic run's value_head.safetensors into the model's value head."""
+def read_value_head(path: str | Path, *, dim: int) -> torch.Tensor:
+    """value_head.weight [1, dim] from a critic run's value_head.safetensors, checked."""
     tensors = load_file(str(path))
     if set(tensors) != {VALUE_HEAD_KEY}:
         raise ValueError(f"{path}: expected exactly the key {VALUE_HEAD_KEY!r}, found {sorted(tensors)}")
     weight = tensors[VALUE_HEAD_KEY]
-    if model.value_head is None or weight.shape != model.value_head.weight.shape:
-        want = None if model.value_head is None else tuple(model.value_head.weight.shape)
-        raise ValueError(f"{path}: {VALUE_HEAD_KEY} has shape {tuple(weight.shape)}, the model needs {want}")
+    if weight.shape != (1, dim):
+        raise ValueError(f"{path}: {VALUE_HEAD_KEY} has shape {tuple(weight.shape)}, the model needs {(1, dim)}")
+    return weight
+
+
+def load_value_head(model: MTPTransformer, path: str | Path) -> None:
+    """Copy value_head.weight from a critic run's value_head.safetensors into an unsharded model."""
+    if model.value_head is None:
+        raise ValueError(f"{path}: the model has no value head to load it into")
     with torch.no_grad():
-        model.value_head.weight.copy_(weight)
+        model.value_head.weight.copy_(read_value_head(path, dim=model.args.dim))

@@ -9,13 +9,14 @@ chunked multi-head loss inside the forward (so that under FSDP the `output` weig
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from wmtp.constants import IGNORE_INDEX
-from wmtp.losses.mtp_ce import mtp_cross_entropy
+from wmtp.losses.mtp_ce import mtp_cross_entropy_with_ce
 from wmtp.models.args import ModelArgs
 
 
@@ -124,14 +125,25 @@ class TransformerBlock(nn.Module):
 
 @dataclasses.dataclass
 class MTPOutput:
-    """What one training forward returns; fields not asked for are None."""
+    """What one training forward returns; fields not asked for are None. Every tensor is a fresh
+    tensor, not a view of another, so a recipe may modify it in place (also under FSDP)."""
 
     hidden: torch.Tensor | None
     """[B, T, n_heads_used, dim]: each head's output after the shared norm."""
     ce: torch.Tensor | None
-    """[B, T, n_future]: per-pair cross-entropy (times pair_weights when given); 0 where ignored."""
+    """[B, T, n_future]: per-pair cross-entropy, 0 where ignored. reduction="none": times
+    pair_weights when given, differentiable. reduction="sum": unweighted and detached (for logs)."""
     values: torch.Tensor | None
     """[B, T]: value head on norm(h_trunk) (fp32)."""
+    loss: torch.Tensor | None = None
+    """reduction="sum": the scalar sum of pair_weights * CE, differentiable (gradients computed in
+    the forward)."""
+
+
+PairWeights = torch.Tensor | Callable[[torch.Tensor | None], torch.Tensor]
+"""Per-pair loss weights [B, T, n_future], or a function of this forward's values [B, T] (None
+without with_values) returning them: weights that depend on the values (the verifiable recipe's TD
+weights) are then known before the heads' loss, which can compute its gradients in the forward."""
 
 
 class MTPTransformer(nn.Module):
@@ -150,15 +162,17 @@ class MTPTransformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.value_head = nn.Linear(args.dim, 1, bias=False) if value_head else None
         self._caches: list[KVCache] | None = None
-        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
-        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
-        self.init_buffers()
+        # RoPE tables per device, fp32 whatever the parameters' dtype: kept out of the module's
+        # buffers so that `model.to(torch.bfloat16)`, FSDP and meta-device init never touch them.
+        self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def init_buffers(self, device: torch.device | str | None = None) -> None:
-        """(Re)build the RoPE tables, e.g. after `to_empty` from the meta device."""
-        device = device if device is not None else self.output.weight.device
-        cos, sin = rope_tables(self.args.head_dim, self.args.max_seq_len * 2, self.args.rope_theta, device)
-        self.rope_cos, self.rope_sin = cos, sin
+    def rope_tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos/sin [2 * max_seq_len, head_dim / 2] on `device` (computed once per device)."""
+        device = torch.device(device)
+        if device not in self._rope:
+            self._rope[device] = rope_tables(self.args.head_dim, self.args.max_seq_len * 2, self.args.rope_theta,
+                                             device)
+        return self._rope[device]
 
     @torch.no_grad()
     def init_weights(self, *, std: float = 0.02, generator: torch.Generator | None = None) -> None:
@@ -185,9 +199,10 @@ class MTPTransformer(nn.Module):
         """Trunk output and the un-normed outputs of the first `n_heads` heads."""
         seqlen = tokens.shape[1]
         pos = 0 if start_pos is None else start_pos
-        if pos + seqlen > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence of {pos + seqlen} tokens exceeds the RoPE table ({self.rope_cos.shape[0]})")
-        cos, sin = self.rope_cos[pos:pos + seqlen], self.rope_sin[pos:pos + seqlen]
+        cos, sin = self.rope_tables(tokens.device)
+        if pos + seqlen > cos.shape[0]:
+            raise ValueError(f"sequence of {pos + seqlen} tokens exceeds the RoPE table ({cos.shape[0]})")
+        cos, sin = cos[pos:pos + seqlen], sin[pos:pos + seqlen]
         caches = self._caches if start_pos is not None else None
         if start_pos is not None and caches is None:
             raise RuntimeError("start_pos given but no KV cache: call setup_kv_cache first")
@@ -201,33 +216,36 @@ class MTPTransformer(nn.Module):
         return h, outs
 
     def forward(self, tokens: torch.Tensor, *, targets: torch.Tensor | None = None,
-                pair_weights: torch.Tensor | None = None, with_values: bool = False,
-                with_heads: bool = True) -> MTPOutput:
+                pair_weights: PairWeights | None = None, reduction: Literal["none", "sum"] = "none",
+                with_values: bool = False, with_heads: bool = True) -> MTPOutput:
         """Training forward.
 
         tokens [B, T]; targets [B, T, n_future] (IGNORE_INDEX where invalid) computes the per-pair
-        CE with the chunked multi-head loss; pair_weights [B, T, n_future] multiply it.
+        CE with the chunked multi-head loss, weighted by pair_weights (a tensor, or a function of
+        the values, see `PairWeights`). reduction="none" returns the weighted per-pair CE (the
+        backward recomputes the logits: for weights that depend on this CE, as Rho-1's do);
+        "sum" returns their sum as `loss` with the gradients computed in the forward (one
+        vocabulary matmul fewer) and the unweighted CE for logging.
         with_heads=False runs the trunk only (critic training needs just the values).
         """
         h_trunk, outs = self._run(tokens, n_heads=self.n_future if with_heads else 0, start_pos=None)
         hidden = self.norm(torch.stack(outs, dim=2)) if outs else None
-        ce = None
+        values = self.values(h_trunk) if with_values else None
+        ce = loss = None
         if targets is not None:
             if hidden is None:
                 raise ValueError("targets given with with_heads=False")
-            bsz, seqlen, n, dim = hidden.shape
-            ce = mtp_cross_entropy(
-                hidden.reshape(bsz * seqlen, n, dim), self.output.weight, targets.reshape(bsz * seqlen, n),
-                None if pair_weights is None else pair_weights.reshape(bsz * seqlen, n),
-                ignore_index=IGNORE_INDEX, reduction="none",
-            ).view(bsz, seqlen, n)
-        values = self.values(h_trunk) if with_values else None
-        return MTPOutput(hidden=hidden, ce=ce, values=values)
+            weights = pair_weights(values) if callable(pair_weights) else pair_weights
+            out, unweighted = mtp_cross_entropy_with_ce(hidden, self.output.weight, targets, weights,
+                                                        ignore_index=IGNORE_INDEX, reduction=reduction)
+            ce, loss = (unweighted, out) if reduction == "sum" else (out, None)
+        return MTPOutput(hidden=hidden, ce=ce, values=values, loss=loss)
 
     def values(self, h_trunk: torch.Tensor) -> torch.Tensor:
         if self.value_head is None:
             raise RuntimeError("this model has no value head (build it with value_head=True)")
-        return self.value_head(self.norm(h_trunk)).squeeze(-1).float()
+        # A sum over the size-1 dim rather than a squeeze: exact, and a fresh fp32 tensor, not a view.
+        return self.value_head(self.norm(h_trunk)).sum(-1, dtype=torch.float32)
 
     @torch.no_grad()
     def logits(self, tokens: torch.Tensor, *, start_pos: int | None = None,

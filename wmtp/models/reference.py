@@ -2,18 +2,29 @@
 
 The reference scores x_j given x_<j (r_j, SPEC's reference CE). It runs in inference mode, in bf16
 on GPU, and its tokenizer must be the policy's: vocabulary size and every piece are compared.
+Like the policy it is built on the meta device, sharded by the caller's `shard` function (the
+recipe passes FSDP2's; model code never imports parallelism code) and filled by `fill` with the
+weights that rank 0 reads.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
+from torch import nn
 
 from wmtp.data.tokenizer import TOKENIZER_FILENAME, SentencePieceTokenizer
 from wmtp.models.args import PARAMS_FILENAME
-from wmtp.models.checkpoint import load_mtp
+from wmtp.models.checkpoint import build_mtp, read_checkpoint
 from wmtp.weighting.rho1 import reference_token_ce
+
+Shard = Callable[[nn.Module, list[nn.Module], tuple[str, ...]], None]
+"""shard(model, blocks, methods): parallelise a meta-device model whose repeated blocks are
+`blocks`; `methods` are entry points other than forward (they must gather parameters too)."""
+Fill = Callable[..., None]
+"""fill(model, read, buffers_from=None): materialise the model and load rank 0's `read()`."""
 
 
 def reference_pieces(folder: Path) -> list[str]:
@@ -37,9 +48,15 @@ def check_same_tokenizer(policy: SentencePieceTokenizer, ref_pieces: list[str], 
                              f"at id {i}: {b!r} vs {a!r}: Rho-1 needs identical tokenizers")
 
 
+def _hf_blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a Hugging Face causal LM (`model.model.layers` for Llama-like ones)."""
+    layers = getattr(getattr(model, "base_model", model), "layers", None)
+    return list(layers) if isinstance(layers, nn.ModuleList) else []
+
+
 class ReferenceModel:
-    def __init__(self, path: str | Path, *, kind: str, tokenizer: SentencePieceTokenizer,
-                 device: torch.device) -> None:
+    def __init__(self, path: str | Path, *, kind: str, tokenizer: SentencePieceTokenizer, device: torch.device,
+                 shard: Shard | None, fill: Fill) -> None:
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"reference.path: no folder at {folder}")
@@ -49,16 +66,35 @@ class ReferenceModel:
         if kind == "mtp":
             pieces_dir = folder if (folder / TOKENIZER_FILENAME).is_file() else folder.parent
             check_same_tokenizer(tokenizer, reference_pieces(pieces_dir), source=str(pieces_dir))
-            self.model = load_mtp(folder, device=device, dtype=dtype, vocab_size=tokenizer.vocab_size)
+            model = build_mtp(folder, vocab_size=tokenizer.vocab_size).to(dtype).requires_grad_(False)
+            blocks, methods = [*model.layers, *model.extra_heads], ("logits",)
+            read, buffers_from = (lambda: read_checkpoint(folder, model)), None
         else:
             check_same_tokenizer(tokenizer, reference_pieces(folder), source=str(folder))
-            from transformers import AutoModelForCausalLM
+            from transformers import AutoConfig, AutoModelForCausalLM
 
-            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device)
+            with torch.device("meta"):
+                model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+            model.requires_grad_(False)
+            blocks, methods = _hf_blocks(model), ()
+            loaded: list[nn.Module] = []
+
+            def buffers_from() -> nn.Module:
+                # Rank 0 only: the one full read of the reference; its non-persistent buffers
+                # (RoPE frequencies) are broadcast too.
+                if not loaded:
+                    loaded.append(AutoModelForCausalLM.from_pretrained(folder, dtype=dtype))
+                return loaded[0]
+
+            def read() -> dict[str, torch.Tensor]:
+                return buffers_from().state_dict()
+        if shard is not None:
+            shard(model, blocks, methods)
+        fill(model, read, buffers_from=buffers_from)
         self.kind = kind
-        self.model.eval().requires_grad_(False)
+        self.model = model.eval()
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def token_ce(self, tokens: torch.Tensor) -> torch.Tensor:
         """r [B, T]: r_j = CE of x_j given x_<j (r_0 = 0), fp32."""
         if self.kind == "mtp":

@@ -8,16 +8,46 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
+from torch.distributed.device_mesh import DeviceMesh
 from tqdm import tqdm
 
 from wmtp.config.loader import config_to_dict, flatten, to_toml
-from wmtp.config.sections import OptimizerConfig, TrainingConfig
+from wmtp.config.sections import DistributedConfig, ModelConfig, OptimizerConfig, TrainingConfig
 from wmtp.data.loader import GlobalBatchLoader
+from wmtp.distributed.env import DistInfo
+from wmtp.distributed.load import load_weights
+from wmtp.distributed.parallelize import parallelize
+from wmtp.models import MTPTransformer
+from wmtp.models.checkpoint import build_mtp, read_checkpoint
 from wmtp.training.checkpointer import Checkpointer
 from wmtp.training.metrics import MetricLogger
+
+
+def setup_policy(model_cfg: ModelConfig, dist_cfg: DistributedConfig, info: DistInfo, *, mesh: DeviceMesh | None,
+                 vocab_size: int, param_dtype: torch.dtype | None, value_head: bool = False,
+                 value_head_path: str | None = None,
+                 trainable: Callable[[str], bool] | None = None) -> MTPTransformer:
+    """The policy: built on the meta device, parallelised (float8, AC, compile, FSDP2 over `mesh`),
+    materialised on the training device and filled with the checkpoint that rank 0 reads.
+
+    value_head_path: a critic run's value_head.safetensors for the value head. trainable: which
+    parameters (by name) train; the others are frozen before sharding.
+    """
+    model = build_mtp(model_cfg.path, vocab_size=vocab_size, value_head=value_head,
+                      max_seq_len=model_cfg.max_seq_len)
+    if trainable is not None:
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable(name))
+    model = parallelize(model, dist_cfg, mesh=mesh, device=info.device, param_dtype=param_dtype)
+    load_weights(model, lambda: read_checkpoint(model_cfg.path, model, value_head_path=value_head_path), info=info)
+    if info.is_main and info.in_process_group:
+        layout = (f"HSDP {mesh.shape[0]} replicas x {mesh.shape[1]} shards" if mesh is not None and mesh.ndim == 2
+                  else f"FSDP2 over {info.world_size} rank(s)")
+        print(f"[dist] {layout}, {info.device.type}; weights read by rank 0 and broadcast", flush=True)
+    return model
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.AdamW:

@@ -9,7 +9,7 @@ import torch
 
 from wmtp.distributed.env import DistInfo, full_tensor
 from wmtp.models.args import ModelArgs
-from wmtp.training.flops import flops_per_token, peak_flops
+from wmtp.training.flops import peak_flops, step_flops
 
 
 def resolve_precision(precision: str, dist: DistInfo) -> tuple[torch.dtype | None, contextlib.AbstractContextManager]:
@@ -39,14 +39,20 @@ def clip_and_step(params: Iterable[torch.nn.Parameter], optimizer: torch.optim.O
     return out
 
 
-def throughput(tokens: int, seconds: float, *, args: ModelArgs, seq_len: int, device: torch.device,
-               n_heads_used: int | None = None) -> dict[str, float]:
-    """tokens/s of this rank and, on GPUs with a known peak, MFU."""
-    tok_s = tokens / max(seconds, 1e-9)
-    out = {"tokens_per_s": tok_s, "step_time_s": seconds}
+def step_work(micro_batches: list[dict[str, torch.Tensor]], args: ModelArgs, *, heads: int, scored_pairs: int,
+              backward: bool = True) -> tuple[int, float]:
+    """(tokens, model FLOPs) of this rank's step; see `wmtp.training.flops.step_flops`."""
+    lengths = torch.cat([mb["lengths"] for mb in micro_batches]).tolist()
+    return sum(lengths), step_flops(args, lengths, heads=heads, scored_pairs=scored_pairs, backward=backward)
+
+
+def throughput(tokens: int, flops: float, seconds: float, *, device: torch.device) -> dict[str, float]:
+    """tokens/s and achieved TFLOP/s of this rank and, on GPUs with a known peak, MFU."""
+    seconds = max(seconds, 1e-9)
+    out = {"tokens_per_s": tokens / seconds, "step_time_s": seconds, "tflops_per_s": flops / seconds / 1e12}
     peak = peak_flops(device)
     if peak:
-        out["mfu"] = tok_s * flops_per_token(args, seq_len, n_heads_used=n_heads_used) / peak
+        out["mfu"] = flops / seconds / peak
     return out
 
 
