@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -100,20 +101,17 @@ def binary_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     if scores.dim() != 1 or labels.shape != scores.shape:
         raise ValueError(f"scores and labels must both be [N], got {tuple(scores.shape)} and "
                          f"{tuple(labels.shape)}")
-    s = scores.detach().double().cpu()
-    positive = labels.detach().cpu().double() > CORRECT_THRESHOLD
+    # Host-side numpy in float64: exact ranks whatever the device (MPS has no float64).
+    s = scores.detach().float().cpu().numpy().astype(np.float64)
+    positive = labels.detach().float().cpu().numpy() > CORRECT_THRESHOLD
     n_pos = int(positive.sum())
-    n_neg = positive.numel() - n_pos
+    n_neg = positive.size - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    sorted_scores, order = torch.sort(s)
-    _, group_sizes = torch.unique_consecutive(sorted_scores, return_counts=True)
+    _, group, group_sizes = np.unique(s, return_inverse=True, return_counts=True)
     # 1-based ranks: a group occupying ranks a..b gets (a + b) / 2 for each member.
-    group_ends = torch.cumsum(group_sizes, dim=0).double()
-    group_ranks = group_ends - (group_sizes.double() - 1.0) / 2.0
-    ranks = torch.empty_like(s)
-    ranks[order] = torch.repeat_interleave(group_ranks, group_sizes)
-    u = float(ranks[positive].sum()) - n_pos * (n_pos + 1) / 2.0
+    group_ranks = np.cumsum(group_sizes) - (group_sizes - 1.0) / 2.0
+    u = float(group_ranks[group][positive].sum()) - n_pos * (n_pos + 1) / 2.0
     return u / (n_pos * n_neg)
 
 
