@@ -56,6 +56,7 @@ def _derived(rows: list[Result]) -> dict[str, dict[str, float | None]]:
             "memory_vs_baseline": _ratio(r.peak_extra_bytes, base.peak_extra_bytes) if base else None,
             "time_vs_floor": _ratio(r.median_s, floor.median_s) if floor and r.role != "floor" else None,
             "tflops": r.flops / r.median_s / 1e12 if r.flops and r.median_s else None,
+            "gbps": r.bytes_moved / r.median_s / 1e9 if r.bytes_moved and r.median_s else None,
         }
     return out
 
@@ -88,7 +89,7 @@ def _note(r: Result) -> str:
 def _table_lines(name: str, rows: list[Result]) -> list[str]:
     derived = _derived(rows)
     base = next((r.case for r in rows if r.role == "baseline"), None)
-    header = ["case", "ran as", "median", "peak extra", "time/base", "mem/base", "time/floor", "TFLOP/s",
+    header = ["case", "ran as", "median", "peak extra", "time/base", "mem/base", "time/floor", "TFLOP/s", "GB/s",
               "max rel err", "note"]
     body = []
     for r in rows:
@@ -96,7 +97,8 @@ def _table_lines(name: str, rows: list[Result]) -> list[str]:
         err = max(r.errors.values()) if r.errors else None
         body.append([r.case, r.label, _fmt_time(r.median_s), _fmt_bytes(r.peak_extra_bytes),
                      _fmt_x(d["time_vs_baseline"]), _fmt_x(d["memory_vs_baseline"]), _fmt_x(d["time_vs_floor"]),
-                     "-" if d["tflops"] is None else f"{d['tflops']:.3g}", "-" if err is None else f"{err:.1e}",
+                     "-" if d["tflops"] is None else f"{d['tflops']:.3g}",
+                     "-" if d["gbps"] is None else f"{d['gbps']:.4g}", "-" if err is None else f"{err:.1e}",
                      _note(r)])
     # The note column is left unpadded: it may be long.
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header) - 1)]

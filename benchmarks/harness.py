@@ -140,6 +140,10 @@ class Case:
     """What actually ran (resolved backend, peer implementation), shown beside the case name."""
     flops: float | None = None
     """Floating-point operations of one call, for the achieved FLOP/s."""
+    bytes_moved: float | None = None
+    """Bytes one call must read and write at least (memory-bound kernels), for the achieved GB/s."""
+    prepare: Callable[[], None] | None = None
+    """Untimed, before every call: puts back what a call changes (e.g. a training step's weights)."""
 
 
 @dataclass
@@ -158,6 +162,7 @@ class Result:
     errors: dict[str, float] = field(default_factory=dict)
     tolerance: float | None = None
     flops: float | None = None
+    bytes_moved: float | None = None
     others_cpu_share: float | None = None
     """Share of the host's CPU time used by other processes while the case ran (CPU contention)."""
     role: str = ""
@@ -315,19 +320,23 @@ def worker_main(spec_path: str) -> None:
     except Unavailable as exc:
         out_path.write_text(json.dumps({"status": exc.status, "reason": str(exc)}))
         return
+    prepare = case.prepare or (lambda: None)
     for _ in range(settings.warmup):
+        prepare()
         case.run()
         sync(device)
     times: list[float] = []
     while len(times) < settings.repeats or (sum(times) < settings.min_time_s and len(times) < MAX_REPEATS):
+        prepare()
         times.append(time_call(case.run, device))
+    prepare()
     peak, outputs = measure_peak(case.run, device)
     errors = case.check(outputs) if case.check else {}
     wrong = any(not err <= case.tolerance for err in errors.values())  # NaN counts as wrong
     out_path.write_text(json.dumps({
         "status": "wrong" if wrong else "ok", "label": case.label, "times_s": times,
         "median_s": statistics.median(times), "peak_extra_bytes": peak, "errors": errors,
-        "tolerance": case.tolerance, "flops": case.flops}))
+        "tolerance": case.tolerance, "flops": case.flops, "bytes_moved": case.bytes_moved}))
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

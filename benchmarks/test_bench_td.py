@@ -104,7 +104,11 @@ def build_td(device: torch.device, settings: Settings, impl: str, lam: float, ba
         ref = td.td_weights_reference(values, rewards, mask, **kwargs)
         return {"weights": relative_error(out.weights, ref.weights), "stats": _stat_error(out.stats, ref.stats)}
 
-    return Case(run=lambda: fn(values, rewards, mask, **kwargs), check=check, tolerance=TOLERANCE, label=label)
+    # The least traffic: read values (fp32) and mask (bool), write the weights (fp32); rewards and the
+    # statistics are per row. Against the device's memory bandwidth this is the kernel's efficiency.
+    traffic = values.numel() * (values.element_size() + mask.element_size() + 4)
+    return Case(run=lambda: fn(values, rewards, mask, **kwargs), check=check, tolerance=TOLERANCE, label=label,
+                bytes_moved=traffic)
 
 
 @dataclass(frozen=True)

@@ -260,14 +260,20 @@ class _FusedSumMTPCE(torch.autograd.Function):
                                          scale=row_w if need_grad else None)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h_rows.dtype, weight.dtype)
+        ctx.backward_done = False
         ctx.mark_non_differentiable(ce)
         return (ce * row_w).sum(), ce
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor, _grad_ce: torch.Tensor):
+        # The saved gradients are scaled in place (a [V, D] and an [N, D] allocation fewer), so a
+        # second backward through the same graph (retain_graph=True) would be wrong: refuse it.
+        if ctx.backward_done:
+            raise RuntimeError("mtp_cross_entropy(reduction='sum') supports one backward per forward")
+        ctx.backward_done = True
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        return (grad_h.mul(grad_loss).to(h_dtype), grad_w.mul(grad_loss).to(w_dtype),
+        return (grad_h.mul_(grad_loss).to(h_dtype), grad_w.mul_(grad_loss).to(w_dtype),
                 None, None, None, None)
 
 

@@ -9,11 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 TEST_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 os.environ.update(TEST_ENV)
+
+
+def needs_cuda(test):
+    """A CUDA-only test: `pytest -m cuda` selects it; without a GPU it is skipped, saying so."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 def run_script(args: list[str], *, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:

@@ -130,3 +130,15 @@ def test_hsdp_replicas_must_divide_the_world_size(tiny, tmp_path):
                           capture_output=True, text=True, timeout=AGENT_TIMEOUT_S)
     assert proc.returncode != 0
     assert "distributed.hsdp_replicas (3) must be >= 1 and divide the world size (2)" in proc.stderr
+
+
+def test_the_process_group_has_a_cpu_backend_beside_nccl(monkeypatch):
+    from wmtp.distributed.env import launched_by_torchrun, process_group_backend
+
+    assert process_group_backend(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    assert process_group_backend(torch.device("cpu")) == "gloo"
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "0")
+    assert launched_by_torchrun()
+    monkeypatch.delenv("MASTER_PORT")
+    assert not launched_by_torchrun()

@@ -24,6 +24,7 @@ import kernels.fused_mtp_ce as fused  # noqa: E402
 import kernels.fused_mtp_ce_triton as fused_triton  # noqa: E402
 from kernels.fused_mtp_ce import chunked_mtp_ce  # noqa: E402
 from kernels.fused_mtp_ce_triton import RowBlocks, ce_rows, ce_rows_grad  # noqa: E402
+from tests.conftest import needs_cuda  # noqa: E402
 from wmtp.constants import IGNORE_INDEX  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -32,7 +33,6 @@ FP32_TOL = 1e-5
 BF16_TOL = 1e-2
 CHUNK_ROWS = 40
 """Several logits chunks per call, the last one partial."""
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 
 def reference_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

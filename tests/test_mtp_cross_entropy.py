@@ -115,3 +115,21 @@ def test_out_of_range_target_is_named(bad):
     targets[2, 0] = weight.shape[0] if bad == "vocab" else bad
     with pytest.raises(ValueError, match=rf"targets must lie in \[0, {weight.shape[0]}\)"):
         mtp_cross_entropy(hidden, weight, targets)
+
+
+def test_leading_dims_give_the_flat_result_and_fresh_tensors():
+    hidden, weight, targets, weights = make_inputs(n_rows=12)
+    flat = mtp_cross_entropy(hidden, weight, targets, weights)
+    shaped = mtp_cross_entropy(hidden.view(3, 4, 4, -1), weight, targets.view(3, 4, 4), weights.view(3, 4, 4))
+    assert shaped.shape == (3, 4, 4) and shaped._base is None
+    torch.testing.assert_close(shaped.reshape(12, 4), flat, rtol=0, atol=0)
+
+
+def test_sum_path_refuses_a_second_backward():
+    """Its backward scales the gradients computed in the forward in place: a second one would be wrong."""
+    hidden, weight, targets, _ = make_inputs()
+    h = hidden.clone().requires_grad_()
+    loss = mtp_cross_entropy(h, weight, targets, reduction="sum")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()

@@ -23,6 +23,7 @@ HAS_TRITON = importlib.util.find_spec("triton") is not None
 from kernels.td_weights import (N_STATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_COUNT, SCAN_CHUNK,  # noqa: E402
                                 _reverse_linear_scan, empty_td_stats, merge_td_stats, td_head_weights,
                                 td_weights_fused, td_weights_reference, td_weights_torch, td_weights_triton)
+from tests.conftest import needs_cuda  # noqa: E402
 from wmtp.weighting import td_weights  # noqa: E402
 from wmtp.weighting.td import AdvantageNormalizer, all_reduce_td_stats, td_stats, td_weights_with_stats  # noqa: E402
 
@@ -39,7 +40,6 @@ TILE = 16
 """A Triton tile size small enough that the random rows span several tiles (tests the carry)."""
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
-needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 IMPLS = {"reference": td_weights_reference, "torch": td_weights_torch, "triton": td_weights_triton}
 

@@ -47,9 +47,12 @@ def step_work(micro_batches: list[dict[str, torch.Tensor]], args: ModelArgs, *, 
 
 
 def throughput(tokens: int, flops: float, seconds: float, *, device: torch.device) -> dict[str, float]:
-    """tokens/s and achieved TFLOP/s of this rank and, on GPUs with a known peak, MFU."""
+    """tokens/s and achieved TFLOP/s of this rank; on CUDA also the peak memory so far and, on GPUs
+    with a known peak rate, MFU."""
     seconds = max(seconds, 1e-9)
     out = {"tokens_per_s": tokens / seconds, "step_time_s": seconds, "tflops_per_s": flops / seconds / 1e12}
+    if device.type == "cuda":
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     peak = peak_flops(device)
     if peak:
         out["mfu"] = flops / seconds / peak
