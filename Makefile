@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
+FLOAT8_STAMP := $(VENV)/.installed-float8
 
 .PHONY: install demo test bench clean
 
@@ -15,12 +16,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
+$(FLOAT8_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[float8]"
+	touch $(FLOAT8_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP)
+test: $(STAMP) $(FLOAT8_STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,7 @@ from sentencepiece import sentencepiece_model_pb2
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from harness import cpu_model  # noqa: E402
 from wmtp.models import ModelArgs, MTPTransformer  # noqa: E402
 
 VOCAB = 32000
@@ -65,11 +65,6 @@ def make_checkpoint(folder: Path, *, dim: int, layers: int, heads: int, seed: in
     return pth.stat().st_size
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def run_ranks(model: Path, tokenizer: Path, data: Path, out: Path, ranks: int) -> list[dict]:

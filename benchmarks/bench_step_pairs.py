@@ -45,7 +45,8 @@ def main() -> None:
           f"{args.rounds} interleaved rounds after one warm-up each")
     print("| recipe | recompute path (8NHV) | train_step (6NHV) | median ratio | tokens/s old -> new |")
     print("|---|---:|---:|---:|---:|")
-    for name, old_step in (("baseline", bench.recompute_baseline_step), ("verifiable", bench.recompute_verifiable_step)):
+    cases = (("baseline", bench.recompute_baseline_step), ("verifiable", bench.recompute_verifiable_step))
+    for name, old_step in cases:
         recipe, _, batch = bench.setup_recipe(device, name)
         weights = {k: v.clone() for k, v in recipe.model.state_dict().items()}
 
@@ -61,7 +62,8 @@ def main() -> None:
         pairs = [(timed(old), timed(new)) for _ in range(args.rounds)]
         t_old, t_new = (statistics.median(p[i] for p in pairs) for i in (0, 1))
         ratio = statistics.median(o / n for o, n in pairs)
-        print(f"| {name} | {t_old:.3f} s | {t_new:.3f} s | {ratio:.3f}x | {tokens / t_old:,.0f} -> {tokens / t_new:,.0f} |")
+        print(f"| {name} | {t_old:.3f} s | {t_new:.3f} s | {ratio:.3f}x | "
+              f"{tokens / t_old:,.0f} -> {tokens / t_new:,.0f} |")
 
 
 if __name__ == "__main__":

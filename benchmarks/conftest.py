@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from harness import BenchSession, Result, Settings
+from harness import BenchSession, Result, Settings, cpu_model
 
 OTHERS_BUSY_WARNING = 0.10
 """Flag a case when other processes used more than this share of the CPU while it ran."""
@@ -113,17 +113,9 @@ def _device_tag(settings: Settings) -> tuple[str, str]:
     if settings.device == "cuda":
         name = torch.cuda.get_device_name()
         return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name
-    return "cpu", _cpu_model()
+    return "cpu", cpu_model()
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _version(dist: str) -> str | None:
@@ -143,7 +135,7 @@ def _write_json(session: BenchSession, tables: dict[str, list[Result]]) -> Path:
         "date": now.isoformat(timespec="seconds"),
         "device": settings.device,
         "device_name": device_name,
-        "host": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "host": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                  "python": platform.python_version()},
         "versions": {dist: _version(dist) for dist in PEERS},
         "settings": {**vars(settings), "results_dir": str(settings.results_dir)},

@@ -26,6 +26,7 @@ import ctypes
 import gc
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -46,6 +47,17 @@ MAX_REPEATS = 100
 # glibc mallopt parameter number of M_MMAP_THRESHOLD (malloc.h).
 _M_MMAP_THRESHOLD = -3
 _MEASURE_MMAP_THRESHOLD = 64 * 1024
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), for the benchmark reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _env_int(name: str, default: int) -> int:

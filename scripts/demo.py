@@ -1,5 +1,6 @@
 """The tiny end-to-end demo: make the tiny artifacts, then baseline, critic -> verifiable and Rho-1
-on CPU, and a table comparing the runs.
+on CPU, a table of their final steps; then each run evaluated (pass@k) on the toy problem set,
+HumanEval's canonical solutions scored as a check of the harness, and one table comparing the runs.
 
     make demo        (or: python scripts/demo.py)
 
@@ -8,6 +9,7 @@ Everything lands under outputs/demo/ (rebuilt on every run) and artifacts/tiny/ 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -19,9 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from wmtp.eval.problems import load_humaneval  # noqa: E402
 from wmtp.training.metrics import read_metrics  # noqa: E402
 
-TINY = ROOT / "artifacts" / "tiny"
+TINY = ROOT / "artifacts" / "tiny_synthetic"
+"""The demo's tiny artifacts come from the generator (whatever data is beside the checkout): the toy
+evaluation set is drawn from the same templates, so the tiny models can solve some of it."""
+TOY_EVAL = TINY / "data" / "toy_eval.json"
+HUMANEVAL = ROOT.parent / "shared" / "data" / "HumanEval.jsonl.gz"
 OUT = ROOT / "outputs" / "demo"
 N_HEADS = 4
 TRACKING_URI = f"sqlite:///{OUT / 'mlflow.db'}"
@@ -38,6 +45,8 @@ def run(args: list[str]) -> None:
 def recipe(name: str, config: str, *extra: str) -> Path:
     out = OUT / name
     run([f"recipes/full_finetune_{name}.py", "--config", f"configs/{config}", "--training.output_dir", str(out),
+         "--model.path", str(TINY / "mtp_model"), "--tokenizer.path", str(TINY / "tokenizer.model"),
+         "--data.train_path", str(TINY / "data" / "train.jsonl"),
          "--metrics.experiment", "wmtp-demo", "--metrics.tracking_uri", TRACKING_URI, *extra])
     return out
 
@@ -47,13 +56,34 @@ def fmt(value: float | None, width: int = 8) -> str:
         else f"{value:>{width}.4f}"
 
 
+def evaluate(runs: dict[str, Path]) -> None:
+    """Each run's end state on the toy problem set (the critic's policy is the base model), and
+    HumanEval's canonical solutions through the harness where the data is beside the checkout."""
+    n_toy = len(json.loads(TOY_EVAL.read_text()))
+    for out in runs.values():
+        run(["recipes/evaluate.py", "--config", "configs/eval_mbpp_tiny.toml", "--model.path", str(out),
+             "--eval.problems", str(TOY_EVAL), "--eval.task_ids", f"[1, {n_toy}]",
+             "--eval.output_dir", str(out / "eval" / "toy"), "--metrics.experiment", "wmtp-demo",
+             "--metrics.tracking_uri", TRACKING_URI])
+    if HUMANEVAL.is_file():
+        canonical = OUT / "humaneval_canonical.jsonl"
+        canonical.write_text("".join(json.dumps({"task_id": p.task_id, "completion": p.reference}) + "\n"
+                                     for p in load_humaneval(HUMANEVAL)))
+        run(["recipes/evaluate.py", "--config", "configs/eval_humaneval_tiny.toml", "--eval.problems", str(HUMANEVAL),
+             "--eval.template", "raw", "--eval.samples", str(canonical), "--eval.n_samples", "1", "--eval.ks", "[1]",
+             "--eval.output_dir", str(OUT / "humaneval_canonical"), "--metrics.experiment", "wmtp-demo",
+             "--metrics.tracking_uri", TRACKING_URI])
+    else:
+        print(f"[demo] no {HUMANEVAL}: the HumanEval harness check is skipped")
+
+
 def main() -> None:
     t0 = time.perf_counter()
-    run(["scripts/make_tiny.py", "--out", str(TINY)])
+    run(["scripts/make_tiny.py", "--out", str(TINY), "--source", "synthetic"])
     shutil.rmtree(OUT, ignore_errors=True)
     runs = {
         "baseline": recipe("baseline", "baseline_tiny.toml"),
-        "critic": recipe("critic", "critic_tiny.toml"),
+        "critic": recipe("critic", "critic_tiny.toml", "--critic.eval_path", str(TINY / "data" / "valid.jsonl")),
     }
     runs["verifiable"] = recipe("verifiable", "verifiable_tiny.toml",
                                 "--critic.value_head", str(runs["critic"] / "final" / "value_head.safetensors"))
@@ -82,6 +112,10 @@ def main() -> None:
         else:
             note = "  every valid pair, weight 1"
         print(f"{name:<11}{last['step']:>6}{fmt(last['loss'], 9)}{heads}{note}")
+
+    evaluate(runs)
+    print("\n=== the runs side by side: final losses, pass@k on the toy problem set ===", flush=True)
+    run(["scripts/compare_runs.py", *map(str, runs.values())])
 
     print("\nrun folders:     " + ", ".join(str(p) for p in runs.values()))
     print("final models:    <run>/final (params.json + model.safetensors + tokenizer.model; "

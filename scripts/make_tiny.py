@@ -6,6 +6,8 @@ DIR/tokenizer.model          sentencepiece (byte fallback, identity normalisatio
 DIR/mtp_model/               Meta format: params.json (vocab_size -1) + consolidated.00.pth
 DIR/reference/               a tiny Hugging Face LlamaForCausalLM on the same tokenizer (Rho-1)
 DIR/data/{train,valid}.jsonl processed rows with correct and incorrect solutions and difficulties
+DIR/data/toy_eval.json       a toy evaluation set in MBPP's format (task ids 1..N) from the synthetic
+                             templates, problems a tiny model trained on these rows can partly solve
 
 Data comes from MBPP (shared/data/mbpp_*.json) when present, with incorrect solutions made by
 mutating correct ones and checking that they fail the problem's tests; otherwise from a generator.
@@ -23,7 +25,7 @@ import torch
 
 from wmtp.atomic import atomic_directory
 from wmtp.data.mbpp import mbpp_rows
-from wmtp.data.synthetic import synthetic_rows
+from wmtp.data.synthetic import synthetic_problems, synthetic_rows
 from wmtp.data.template import format_prompt
 from wmtp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from wmtp.models import ModelArgs, MTPTransformer
@@ -32,6 +34,9 @@ DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TINY_MODEL = dict(dim=64, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=-1, multiple_of=32,
                   norm_eps=1e-5, rope_theta=10000.0, n_future_tokens=4)
 TINY_VOCAB = 1024
+TOY_EVAL_PROBLEMS = 40
+TOY_EVAL_SEED_OFFSET = 2
+"""The toy evaluation set's seed is the data seed plus this (the validation rows use plus 1)."""
 
 
 def build_rows(source: str, shared: Path, max_problems: int | None, seed: int) -> tuple[list, list, str]:
@@ -97,6 +102,8 @@ def main() -> None:
     with atomic_directory(args.out, overwrite=True) as tmp:
         write_jsonl(tmp / "data" / "train.jsonl", train)
         write_jsonl(tmp / "data" / "valid.jsonl", valid)
+        toy = synthetic_problems(TOY_EVAL_PROBLEMS, seed=args.seed + TOY_EVAL_SEED_OFFSET)
+        (tmp / "data" / "toy_eval.json").write_text(json.dumps(toy, indent=1) + "\n")
         corpus = [format_prompt(r["instruction"], r["input"]) + r["output"] for r in train]
         tokenizer = SentencePieceTokenizer(train_sentencepiece(corpus, tmp, vocab_size=TINY_VOCAB))
         make_mtp_model(tmp / "mtp_model", tokenizer.vocab_size, args.seed)

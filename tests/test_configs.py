@@ -11,7 +11,8 @@ from tests.conftest import ROOT, load_recipe
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_config_dry_run(path, capsys):
-    recipe = load_recipe(f"full_finetune_{path.stem.split('_', 1)[0]}")  # <recipe>_<target>.toml
+    name = path.stem.split("_", 1)[0]  # <recipe>_<target>.toml; eval_* belong to recipes/evaluate.py
+    recipe = load_recipe("evaluate" if name == "eval" else f"full_finetune_{name}")
     with pytest.raises(SystemExit) as done:
         recipe.main(["--config", str(path), "--dry-run"])
     assert done.value.code == 0

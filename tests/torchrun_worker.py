@@ -1,4 +1,6 @@
-"""Run recipes inside one torchrun worker, as the distributed tests need: `torchrun ... tests/torchrun_worker.py SPEC.json`.
+"""Run recipes inside one torchrun worker, as the distributed tests need.
+
+    torchrun ... tests/torchrun_worker.py SPEC.json
 
 SPEC: {"guard": bool, "out": folder, "runs": [{"recipe": "full_finetune_baseline", "argv": [...],
 "check_load": bool}, ...], "probe_checkpoint": folder or absent}. With "guard", `tests/device_guard.py`
@@ -38,8 +40,8 @@ def single_process_state(cfg) -> dict[str, torch.Tensor]:
     from wmtp.models.checkpoint import load_value_head
 
     critic = getattr(cfg, "critic", None)
-    model = load_mtp(cfg.model.path, dtype=torch.float32, vocab_size=SentencePieceTokenizer(cfg.tokenizer.path).vocab_size,
-                     value_head=critic is not None)
+    vocab = SentencePieceTokenizer(cfg.tokenizer.path).vocab_size
+    model = load_mtp(cfg.model.path, dtype=torch.float32, vocab_size=vocab, value_head=critic is not None)
     if critic is not None and critic.value_head:
         load_value_head(model, critic.value_head)
     return model.state_dict()

@@ -20,7 +20,8 @@ class ModelConfig:
 @dataclasses.dataclass
 class TokenizerConfig:
     path: str = ""
-    """tokenizer.model (sentencepiece) or a folder containing it."""
+    """tokenizer.model (sentencepiece) or a folder containing it. Evaluation: empty takes the one in
+    (or beside) the model folder, or the training run's."""
 
 
 @dataclasses.dataclass
@@ -181,3 +182,60 @@ class ReferenceConfig:
     """Reference model: a Hugging Face causal LM folder, or a Meta-format MTP folder (head 0 is used)."""
     kind: Literal["auto", "hf", "mtp"] = "auto"
     """auto: MTP when the folder has params.json, Hugging Face otherwise."""
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    dataset: Literal["humaneval", "mbpp"] = "humaneval"
+    """Benchmark: HumanEval (164 problems) or MBPP (its test split, task ids 11-510)."""
+    problems: str = ""
+    """Problem file: HumanEval.jsonl(.gz) (openai/human-eval) or MBPP's JSON / JSONL (google-research)."""
+    task_ids: list[int] = dataclasses.field(default_factory=lambda: [11, 510])
+    """MBPP: first and last task id evaluated (the test split is 11-510)."""
+    limit: int = 0
+    """Evaluate only the first this many problems (0: all)."""
+    template: Literal["alpaca", "raw"] = "alpaca"
+    """Prompt: the training template (models fine-tuned by these recipes) or the benchmark's own
+    prompt (base models)."""
+    n_samples: int = 1
+    """Completions per problem: the n of pass@k."""
+    ks: list[int] = dataclasses.field(default_factory=lambda: [1])
+    """Report pass@k for each of these k (each at most n_samples)."""
+    temperature: float = 0.0
+    """0: greedy decoding; above 0: sampling at this temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling: sample from the smallest set of tokens holding this much probability."""
+    max_new_tokens: int = 512
+    """Longest completion (tokens)."""
+    batch_size: int = 16
+    """Prompts per generation batch (per rank)."""
+    seed: int = 0
+    """Seed of the sampling: batch b draws from seed + b, so a run repeats exactly."""
+    speculative: bool = False
+    """Greedy self-speculative decoding with the MTP heads (same tokens, fewer forwards)."""
+    samples: str = ""
+    """Score-only mode: execute and score this JSONL of {task_id, completion} (human-eval's format)
+    instead of generating; no model is loaded."""
+    timeout_s: float = 10.0
+    """Wall-clock limit of one program's run."""
+    memory_mb: int = 2048
+    """Address-space limit of one program's run."""
+    workers: int = 0
+    """Programs run at once on each rank (0: the CPUs of this node shared by its ranks)."""
+    output_dir: str = "outputs/eval"
+    """Folder for samples.jsonl, results.json, the resolved config and the embedded MLflow store."""
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    """auto: CUDA if available, else MPS, else CPU."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 weights on CUDA, fp32 elsewhere."""
+
+    def __post_init__(self) -> None:
+        if self.n_samples < 1:
+            raise ValueError(f"eval.n_samples must be >= 1, got {self.n_samples}")
+        bad = [k for k in self.ks if not 1 <= k <= self.n_samples]
+        if bad:
+            raise ValueError(f"eval.ks {bad}: each k must lie in [1, eval.n_samples = {self.n_samples}]")
+        if self.speculative and self.temperature > 0:
+            raise ValueError("eval.speculative needs greedy decoding (eval.temperature = 0)")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError("eval.batch_size and eval.max_new_tokens must be >= 1")

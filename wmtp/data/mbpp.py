@@ -3,8 +3,8 @@
 MBPP has no difficulty label; ``metadata.difficulty`` is a proxy from the length of the reference
 solution in non-empty lines: 0 for <= 4 lines, 1 for <= 8, 2 above (train split: 41/36/23%).
 Incorrect rows are single-site mutants of the reference (``wmtp.data.mutate``) that fail the
-problem's tests in a subprocess; a mutant that times out is not kept, because a timeout on a busy
-machine does not prove the program wrong.
+problem's tests in the sandbox (``wmtp.eval.sandbox``); a mutant that times out is not kept,
+because a timeout on a busy machine does not prove the program wrong.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ import os
 import time
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
-from wmtp.data.code_exec import Outcome, build_program, execute_many
 from wmtp.data.mutate import mutants
 from wmtp.data.rows import make_row, tests_instruction
+from wmtp.eval.sandbox import run_programs
 
 SOURCE = "mbpp"
 DIFFICULTY_LINE_BOUNDS = (4, 8)
@@ -27,6 +27,12 @@ MUTANT_TIMEOUT_S = 1.0
 """Cap on a mutant's run: references finish in milliseconds and timed-out mutants are dropped anyway."""
 CANDIDATES_PER_INCORRECT = 8
 """Mutants generated per wanted incorrect row; some survive the tests or loop forever."""
+
+
+def build_program(code: str, tests: Sequence[str], setup_code: str = "") -> str:
+    """An MBPP-style test program: the solution, then the setup code (which may use the solution's
+    classes), then the asserts."""
+    return "\n\n".join([code, setup_code, "\n".join(tests)]) + "\n"
 
 
 def _normalise(text: str) -> str:
@@ -84,13 +90,13 @@ def mbpp_rows(json_path: str | os.PathLike[str], *, with_incorrect: bool,
 
     incorrect: list[list[str]] = [[] for _ in cases]
     if with_incorrect:
-        outcomes = execute_many([c.program(c.code) for c in cases], timeout_s=timeout_s, workers=workers)
-        for outcome in outcomes:
-            if outcome is Outcome.FAILED:
-                stats["skipped"]["reference_failed"] += 1
-            elif outcome is Outcome.TIMEOUT:
+        results = run_programs([c.program(c.code) for c in cases], timeout_s=timeout_s, workers=workers)
+        for result in results:
+            if result.status == "timeout":
                 stats["skipped"]["reference_timed_out"] += 1
-        cases = [c for c, o in zip(cases, outcomes) if o is Outcome.PASSED]
+            elif not result.passed:
+                stats["skipped"]["reference_failed"] += 1
+        cases = [c for c, r in zip(cases, results) if r.passed]
         incorrect = _failing_mutants(cases, incorrect_per_problem, seed, timeout_s, workers, stats)
         stats["problems_short_of_incorrect"] = sum(len(m) < incorrect_per_problem for m in incorrect)
 
@@ -122,13 +128,13 @@ def _failing_mutants(cases: list[_Problem], wanted: int, seed: int, timeout_s: f
                 batch.extend((i, m) for m in take)
         if not batch:
             return kept
-        outcomes = execute_many([cases[i].program(m) for i, m in batch],
-                                timeout_s=mutant_timeout_s, workers=workers)
+        results = run_programs([cases[i].program(m) for i, m in batch],
+                               timeout_s=mutant_timeout_s, workers=workers)
         stats["mutants_tested"] += len(batch)
-        for (i, mutant), outcome in zip(batch, outcomes):
-            if outcome is Outcome.PASSED:
+        for (i, mutant), result in zip(batch, results):
+            if result.passed:
                 stats["mutants_passed"] += 1
-            elif outcome is Outcome.TIMEOUT:
+            elif result.status == "timeout":
                 stats["mutants_timed_out"] += 1
             elif len(kept[i]) < wanted:
                 kept[i].append(mutant)

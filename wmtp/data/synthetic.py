@@ -181,3 +181,16 @@ def synthetic_rows(n_problems: int, *, seed: int) -> list[dict[str, Any]]:
         rows.append(make_row(output=t.correct, is_correct=True, **fields))
         rows.append(make_row(output=t.incorrect, is_correct=False, **fields))
     return rows
+
+
+def synthetic_problems(n_problems: int, *, seed: int) -> list[dict[str, Any]]:
+    """``n_problems`` problems in MBPP's JSON form (task_id 1..n, text, code, test_list, ...): a toy
+    evaluation set from the same templates as the training rows, so that a tiny model trained on
+    those can solve some of them (`recipes/evaluate.py` with dataset "mbpp")."""
+    rng = random.Random(seed)
+    problems = []
+    for i in range(1, n_problems + 1):
+        t = rng.choice(TEMPLATES)(rng)
+        problems.append({"task_id": i, "text": t.text, "code": t.correct, "test_list": _tests(t, rng),
+                         "test_setup_code": "", "challenge_test_list": []})
+    return problems

@@ -54,20 +54,47 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).type_as(x)
 
 
+def apply_rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`apply_rope` with per-token tables cos/sin [B, T, hd/2]: rows at their own positions.
+
+    The rows are laid end to end as one sequence of B*T tokens, so the rotation is `apply_rope`'s
+    own arithmetic.
+    """
+    return apply_rope(x.flatten(0, 1)[None], cos.flatten(0, 1), sin.flatten(0, 1)).view_as(x)
+
+
 @dataclasses.dataclass
 class KVCache:
-    """Keys/values of one block for incremental decoding: [B, n_kv_heads, max_len, head_dim]."""
+    """Keys/values of one block for incremental decoding: [B, n_kv_heads, max_len, head_dim].
+
+    Slot p of row b holds the key/value of that row's token at position p. Which slots are valid is
+    the caller's bookkeeping (the attention mask hides every slot after a query's position), so
+    rolling a row back is just writing its next tokens at an earlier position.
+    """
 
     k: torch.Tensor
     v: torch.Tensor
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = start_pos + k.shape[2]
+    def update(self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, end: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, n_kv_heads, T, head_dim] and return the slots [0, end) to attend over.
+
+        start_pos: an int (every row's tokens start there) or the positions [B, T] of each token.
+        """
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions; asked to write up to {end}")
-        self.k[:, :, start_pos:end] = k
-        self.v[:, :, start_pos:end] = v
+        if isinstance(start_pos, int):
+            self.k[:, :, start_pos:start_pos + k.shape[2]] = k
+            self.v[:, :, start_pos:start_pos + k.shape[2]] = v
+        else:
+            index = start_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+            self.k.scatter_(2, index, k)
+            self.v.scatter_(2, index, v)
         return self.k[:, :, :end], self.v[:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """A cache of these batch rows only (a copy)."""
+        return KVCache(self.k[rows], self.v[rows])
 
 
 class Attention(nn.Module):
@@ -80,20 +107,19 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, start_pos: int | torch.Tensor = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """start_pos/mask come from `MTPTransformer._cache_step` (cached inference); without a mask
+        attention is causal over this call's tokens (the training forward, or a cache filled from 0)."""
         bsz, seqlen, _ = x.shape
-        q = apply_rope(self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), cos, sin)
+        rope = apply_rope if cos.dim() == 2 else apply_rope_rows
+        q = rope(self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim), cos, sin)
+        k = rope(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        mask, causal = None, True
         if cache is not None:
-            k, v = cache.update(start_pos, k, v)
-            if start_pos > 0:
-                # Query i sits at absolute position start_pos + i and sees keys up to there.
-                rows = torch.arange(seqlen, device=x.device)[:, None] + start_pos
-                mask, causal = torch.arange(k.shape[2], device=x.device)[None, :] <= rows, False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+            k, v = cache.update(start_pos, k, v, end=seqlen if mask is None else mask.shape[-1])
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
@@ -118,8 +144,9 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)
+                cache: KVCache | None = None, start_pos: int | torch.Tensor = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -194,26 +221,63 @@ class MTPTransformer(nn.Module):
     def heads(self) -> list[TransformerBlock]:
         return [self.layers[-1], *self.extra_heads]
 
-    def _run(self, tokens: torch.Tensor, *, n_heads: int, start_pos: int | None
+    def _run(self, tokens: torch.Tensor, *, n_heads: int, start_pos: int | torch.Tensor | None
              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Trunk output and the un-normed outputs of the first `n_heads` heads."""
-        seqlen = tokens.shape[1]
-        pos = 0 if start_pos is None else start_pos
-        cos, sin = self.rope_tables(tokens.device)
-        if pos + seqlen > cos.shape[0]:
-            raise ValueError(f"sequence of {pos + seqlen} tokens exceeds the RoPE table ({cos.shape[0]})")
-        cos, sin = cos[pos:pos + seqlen], sin[pos:pos + seqlen]
-        caches = self._caches if start_pos is not None else None
-        if start_pos is not None and caches is None:
-            raise RuntimeError("start_pos given but no KV cache: call setup_kv_cache first")
+        """Trunk output and the un-normed outputs of the first `n_heads` heads.
+
+        start_pos None: the training forward (causal, no cache). Otherwise the tokens continue the
+        cached sequences, see `logits`.
+        """
+        if start_pos is None:
+            seqlen = tokens.shape[1]
+            cos, sin = self.rope_tables(tokens.device)
+            if seqlen > cos.shape[0]:
+                raise ValueError(f"sequence of {seqlen} tokens exceeds the RoPE table ({cos.shape[0]})")
+            caches, cos, sin, pos, mask = None, cos[:seqlen], sin[:seqlen], 0, None
+        else:
+            caches = self._caches
+            if caches is None:
+                raise RuntimeError("start_pos given but no KV cache: call setup_kv_cache first")
+            if len(self.trunk) + n_heads > len(caches):
+                raise ValueError(f"the KV cache covers {len(caches) - len(self.trunk)} heads; {n_heads} asked")
+            cos, sin, pos, mask = self._cache_step(tokens, start_pos)
         h = self.tok_embeddings(tokens)
         blocks = [*self.trunk, *self.heads]
         for i, layer in enumerate(self.trunk):
-            h = layer(h, cos, sin, caches[i] if caches else None, pos)
+            h = layer(h, cos, sin, caches[i] if caches else None, pos, mask)
         n_trunk = len(self.trunk)
-        outs = [blocks[n_trunk + j](h, cos, sin, caches[n_trunk + j] if caches else None, pos)
+        outs = [blocks[n_trunk + j](h, cos, sin, caches[n_trunk + j] if caches else None, pos, mask)
                 for j in range(n_heads)]
         return h, outs
+
+    def _cache_step(self, tokens: torch.Tensor, start_pos: int | torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor, torch.Tensor | None]:
+        """RoPE tables, write positions and attention mask of one cached forward, shared by every
+        block: (cos, sin, pos, mask). pos is start_pos itself (an int) or the positions [B, T] of
+        every token; mask [.., T, end] lets a query at position p see cache slots 0..p (None: a
+        forward from position 0, plain causal attention)."""
+        bsz, seqlen = tokens.shape
+        device = tokens.device
+        cos, sin = self.rope_tables(device)
+        if isinstance(start_pos, int):
+            end = start_pos + seqlen
+        elif start_pos.shape != (bsz,):
+            raise ValueError(f"start_pos must be an int or a tensor [{bsz}], got shape {tuple(start_pos.shape)}")
+        else:
+            end = int(start_pos.max()) + seqlen  # from a CPU tensor: no device synchronisation
+        if end > cos.shape[0]:
+            raise ValueError(f"sequence of {end} tokens exceeds the RoPE table ({cos.shape[0]})")
+        if isinstance(start_pos, int):
+            if start_pos == 0:
+                return cos[:seqlen], sin[:seqlen], 0, None
+            pos, positions = start_pos, torch.arange(start_pos, end, device=device)  # [T], shared
+        else:
+            # [B, T]: each row's RoPE positions, and the cache slots its keys/values go to.
+            pos = positions = start_pos.to(device=device, dtype=torch.long)[:, None] + torch.arange(
+                seqlen, device=device)
+        mask = torch.arange(end, device=device) <= positions[..., None]
+        # A shared mask is [T, end]; per-row ones [B, T, end] broadcast over heads as [B, 1, T, end].
+        return cos[positions], sin[positions], pos, mask if mask.dim() == 2 else mask[:, None]
 
     def forward(self, tokens: torch.Tensor, *, targets: torch.Tensor | None = None,
                 pair_weights: PairWeights | None = None, reduction: Literal["none", "sum"] = "none",
@@ -248,22 +312,37 @@ class MTPTransformer(nn.Module):
         return self.value_head(self.norm(h_trunk)).sum(-1, dtype=torch.float32)
 
     @torch.no_grad()
-    def logits(self, tokens: torch.Tensor, *, start_pos: int | None = None,
-               n_heads: int | None = None) -> torch.Tensor:
+    def logits(self, tokens: torch.Tensor, *, start_pos: int | torch.Tensor | None = None,
+               n_heads: int | None = None, token_index: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T, n_heads, V] fp32 logits of every head (inference helper; materialises logits).
 
-        With start_pos (after setup_kv_cache) the tokens continue the cached sequence.
+        With start_pos (after setup_kv_cache) the tokens continue the cached sequences: an int
+        (every row's tokens start at that position) or a tensor [B] of each row's start (ragged
+        rows; pass it on the CPU to spare a device synchronisation). token_index [B, K] keeps only
+        those tokens of each row before the output projection (e.g. each prompt's last token):
+        [B, K, n_heads, V].
         """
         _, outs = self._run(tokens, n_heads=self.n_future if n_heads is None else n_heads, start_pos=start_pos)
-        return self.output(self.norm(torch.stack(outs, dim=2))).float()
+        hidden = torch.stack(outs, dim=2)
+        if token_index is not None:
+            hidden = hidden.gather(1, token_index.to(hidden.device)[:, :, None, None].expand(
+                -1, -1, *hidden.shape[2:]))
+        return self.output(self.norm(hidden)).float()
 
-    def setup_kv_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None) -> None:
-        """Allocate a KV cache for every trunk and head block."""
+    def setup_kv_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
+                       n_heads: int | None = None) -> None:
+        """Allocate a KV cache for every trunk block and the first n_heads heads (default: all)."""
         weight = self.output.weight
         shape = (batch_size, self.args.kv_heads, max_len, self.args.head_dim)
         kw = dict(dtype=dtype or weight.dtype, device=weight.device)
-        self._caches = [KVCache(torch.zeros(shape, **kw), torch.zeros(shape, **kw))
-                        for _ in range(len(self.layers) + len(self.extra_heads))]
+        n_blocks = len(self.trunk) + (self.n_future if n_heads is None else n_heads)
+        self._caches = [KVCache(torch.zeros(shape, **kw), torch.zeros(shape, **kw)) for _ in range(n_blocks)]
+
+    def select_kv_cache_rows(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows of the KV cache, in this order (e.g. drop finished sequences)."""
+        if self._caches is None:
+            raise RuntimeError("no KV cache: call setup_kv_cache first")
+        self._caches = [cache.select(rows) for cache in self._caches]
 
     def clear_kv_cache(self) -> None:
         self._caches = None

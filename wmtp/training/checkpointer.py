@@ -61,7 +61,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         barrier()
         model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
-        with _single_process_quiet():
+        with dcp_quietly():
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         barrier()
         if self.is_main:
@@ -76,7 +76,7 @@ class Checkpointer:
         """Restore model and optimizer in place; return the trainer state (step, sampler, ...)."""
         model_sd, optim_sd = get_state_dict(model, optimizer, options=self.options)
         state = {"model": model_sd, "optim": optim_sd}
-        with _single_process_quiet():
+        with dcp_quietly():
             dcp.load(state, checkpoint_id=str(path))
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                        options=self.options)
@@ -88,7 +88,7 @@ class Checkpointer:
 
 
 @contextlib.contextmanager
-def _single_process_quiet() -> Iterator[None]:
+def dcp_quietly() -> Iterator[None]:
     """DCP warns on every save/load without a process group that it assumes one process: it is."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")

@@ -1,0 +1,90 @@
+"""The model an evaluation scores: a Meta folder, a `final/` export, or a training run folder.
+
+A run folder (it holds the training `config.toml`) is read at its end state: `final/` when the run
+finished, else the newest complete checkpoint in `checkpoints/`, whose model tensors (DCP) go onto
+the base model the run started from. A critic trains only its value head: its policy is the base
+model (its checkpoints hold just the value head; its final/ export is value_head.safetensors).
+Every rank holds the whole model (inference is replicated); rank 0 reads the weights and
+broadcasts them, as training does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+from wmtp.data.tokenizer import TOKENIZER_FILENAME, SentencePieceTokenizer
+from wmtp.distributed.env import DistInfo
+from wmtp.distributed.load import load_weights
+from wmtp.models import MTPTransformer
+from wmtp.models.args import PARAMS_FILENAME
+from wmtp.models.checkpoint import VALUE_HEAD_FILENAME, build_mtp, read_checkpoint
+from wmtp.training.checkpointer import Checkpointer, dcp_quietly
+
+RUN_CONFIG = "config.toml"
+FINAL = "final"
+DCP_MODEL_KEY = "model"
+"""The checkpointer saves {"model": ..., "optim": ...}; evaluation reads the model part."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySource:
+    """Where the weights come from and which tokenizer goes with them."""
+
+    weights: Path
+    """Folder with params.json and consolidated.*.pth or model.safetensors."""
+    tokenizer: Path
+    checkpoint: Path | None = None
+    """A training checkpoint (DCP) whose model tensors replace the weights' ones."""
+
+    def describe(self) -> str:
+        return str(self.checkpoint or self.weights)
+
+
+def _tokenizer_near(folder: Path) -> Path | None:
+    return next((p for p in (folder / TOKENIZER_FILENAME, folder.parent / TOKENIZER_FILENAME) if p.is_file()), None)
+
+
+def resolve_policy(path: str | Path, tokenizer: str | Path = "") -> PolicySource:
+    """What `model.path` names: a model folder, or a training run folder (its end state)."""
+    folder = Path(path)
+    if (folder / PARAMS_FILENAME).is_file():
+        found = Path(tokenizer) if tokenizer else _tokenizer_near(folder)
+        if found is None:
+            raise FileNotFoundError(f"model.path {folder}: no {TOKENIZER_FILENAME} in it or its parent; "
+                                    f"set tokenizer.path")
+        return PolicySource(weights=folder, tokenizer=found)
+    config = folder / RUN_CONFIG
+    if not config.is_file():
+        raise FileNotFoundError(f"model.path {folder}: neither a model folder ({PARAMS_FILENAME}) nor a training "
+                                f"run folder ({RUN_CONFIG})")
+    if (folder / FINAL / PARAMS_FILENAME).is_file():
+        return resolve_policy(folder / FINAL, tokenizer)
+    run = tomllib.loads(config.read_text())
+    base = PolicySource(weights=Path(run["model"]["path"]), tokenizer=Path(tokenizer or run["tokenizer"]["path"]))
+    steps = Checkpointer(folder, keep_last=0, is_main=True).complete_steps()
+    if steps:
+        return dataclasses.replace(base, checkpoint=folder / "checkpoints" / f"step_{steps[-1]:06d}")
+    if (folder / FINAL / VALUE_HEAD_FILENAME).is_file():
+        return base
+    raise FileNotFoundError(f"model.path {folder}: a run folder with neither {FINAL}/ nor a complete checkpoint")
+
+
+def load_policy(source: PolicySource, *, info: DistInfo, dtype: torch.dtype,
+                max_seq_len: int) -> tuple[MTPTransformer, SentencePieceTokenizer]:
+    """The policy on info.device in `dtype`, in eval mode, with its tokenizer."""
+    tokenizer = SentencePieceTokenizer(source.tokenizer)
+    model = build_mtp(source.weights, vocab_size=tokenizer.vocab_size, max_seq_len=max_seq_len)
+    load_weights(model, lambda: read_checkpoint(source.weights, model), info=info)
+    if source.checkpoint is not None:
+        state = {DCP_MODEL_KEY: model.state_dict()}
+        # Partial: the optimizer's tensors are not read, nor model tensors the checkpoint lacks.
+        with dcp_quietly():
+            dcp.load(state, checkpoint_id=str(source.checkpoint),
+                     planner=DefaultLoadPlanner(allow_partial_load=True))
+    return model.to(dtype).eval().requires_grad_(False), tokenizer
