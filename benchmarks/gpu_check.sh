@@ -115,7 +115,7 @@ recipes() {
     # The learning rates of the CPU tests' 20-step runs, whose losses fall.
     for name in baseline critic verifiable rho1; do
         case $name in
-            critic) extra=(--optimizer.lr 3e-2 --critic.eval_path "$tiny/data/valid.jsonl") ;;
+            critic) extra=(--optimizer.lr 3e-2 --validation.path "$tiny/data/valid.jsonl") ;;
             verifiable) extra=(--optimizer.lr 3e-3 --critic.value_head "$WORK/run_critic/final/value_head.safetensors") ;;
             rho1) extra=(--optimizer.lr 3e-3 --reference.path "$tiny/reference") ;;
             *) extra=(--optimizer.lr 3e-3) ;;

@@ -37,7 +37,7 @@ def main() -> None:
         result["bitwise_equal"] = (set(loaded) == set(reference)
                                    and all(torch.equal(loaded[k], reference[k]) for k in reference))
     (out / f"rank{result['rank']}.json").write_text(json.dumps(result))
-    recipe.cleanup()
+    recipe.cleanup(status="FINISHED")
 
 
 if __name__ == "__main__":

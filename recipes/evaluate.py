@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from wmtp.config.inputs import check_inputs_or_exit
 from wmtp.config.loader import config_to_dict, flatten, main_config, to_toml
 from wmtp.config.sections import EvalConfig, MetricsConfig, ModelConfig, TokenizerConfig
 from wmtp.distributed.env import barrier, destroy, init_distributed
@@ -42,7 +43,7 @@ from wmtp.eval.policy import load_policy, resolve_policy
 from wmtp.eval.problems import (MBPP, MBPP_TASK_PREFIX, Problem, build_prompt, completion_to_program, load_problems,
                                 stop_sequences, truncate_at_stop)
 from wmtp.eval.sandbox import run_programs, sandbox_protections
-from wmtp.training.metrics import MetricLogger
+from wmtp.training.metrics import FINISHED, MetricLogger, raise_on_sigterm, status_for
 
 EXEC_CHUNK = 64
 """Programs handed to the sandbox at once: the progress bar moves after each chunk."""
@@ -263,19 +264,24 @@ class EvaluateRecipe:
             print(f"| tokens/forward | {g['tokens_per_forward']:.2f} |")
         print(f"[eval] {self.out / RESULTS_FILE}", flush=True)
 
-    def cleanup(self) -> None:
-        self.metrics.close()
+    def cleanup(self, status: str) -> None:
+        self.metrics.close(status)
         destroy()
 
 
 def main(argv: list[str] | None = None) -> dict | None:
     cfg = main_config(EvaluateConfig, argv)
+    check_inputs_or_exit(cfg)
+    raise_on_sigterm()
     recipe = EvaluateRecipe(cfg)
     recipe.setup()
     try:
-        return recipe.evaluate()
-    finally:
-        recipe.cleanup()
+        results = recipe.evaluate()
+    except BaseException as exc:
+        recipe.cleanup(status_for(exc))
+        raise
+    recipe.cleanup(FINISHED)
+    return results
 
 
 if __name__ == "__main__":

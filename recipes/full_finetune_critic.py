@@ -5,7 +5,7 @@ Monte-Carlo G_t = R, or the lambda-return G_t = (1-λ) V_{t+1} + λ G_{t+1} (G_{
 response-predicting state; values detached). Loss: mean over response-predicting states (t with
 m_{t+1} = 1) of the whole global batch of (V_t - G_t)^2 (or Huber). Only the value head trains;
 its weights (final/value_head.safetensors) start the verifiable recipe. Logged per step on the
-training batch, and with critic.eval_path on every held-out row: mean V on correct vs incorrect
+training batch, and with [validation] on every held-out row: mean V on correct vs incorrect
 samples and the AUROC of the last-state value (how well V at the end separates the two).
 
     python recipes/full_finetune_critic.py --config configs/critic_tiny.toml
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from wmtp.config.inputs import check_inputs_or_exit
 from wmtp.config.loader import main_config
 from wmtp.config.sections import (
     CheckpointConfig,
@@ -30,21 +31,24 @@ from wmtp.config.sections import (
     MetricsConfig,
     ModelConfig,
     OptimizerConfig,
+    S3Config,
     TokenizerConfig,
     TrainingConfig,
+    ValidationConfig,
 )
 from kernels.backend import accumulation_dtype
-from wmtp.data.loader import GlobalBatchLoader, eval_micro_batches, load_index
-from wmtp.data.samplers import fits_max_seq_len
+from wmtp.data.loader import GlobalBatchLoader
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import all_gather_cat, all_reduce_sum, barrier, destroy, full_tensor, init_distributed
 from wmtp.distributed.parallelize import build_mesh
 from wmtp.models.checkpoint import VALUE_HEAD_KEY, save_value_head
 from wmtp.training.checkpointer import Checkpointer
 from wmtp.training.lr_schedule import build_scheduler
-from wmtp.training.run import (build_optimizer, checkpoint_due, log_due, open_run, progress_bar, resume_latest,
-                               save_training_state, setup_policy, stop_step)
+from wmtp.training.run import (build_optimizer, checkpoint_due, close_run, fetch_from_s3, log_due, open_run,
+                               open_s3, progress_bar, resume_latest, run_recipe, save_training_state, setup_policy,
+                               stop_step)
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
+from wmtp.training.validation import BEST_DIR, PREFIX, BestExport, HeadSums, Validation
 from wmtp.weighting.critic import binary_auroc, critic_targets, response_states, value_loss, value_stats
 
 
@@ -90,6 +94,8 @@ class CriticRecipeConfig:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     critic: CriticConfig = dataclasses.field(default_factory=CriticConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+    s3: S3Config = dataclasses.field(default_factory=S3Config)
 
 
 class CriticRecipe:
@@ -126,15 +132,16 @@ class CriticRecipe:
             micro_batch_size=cfg.training.micro_batch_size, grad_accum_steps=cfg.training.grad_accum_steps,
             rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps,
             device=self.dist.device)
-        self.eval_index = None
-        if cfg.critic.eval_path:
-            self.eval_index = load_index(cfg.critic.eval_path, self.tokenizer, rank=self.dist.rank)
-            if not fits_max_seq_len(self.eval_index, cfg.model.max_seq_len).any():
-                raise ValueError(f"critic.eval_path {cfg.critic.eval_path}: no row fits model.max_seq_len "
-                                 f"{cfg.model.max_seq_len}")
+        self.validation = Validation(cfg.validation, self.tokenizer, info=self.dist, max_seq_len=cfg.model.max_seq_len,
+                                     n_future=self.n_future, micro_batch_size=cfg.training.micro_batch_size,
+                                     max_steps=cfg.training.max_steps)
+        self.best = BestExport(cfg.checkpoint.keep_best, self.out)
 
         self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main,
                                          trainable_only=True)
+        self.s3 = open_s3(cfg.s3, self.out, self.dist)
+        if cfg.checkpoint.resume:
+            fetch_from_s3(self.s3, self.checkpointer, self.dist)
         state = (resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
                  if cfg.checkpoint.resume else None)
         if state is not None:
@@ -163,11 +170,12 @@ class CriticRecipe:
             bar.update(1)
             if checkpoint_due(self.step, cfg, self.cfg.checkpoint.save_every):
                 self.save_checkpoint()
-            if self.eval_due():
-                self.log_eval()
+            if self.validation.due(self.step):
+                self.log_validation()
         bar.close()
         if self.step >= cfg.max_steps and self.cfg.checkpoint.export_final:
-            self.export_final()
+            self.export(self.out / "final")
+            self.s3.upload_final(self.out / "final")
         # Ranks leave together: a barrier also waits for this rank's pending collectives, and a
         # process group torn down with work in flight can abort its process.
         barrier()
@@ -200,58 +208,58 @@ class CriticRecipe:
         metrics["value_loss"] = float(all_reduce_sum(loss_total))
         return metrics
 
-    def eval_due(self) -> bool:
-        every = self.cfg.critic.eval_every
-        return self.eval_index is not None and (self.step == self.cfg.training.max_steps
-                                                or (every > 0 and self.step % every == 0))
-
-    def log_eval(self) -> None:
-        metrics = self.evaluate()
-        self.metrics.log(self.step, metrics)
-        if self.dist.is_main:
-            keys = ["eval/value/correct", "eval/value/incorrect", "eval/auroc", "eval/rows"]
-            print(step_line("critic eval", self.step, self.cfg.training.max_steps, metrics, keys), flush=True)
-
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """The value head on every held-out row (critic.eval_path), each row once across ranks."""
-        device = self.dist.device
-        stats = ValueStats(device)
-        for mb in eval_micro_batches(self.eval_index, self.tokenizer, max_seq_len=self.cfg.model.max_seq_len,
-                                     n_future=self.n_future, micro_batch_size=self.cfg.training.micro_batch_size,
-                                     rank=self.dist.rank, world_size=self.dist.world_size, device=device):
-            # Fill-up rows (keep False) get an empty response mask: they count nowhere.
-            mask = mb["mask"] * mb["keep"][:, None]
+    def validate(self) -> dict[str, float]:
+        """The value head on every held-out row, each row once across ranks: the value loss, mean V on
+        correct vs incorrect rows and the AUROC of the last-state value."""
+        crit = self.cfg.critic
+        stats = ValueStats(self.dist.device)
+        loss = HeadSums(("sum", "states"), 1, self.dist.device)
+        for mb in self.validation.batches():
+            mask, rewards = mb["mask"], mb["is_correct"].float()
             with self.autocast:
                 values = self.model(mb["tokens"], with_values=True, with_heads=False).values
-            stats.add(values, mb["is_correct"].float(), mask)
-        return stats.reduce(prefix="eval/")
+            targets = critic_targets(values, rewards, mask, lam=1.0 if crit.target == "mc" else crit.lam)
+            v_sum, v_states = value_loss(values, targets, response_states(mask), kind=crit.loss,
+                                         huber_delta=crit.huber_delta)
+            loss.add(sum=v_sum.reshape(1), states=v_states.reshape(1))
+            stats.add(values, rewards, mask)
+        total = loss.reduce()
+        value = float(total["sum"][0] / total["states"][0].clamp(min=1))
+        return {**stats.reduce(prefix=PREFIX), f"{PREFIX}value_loss": value}
+
+    def log_validation(self) -> None:
+        metrics = self.validate()
+        self.metrics.log(self.step, metrics)
+        if self.dist.is_main:
+            keys = ["val/value_loss", "val/value/correct", "val/value/incorrect", "val/auroc", "val/rows"]
+            print(step_line("critic val", self.step, self.cfg.training.max_steps, metrics, keys), flush=True)
+        if self.best.improved(metrics):
+            self.export(self.out / BEST_DIR)
+            if self.dist.is_main:
+                self.best.record(self.step)
 
     # ------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> None:
-        save_training_state(self.checkpointer, self.step, self.model, self.optimizer, self.scheduler, self.loader)
+        save_training_state(self.checkpointer, self.step, self.model, self.optimizer, self.scheduler, self.loader,
+                            s3=self.s3, local_rank=self.dist.local_rank)
 
-    def export_final(self) -> None:
-        """output_dir/final/value_head.safetensors: the value head the verifiable recipe starts from."""
+    def export(self, folder: Path) -> None:
+        """`folder`/value_head.safetensors (final/ or best/): the value head the verifiable recipe starts from."""
         weight = full_tensor(self.model.value_head.weight)
         if self.dist.is_main:
-            path = save_value_head(self.out / "final", weight)
-            print(f"[export] {path}", flush=True)
+            print(f"[export] {save_value_head(folder, weight)}", flush=True)
 
-    def cleanup(self) -> None:
-        self.metrics.close()
+    def cleanup(self, status: str) -> None:
+        """Wait (bounded) for S3 uploads, draw report.png, end the MLflow run with `status`."""
+        close_run(self.metrics, self.s3, status=status, report=self.cfg.metrics.report, wait_s=self.cfg.s3.wait_s)
         destroy()
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = main_config(CriticRecipeConfig, argv)
-    recipe = CriticRecipe(cfg)
-    recipe.setup()
-    try:
-        recipe.train()
-    finally:
-        recipe.cleanup()
-
+    check_inputs_or_exit(cfg)
+    run_recipe(CriticRecipe(cfg))
 
 if __name__ == "__main__":
     main()

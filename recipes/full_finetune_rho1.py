@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from wmtp.config.inputs import check_inputs_or_exit
 from wmtp.config.loader import main_config
 from wmtp.config.sections import (
     CheckpointConfig,
@@ -30,10 +31,12 @@ from wmtp.config.sections import (
     MetricsConfig,
     ModelConfig,
     OptimizerConfig,
+    S3Config,
     ReferenceConfig,
     Rho1Config,
     TokenizerConfig,
     TrainingConfig,
+    ValidationConfig,
 )
 from kernels.backend import accumulation_dtype
 from wmtp.constants import IGNORE_INDEX
@@ -47,9 +50,11 @@ from wmtp.models import save_mtp
 from wmtp.models.reference import ReferenceModel
 from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
 from wmtp.training.lr_schedule import build_scheduler
-from wmtp.training.run import (build_optimizer, checkpoint_due, log_due, open_run, progress_bar, resume_latest,
-                               save_training_state, setup_policy, stop_step)
+from wmtp.training.run import (build_optimizer, checkpoint_due, close_run, fetch_from_s3, log_due, open_run,
+                               open_s3, progress_bar, resume_latest, run_recipe, save_training_state, setup_policy,
+                               stop_step)
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
+from wmtp.training.validation import BEST_DIR, BestExport, HeadSums, Validation, per_head_means, valid_pairs
 from wmtp.weighting.rho1 import rho1_excess, rho1_select, rho1_selected_counts
 
 
@@ -66,6 +71,8 @@ class Rho1RecipeConfig:
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     rho1: Rho1Config = dataclasses.field(default_factory=Rho1Config)
     reference: ReferenceConfig = dataclasses.field(default_factory=ReferenceConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+    s3: S3Config = dataclasses.field(default_factory=S3Config)
 
 
 class Rho1Recipe:
@@ -105,8 +112,15 @@ class Rho1Recipe:
             micro_batch_size=cfg.training.micro_batch_size, grad_accum_steps=cfg.training.grad_accum_steps,
             rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps,
             device=self.dist.device)
+        self.validation = Validation(cfg.validation, self.tokenizer, info=self.dist, max_seq_len=cfg.model.max_seq_len,
+                                     n_future=self.n_future, micro_batch_size=cfg.training.micro_batch_size,
+                                     max_steps=cfg.training.max_steps)
+        self.best = BestExport(cfg.checkpoint.keep_best, self.out)
 
         self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main)
+        self.s3 = open_s3(cfg.s3, self.out, self.dist)
+        if cfg.checkpoint.resume:
+            fetch_from_s3(self.s3, self.checkpointer, self.dist)
         state = (resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
                  if cfg.checkpoint.resume else None)
         if state is not None:
@@ -136,9 +150,12 @@ class Rho1Recipe:
             bar.update(1)
             if checkpoint_due(self.step, cfg, self.cfg.checkpoint.save_every):
                 self.save_checkpoint()
+            if self.validation.due(self.step):
+                self.log_validation()
         bar.close()
         if self.step >= cfg.max_steps and self.cfg.checkpoint.export_final:
-            self.export_final()
+            self.export(self.out / "final")
+            self.s3.upload_final(self.out / "final")
         # Ranks leave together: a barrier also waits for this rank's pending collectives, and a
         # process group torn down with work in flight can abort its process.
         barrier()
@@ -182,30 +199,61 @@ class Rho1Recipe:
             metrics[f"excess/head_{k}"] = float(head_excess[k] / n_valid[k].clamp(min=1))
         return metrics
 
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Held-out, each row once across ranks, selecting per micro-batch as training does: per head
+        the CE of the selected pairs (val/loss, the objective), the CE of all pairs, the mean excess
+        and the selected fraction."""
+        n, rho = self.n_future, self.cfg.rho1
+        sums = HeadSums(("selected_ce", "selected", "ce", "excess", "pairs"), n, self.dist.device)
+        for mb in self.validation.batches():
+            targets = mb["targets"]
+            valid = targets != IGNORE_INDEX
+            ref_ce = self.reference.token_ce(mb["tokens"])
+            with self.autocast:
+                ce = self.model(mb["tokens"], targets=targets).ce
+            excess = rho1_excess(ce, ref_ce, valid)
+            select = rho1_select(excess.reshape(-1, n), valid.reshape(-1, n), ratio=rho.ratio,
+                                 select_head0=rho.select_head0).view_as(ce)
+            sums.add(selected_ce=ce * select, selected=select, ce=ce, excess=excess, pairs=valid_pairs(targets))
+        s = sums.reduce()
+        return {**per_head_means(s["selected_ce"], s["selected"], "loss"), **per_head_means(s["ce"], s["pairs"], "ce"),
+                **per_head_means(s["excess"], s["pairs"], "excess"),
+                **per_head_means(s["selected"], s["pairs"], "selected")}
+
+    def log_validation(self) -> None:
+        metrics = self.validate()
+        self.metrics.log(self.step, metrics)
+        if self.dist.is_main:
+            keys = ["val/loss", *(f"val/loss/head_{k}" for k in range(self.n_future)),
+                    *(f"val/selected/head_{k}" for k in range(1, self.n_future))]
+            print(step_line("rho1 val", self.step, self.cfg.training.max_steps, metrics, keys), flush=True)
+        if self.best.improved(metrics):
+            self.export(self.out / BEST_DIR)
+            if self.dist.is_main:
+                self.best.record(self.step)
+
     # ------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> None:
-        save_training_state(self.checkpointer, self.step, self.model, self.optimizer, self.scheduler, self.loader)
+        save_training_state(self.checkpointer, self.step, self.model, self.optimizer, self.scheduler, self.loader,
+                            s3=self.s3, local_rank=self.dist.local_rank)
 
-    def export_final(self) -> None:
+    def export(self, folder: Path) -> None:
+        """params.json + model.safetensors (+ tokenizer.model) in `folder` (final/ or best/)."""
         sd = full_model_state_dict(self.model)
         if self.dist.is_main:
-            final = save_mtp(self.out / "final", self.model_args, sd, extra_files=(self.tokenizer.path,))
-            print(f"[export] {final}", flush=True)
+            print(f"[export] {save_mtp(folder, self.model_args, sd, extra_files=(self.tokenizer.path,))}", flush=True)
 
-    def cleanup(self) -> None:
-        self.metrics.close()
+    def cleanup(self, status: str) -> None:
+        """Wait (bounded) for S3 uploads, draw report.png, end the MLflow run with `status`."""
+        close_run(self.metrics, self.s3, status=status, report=self.cfg.metrics.report, wait_s=self.cfg.s3.wait_s)
         destroy()
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = main_config(Rho1RecipeConfig, argv)
-    recipe = Rho1Recipe(cfg)
-    recipe.setup()
-    try:
-        recipe.train()
-    finally:
-        recipe.cleanup()
-
+    check_inputs_or_exit(cfg)
+    run_recipe(Rho1Recipe(cfg))
 
 if __name__ == "__main__":
     main()

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from wmtp.config.inputs import check_inputs_or_exit
 from wmtp.config.loader import main_config
 from wmtp.config.sections import (
     CheckpointConfig,
@@ -33,9 +34,11 @@ from wmtp.config.sections import (
     MetricsConfig,
     ModelConfig,
     OptimizerConfig,
+    S3Config,
     TDConfig,
     TokenizerConfig,
     TrainingConfig,
+    ValidationConfig,
 )
 from kernels.backend import accumulation_dtype
 from wmtp.data.loader import GlobalBatchLoader
@@ -46,9 +49,11 @@ from wmtp.losses.normalization import global_valid_pair_counts, head_mean_weight
 from wmtp.models import save_mtp
 from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
 from wmtp.training.lr_schedule import build_scheduler
-from wmtp.training.run import (build_optimizer, checkpoint_due, log_due, open_run, progress_bar, resume_latest,
-                               save_training_state, setup_policy, stop_step)
+from wmtp.training.run import (build_optimizer, checkpoint_due, close_run, fetch_from_s3, log_due, open_run,
+                               open_s3, progress_bar, resume_latest, run_recipe, save_training_state, setup_policy,
+                               stop_step)
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
+from wmtp.training.validation import BEST_DIR, BestExport, HeadSums, Validation, per_head_means, valid_pairs
 from wmtp.weighting.critic import critic_targets, response_states, value_loss
 from wmtp.weighting.td import (AdvantageNormalizer, all_reduce_td_stats, empty_td_stats, merge_td_stats,
                                td_head_weights, td_stats, td_weights_with_stats)
@@ -71,6 +76,8 @@ class VerifiableRecipeConfig:
     metrics: MetricsConfig = dataclasses.field(default_factory=MetricsConfig)
     critic: CriticConfig = dataclasses.field(default_factory=CriticConfig)
     td: TDConfig = dataclasses.field(default_factory=TDConfig)
+    validation: ValidationConfig = dataclasses.field(default_factory=ValidationConfig)
+    s3: S3Config = dataclasses.field(default_factory=S3Config)
 
 
 class VerifiableRecipe:
@@ -107,8 +114,15 @@ class VerifiableRecipe:
             micro_batch_size=cfg.training.micro_batch_size, grad_accum_steps=cfg.training.grad_accum_steps,
             rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps,
             device=self.dist.device)
+        self.validation = Validation(cfg.validation, self.tokenizer, info=self.dist, max_seq_len=cfg.model.max_seq_len,
+                                     n_future=self.n_future, micro_batch_size=cfg.training.micro_batch_size,
+                                     max_steps=cfg.training.max_steps)
+        self.best = BestExport(cfg.checkpoint.keep_best, self.out)
 
         self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main)
+        self.s3 = open_s3(cfg.s3, self.out, self.dist)
+        if cfg.checkpoint.resume:
+            fetch_from_s3(self.s3, self.checkpointer, self.dist)
         state = (resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
                  if cfg.checkpoint.resume else None)
         if state is not None:
@@ -139,9 +153,12 @@ class VerifiableRecipe:
             bar.update(1)
             if checkpoint_due(self.step, cfg, self.cfg.checkpoint.save_every):
                 self.save_checkpoint()
+            if self.validation.due(self.step):
+                self.log_validation()
         bar.close()
         if self.step >= cfg.max_steps and self.cfg.checkpoint.export_final:
-            self.export_final()
+            self.export(self.out / "final")
+            self.s3.upload_final(self.out / "final")
         # Ranks leave together: a barrier also waits for this rank's pending collectives, and a
         # process group torn down with work in flight can abort its process.
         barrier()
@@ -206,32 +223,69 @@ class VerifiableRecipe:
             metrics[f"weight/head_{k}"] = float(head_sums[2, k] * n)
         return metrics
 
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Held-out, each row once across ranks: per head the TD-weighted and the plain CE (means over
+        the head's pairs) and the mean weight; the value loss; val/loss = policy + c_v value, as in training.
+        The advantage normaliser is read, not updated."""
+        n, td, crit = self.n_future, self.cfg.td, self.cfg.critic
+        sums = HeadSums(("weighted", "ce", "weight", "pairs"), n, self.dist.device)
+        value = HeadSums(("sum", "states"), 1, self.dist.device)
+        for mb in self.validation.batches():
+            rewards, mask = mb["is_correct"].float(), mb["mask"]
+            with self.autocast:
+                out = self.model(mb["tokens"], targets=mb["targets"], with_values=True)
+            weights = td_weights_with_stats(out.values, rewards, mask, beta=td.beta, w_min=td.w_min, w_max=td.w_max,
+                                            gamma=td.gamma, lam=td.lam,
+                                            normalizer=self.normalizer if td.normalize else None).weights
+            head_w = td_head_weights(weights, n) * valid_pairs(mb["targets"])
+            sums.add(weighted=out.ce * head_w, ce=out.ce, weight=head_w, pairs=valid_pairs(mb["targets"]))
+            v_targets = critic_targets(out.values, rewards, mask, lam=1.0 if crit.target == "mc" else crit.lam)
+            v_sum, v_states = value_loss(out.values, v_targets, response_states(mask), kind=crit.loss,
+                                         huber_delta=crit.huber_delta)
+            value.add(sum=v_sum.reshape(1), states=v_states.reshape(1))
+        s, v = sums.reduce(), value.reduce()
+        metrics = {**per_head_means(s["weighted"], s["pairs"], "policy_loss"),
+                   **per_head_means(s["ce"], s["pairs"], "ce"), **per_head_means(s["weight"], s["pairs"], "weight")}
+        metrics["val/value_loss"] = float(v["sum"][0] / v["states"][0].clamp(min=1))
+        metrics["val/loss"] = metrics["val/policy_loss"] + td.value_coef * metrics["val/value_loss"]
+        return metrics
+
+    def log_validation(self) -> None:
+        metrics = self.validate()
+        self.metrics.log(self.step, metrics)
+        if self.dist.is_main:
+            keys = ["val/loss", "val/policy_loss", "val/value_loss",
+                    *(f"val/ce/head_{k}" for k in range(self.n_future)), "val/weight"]
+            print(step_line("verifiable val", self.step, self.cfg.training.max_steps, metrics, keys), flush=True)
+        if self.best.improved(metrics):
+            self.export(self.out / BEST_DIR)
+            if self.dist.is_main:
+                self.best.record(self.step)
+
     # ------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> None:
         save_training_state(self.checkpointer, self.step, self.model, self.optimizer, self.scheduler, self.loader,
-                        normalizer={k: v.tolist() for k, v in self.normalizer.state_dict().items()})
+                            s3=self.s3, local_rank=self.dist.local_rank,
+                            normalizer={k: v.tolist() for k, v in self.normalizer.state_dict().items()})
 
-    def export_final(self) -> None:
-        """final/: params.json + model.safetensors (value_head.weight included) + tokenizer.model."""
+    def export(self, folder: Path) -> None:
+        """params.json + model.safetensors (value_head.weight included) + tokenizer.model in `folder`
+        (final/ or best/)."""
         sd = full_model_state_dict(self.model)
         if self.dist.is_main:
-            final = save_mtp(self.out / "final", self.model_args, sd, extra_files=(self.tokenizer.path,))
-            print(f"[export] {final}", flush=True)
+            print(f"[export] {save_mtp(folder, self.model_args, sd, extra_files=(self.tokenizer.path,))}", flush=True)
 
-    def cleanup(self) -> None:
-        self.metrics.close()
+    def cleanup(self, status: str) -> None:
+        """Wait (bounded) for S3 uploads, draw report.png, end the MLflow run with `status`."""
+        close_run(self.metrics, self.s3, status=status, report=self.cfg.metrics.report, wait_s=self.cfg.s3.wait_s)
         destroy()
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = main_config(VerifiableRecipeConfig, argv)
-    recipe = VerifiableRecipe(cfg)
-    recipe.setup()
-    try:
-        recipe.train()
-    finally:
-        recipe.cleanup()
-
+    check_inputs_or_exit(cfg)
+    run_recipe(VerifiableRecipe(cfg))
 
 if __name__ == "__main__":
     main()

@@ -43,10 +43,12 @@ def run(args: list[str]) -> None:
 
 
 def recipe(name: str, config: str, *extra: str) -> Path:
+    """Train one recipe, scoring the held-out rows every 25 steps (validation curves in report.png)."""
     out = OUT / name
     run([f"recipes/full_finetune_{name}.py", "--config", f"configs/{config}", "--training.output_dir", str(out),
          "--model.path", str(TINY / "mtp_model"), "--tokenizer.path", str(TINY / "tokenizer.model"),
          "--data.train_path", str(TINY / "data" / "train.jsonl"),
+         "--validation.path", str(TINY / "data" / "valid.jsonl"), "--validation.every", "25",
          "--metrics.experiment", "wmtp-demo", "--metrics.tracking_uri", TRACKING_URI, *extra])
     return out
 
@@ -83,7 +85,7 @@ def main() -> None:
     shutil.rmtree(OUT, ignore_errors=True)
     runs = {
         "baseline": recipe("baseline", "baseline_tiny.toml"),
-        "critic": recipe("critic", "critic_tiny.toml", "--critic.eval_path", str(TINY / "data" / "valid.jsonl")),
+        "critic": recipe("critic", "critic_tiny.toml"),
     }
     runs["verifiable"] = recipe("verifiable", "verifiable_tiny.toml",
                                 "--critic.value_head", str(runs["critic"] / "final" / "value_head.safetensors"))
@@ -97,10 +99,10 @@ def main() -> None:
         last = rows[-1]
         if name == "critic":
             last = [r for r in rows if "value_loss" in r][-1]
-            held_out = [r for r in rows if "eval/auroc" in r][-1]
-            note = (f"  value loss {last['value_loss']:.4f}; held-out {int(held_out['eval/rows'])} rows: V correct "
-                    f"{held_out['eval/value/correct']:.3f} vs incorrect {held_out['eval/value/incorrect']:.3f}, "
-                    f"AUROC {held_out['eval/auroc']:.3f}")
+            held_out = [r for r in rows if "val/auroc" in r][-1]
+            note = (f"  value loss {last['value_loss']:.4f}; held-out {int(held_out['val/rows'])} rows: V correct "
+                    f"{held_out['val/value/correct']:.3f} vs incorrect {held_out['val/value/incorrect']:.3f}, "
+                    f"AUROC {held_out['val/auroc']:.3f}")
             print(f"{name:<11}{last['step']:>6}{fmt(None, 9)}" + fmt(None, 9) * N_HEADS + note)
             continue
         heads = "".join(fmt(last.get(f"loss/head_{k}"), 9) for k in range(N_HEADS))
@@ -118,6 +120,7 @@ def main() -> None:
     run(["scripts/compare_runs.py", *map(str, runs.values())])
 
     print("\nrun folders:     " + ", ".join(str(p) for p in runs.values()))
+    print("reports:         <run>/report.png (python scripts/plot_run.py RUN_DIR... overlays several)")
     print("final models:    <run>/final (params.json + model.safetensors + tokenizer.model; "
           "the critic's is value_head.safetensors)")
     print(f"MLflow UI:       {sys.executable} -m mlflow ui --backend-store-uri {TRACKING_URI}")

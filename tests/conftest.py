@@ -37,7 +37,7 @@ def recipe_args(tiny: Path, out: Path, config: str, **overrides) -> list[str]:
         "model.path": tiny / "mtp_model", "tokenizer.path": tiny / "tokenizer.model",
         "data.train_path": tiny / "data" / "train.jsonl", "training.output_dir": out,
         "training.max_steps": 30, "training.micro_batch_size": 4, "training.log_every": 1,
-        "checkpoint.save_every": 0, "metrics.mlflow": "false", "metrics.progress_bar": "false",
+        "checkpoint.save_every": 0, "metrics.mlflow": "false", "metrics.progress_bar": "false", "metrics.report": "false",
         "optimizer.lr": 3e-3, "lr_scheduler.warmup_steps": 3,
     }
     args.update(overrides)

@@ -4,7 +4,6 @@ and training outputs that a forked recipe may modify in place under FSDP."""
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -44,7 +43,7 @@ def test_no_recipe_makes_a_float64_tensor_where_the_device_has_none(tiny, tmp_pa
     """As MPS would see it: the CPU is declared a device without float64, and a whole run (setup,
     steps with TD statistics and Rho-1 counts, held-out evaluation, export) must not make one."""
     monkeypatch.setattr(backend, "NO_FLOAT64_DEVICE_TYPES", {"mps", "cpu"})
-    extra = {"baseline": {}, "critic": {"critic.eval_path": tiny / "data" / "valid.jsonl", "critic.eval_every": 1},
+    extra = {"baseline": {}, "critic": {"validation.path": tiny / "data" / "valid.jsonl", "validation.every": 1},
              "verifiable": {"critic.value_head": "none", "td.normalize": "true"},
              "rho1": {"reference.path": tiny / "reference"}}[name]
     args = recipe_args(tiny, tmp_path, f"{name}_tiny.toml", **{"training.max_steps": 2, **extra})

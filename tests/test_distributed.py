@@ -61,7 +61,7 @@ def test_every_recipe_step_is_nccl_safe_and_loads_once_bit_for_bit(tiny, tmp_pat
     """Each recipe's steps under the device guard (no host tensor reaches a collective, rank 1 reads
     no checkpoint); the sharded parameters after setup equal a single-process load bit for bit."""
     common = {"training.max_steps": 3, "training.micro_batch_size": 2}
-    extra = {"baseline": {}, "critic": {"critic.eval_path": tiny / "data" / "valid.jsonl", "critic.eval_every": 2},
+    extra = {"baseline": {}, "critic": {"validation.path": tiny / "data" / "valid.jsonl", "validation.every": 2},
              "verifiable": {"critic.value_head": tmp_path / "critic" / "final" / "value_head.safetensors"},
              "rho1": {"reference.path": tiny / "reference"}}
     runs = [{"recipe": f"full_finetune_{name}", "check_load": name in ("baseline", "verifiable"),

@@ -3,7 +3,6 @@ training step of each recipe does exactly the vocabulary-matmul FLOPs its path s
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -92,7 +91,7 @@ RECIPE_CASES = {
     "baseline": ("baseline_tiny.toml", {}, 6),
     "verifiable": ("verifiable_tiny.toml", {"critic.value_head": "none"}, 6),
     "rho1": ("rho1_tiny.toml", {}, 8),  # CE first, then the selection: the backward recomputes
-    "critic": ("critic_tiny.toml", {"critic.eval_path": ""}, 0),  # the heads never run
+    "critic": ("critic_tiny.toml", {"validation.path": ""}, 0),  # the heads never run
 }
 
 
@@ -119,7 +118,7 @@ def test_one_training_step_does_the_vocabulary_flops_of_its_path(tiny, tmp_path,
         with counter:
             recipe.train_step(batch)
     finally:
-        recipe.cleanup()
+        recipe.cleanup(status="FINISHED")
     assert vocab not in counter.other_dims and pairs != vocab, "ambiguous shapes: pick other batch sizes"
     expected = per_pair * pairs * dim * vocab
     if name == "rho1":

@@ -24,7 +24,7 @@ LOSS_KEY = {"critic": "value_loss", "verifiable": "loss", "rho1": "loss"}
 
 
 def args_for(name: str, tiny: Path, out: Path, **overrides) -> list[str]:
-    extra = {"critic": {"optimizer.lr": 3e-2, "critic.eval_path": tiny / "data" / "valid.jsonl"},
+    extra = {"critic": {"optimizer.lr": 3e-2, "validation.path": tiny / "data" / "valid.jsonl"},
              "verifiable": {"critic.value_head": "none"},
              "rho1": {"reference.path": tiny / "reference"}}[name]
     return recipe_args(tiny, out, RECIPES[name], **{**extra, **overrides})
@@ -85,7 +85,7 @@ def test_critic_trains_only_the_value_head(tiny, tmp_path):
         run.train()
         after = run.model.state_dict()
     finally:
-        run.cleanup()
+        run.cleanup(status="FINISHED")
     assert set(before) == set(after)
     for key in before:
         if key.startswith("value_head."):
@@ -116,26 +116,26 @@ def held_out_reference(tiny: Path, value_head: Path, max_seq_len: int) -> dict[s
             state_values[correct] += [float(values[t]) for t in range(len(tokens) - 1) if mask[t + 1]]
             last[correct].append(float(values[len(tokens) - 2]))
     pairs = [(p > n) + 0.5 * (p == n) for p in last[True] for n in last[False]]
-    return {"eval/value/correct": sum(state_values[True]) / len(state_values[True]),
-            "eval/value/incorrect": sum(state_values[False]) / len(state_values[False]),
-            "eval/auroc": sum(pairs) / len(pairs), "eval/rows": len(last[True]) + len(last[False])}
+    return {"val/value/correct": sum(state_values[True]) / len(state_values[True]),
+            "val/value/incorrect": sum(state_values[False]) / len(state_values[False]),
+            "val/auroc": sum(pairs) / len(pairs), "val/rows": len(last[True]) + len(last[False])}
 
 
 def test_critic_held_out_evaluation_matches_row_by_row(tiny, tmp_path):
     """Every held-out row once (padding rows and ranks included), as a naive row-by-row pass finds it."""
-    extra = {"training.max_steps": 4, "training.micro_batch_size": 5, "critic.eval_every": 2}
+    extra = {"training.max_steps": 4, "training.micro_batch_size": 5, "validation.every": 2}
     train("critic", tiny, tmp_path / "single", **extra)
     torchrun("recipes/full_finetune_critic.py", args_for("critic", tiny, tmp_path / "fsdp", **extra))
     for run in ("single", "fsdp"):
         reference = held_out_reference(tiny, tmp_path / run / "final" / "value_head.safetensors", max_seq_len=1024)
-        assert reference["eval/rows"] % 10 != 0, "the test wants a partial last batch on two ranks of 5 rows"
-        evals = [r for r in read_metrics(tmp_path / run) if "eval/auroc" in r]
+        assert reference["val/rows"] % 10 != 0, "the test wants a partial last batch on two ranks of 5 rows"
+        evals = [r for r in read_metrics(tmp_path / run) if "val/auroc" in r]
         assert [r["step"] for r in evals] == [2, 4]
         final = evals[-1]
-        assert final["eval/rows"] == reference["eval/rows"]
-        assert 0.0 <= final["eval/auroc"] <= 1.0
-        assert abs(final["eval/auroc"] - reference["eval/auroc"]) <= 1e-9, run
-        for key in ("eval/value/correct", "eval/value/incorrect"):
+        assert final["val/rows"] == reference["val/rows"]
+        assert 0.0 <= final["val/auroc"] <= 1.0
+        assert abs(final["val/auroc"] - reference["val/auroc"]) <= 1e-9, run
+        for key in ("val/value/correct", "val/value/incorrect"):
             assert final[key] == pytest.approx(reference[key], rel=1e-5), (run, key)
 
 

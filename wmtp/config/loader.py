@@ -344,14 +344,23 @@ def parse_config(config_cls: type[C], argv: list[str] | None = None) -> C:
     for section, updates in values.items():
         try:
             replaced[section] = dataclasses.replace(getattr(cfg, section), **updates)
-        except ValueError as exc:  # a section's __post_init__ rejecting a combination of values
-            raise ConfigError(f"[{section}]: {exc}") from None
+        except ValueError as exc:  # a section's __post_init__ rejecting a value or a combination
+            raise ConfigError(f"[{section}]: {_post_init_message(section, exc)}") from None
     cfg = dataclasses.replace(cfg, **replaced)
 
     if dry_run:
         print(to_toml(cfg, with_docs=True), end="")
         raise SystemExit(0)
     return cfg
+
+
+def _post_init_message(section: str, exc: ValueError) -> str:
+    """A section's __post_init__ error; one that names its field (`key` and `requirement`, as
+    wmtp.config.sections.FieldRangeError does) is spelled `section.key requirement`."""
+    key, requirement = getattr(exc, "key", None), getattr(exc, "requirement", None)
+    if isinstance(key, str) and isinstance(requirement, str):
+        return f"{section}.{key} {requirement}"
+    return str(exc)
 
 
 def main_config(config_cls: type[C], argv: list[str] | None = None) -> C:

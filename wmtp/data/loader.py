@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from wmtp.config.sections import DataConfig
+from wmtp.constants import IGNORE_INDEX
 from wmtp.data.collate import collate, encode_rows, mtp_targets
 from wmtp.data.index import RowIndex, load_or_build_index
 from wmtp.data.samplers import (BalancedSampler, CorrectOnlySampler, CurriculumSampler, fits_max_seq_len,
@@ -58,15 +59,19 @@ def read_batch(index: RowIndex, ids, tokenizer: SentencePieceTokenizer, n_future
 
 
 def eval_micro_batches(index: RowIndex, tokenizer: SentencePieceTokenizer, *, max_seq_len: int, n_future: int,
-                       micro_batch_size: int, rank: int, world_size: int,
-                       device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
-    """Every row of `index` that fits `max_seq_len`, once across all ranks, in file order.
+                       micro_batch_size: int, rank: int, world_size: int, device: torch.device,
+                       max_rows: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Every row of `index` that fits `max_seq_len` (the first `max_rows` of them, if set), once
+    across all ranks, in file order.
 
     Each rank yields the same number of micro-batches (sharded models run collectives in every
     forward): the last global batch is filled up with repeats of the first row, marked
-    batch["keep"] = False so that they count nowhere.
+    batch["keep"] = False, whose response mask is emptied and targets ignored so that they count
+    nowhere.
     """
     ids = np.flatnonzero(fits_max_seq_len(index, max_seq_len))
+    if max_rows:
+        ids = ids[:max_rows]
     if ids.size == 0:
         return
     per_step = micro_batch_size * world_size
@@ -77,6 +82,8 @@ def eval_micro_batches(index: RowIndex, tokenizer: SentencePieceTokenizer, *, ma
         mine = slice(start + rank * micro_batch_size, start + (rank + 1) * micro_batch_size)
         batch = read_batch(index, padded[mine], tokenizer, n_future, device)
         batch["keep"] = torch.from_numpy(keep[mine]).to(device)
+        batch["mask"] &= batch["keep"][:, None]
+        batch["targets"][~batch["keep"]] = IGNORE_INDEX
         yield batch
 
 

@@ -41,9 +41,18 @@ class SentencePieceTokenizer:
 
     def __init__(self, path: str | Path) -> None:
         self.path = resolve_tokenizer_file(path)
-        self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
-        proto = sentencepiece_model_pb2.ModelProto()
-        proto.ParseFromString(self.path.read_bytes())
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.ParseFromString(self.path.read_bytes())
+        except Exception as exc:  # noqa: BLE001 - sentencepiece's RuntimeError, protobuf's DecodeError
+            size = self.path.stat().st_size
+            if size == 0:
+                raise ValueError(f"tokenizer {self.path} is empty (0 bytes)") from exc
+            detail = " ".join(f"{type(exc).__name__}: {exc}".split())
+            detail = detail if len(detail) <= 200 else detail[:200] + "..."
+            raise ValueError(f"tokenizer {self.path} ({size} bytes) does not load, truncated or not a "
+                             f"sentencepiece model? ({detail})") from exc
         if proto.normalizer_spec.add_dummy_prefix:
             proto.normalizer_spec.add_dummy_prefix = False
             self._sp_continue = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())

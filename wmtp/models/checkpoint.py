@@ -41,17 +41,36 @@ def resolve_vocab_size(args: ModelArgs, folder: Path, vocab_size: int | None) ->
     )
 
 
+def _unreadable(path: Path, exc: Exception) -> ValueError:
+    """A weights file that exists but does not load, named (a cut-short copy or download, usually);
+    the loader's own message is kept to its first sentence (torch's zip reader adds a paragraph)."""
+    size = path.stat().st_size if path.is_file() else 0
+    detail = " ".join(f"{type(exc).__name__}: {exc}".split()).split(". ")[0]
+    detail = detail if len(detail) <= 200 else detail[:200] + "..."
+    return ValueError(f"model weights {path} ({size} bytes) do not load, truncated or damaged? ({detail})")
+
+
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
-    """Tensors of `model.safetensors`, else of the single `consolidated.*.pth` (memory-mapped)."""
+    """Tensors of `model.safetensors`, else of the single `consolidated.*.pth` (memory-mapped).
+
+    A file that does not load raises ValueError naming it (safetensors' and torch.load's own errors
+    do not say which file).
+    """
     st = folder / SAFETENSORS_FILENAME
     if st.is_file():
-        return load_file(str(st))
+        try:
+            return load_file(str(st))
+        except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
+            raise _unreadable(st, exc) from exc
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise FileNotFoundError(f"model: neither {SAFETENSORS_FILENAME} nor consolidated.*.pth in {folder}")
     if len(shards) > 1:
         raise ValueError(f"model: {len(shards)} model-parallel shards in {folder}; merge them into one first")
-    sd = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
+    try:
+        sd = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - RuntimeError from the zip reader, UnpicklingError, ...
+        raise _unreadable(shards[0], exc) from exc
     return {k: v for k, v in sd.items() if k not in IGNORED_META_KEYS}
 
 
@@ -147,7 +166,10 @@ def save_value_head(folder: str | Path, weight: torch.Tensor) -> Path:
 
 def read_value_head(path: str | Path, *, dim: int) -> torch.Tensor:
     """value_head.weight [1, dim] from a critic run's value_head.safetensors, checked."""
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001
+        raise _unreadable(Path(path), exc) from exc
     if set(tensors) != {VALUE_HEAD_KEY}:
         raise ValueError(f"{path}: expected exactly the key {VALUE_HEAD_KEY!r}, found {sorted(tensors)}")
     weight = tensors[VALUE_HEAD_KEY]

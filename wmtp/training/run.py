@@ -6,24 +6,29 @@ inline the same lines.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from tqdm import tqdm
 
 from wmtp.config.loader import config_to_dict, flatten, to_toml
-from wmtp.config.sections import DistributedConfig, ModelConfig, OptimizerConfig, TrainingConfig
+from wmtp.atomic import TMP_SUFFIX
+from wmtp.config.sections import DistributedConfig, ModelConfig, OptimizerConfig, S3Config, TrainingConfig
 from wmtp.data.loader import GlobalBatchLoader
-from wmtp.distributed.env import DistInfo
+from wmtp.distributed.env import DistInfo, barrier
 from wmtp.distributed.load import load_weights
 from wmtp.distributed.parallelize import parallelize
 from wmtp.models import MTPTransformer
 from wmtp.models.checkpoint import build_mtp, read_checkpoint
 from wmtp.training.checkpointer import Checkpointer
-from wmtp.training.metrics import MetricLogger
+from wmtp.training.metrics import FINISHED, MetricLogger, raise_on_sigterm, status_for
+from wmtp.training.plots import maybe_plot
+from wmtp.training.s3 import S3Error, S3Sync, shared_attempt_id
 
 
 def setup_policy(model_cfg: ModelConfig, dist_cfg: DistributedConfig, info: DistInfo, *, mesh: DeviceMesh | None,
@@ -56,43 +61,120 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) 
 
 
 def resume_latest(checkpointer: Checkpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  scheduler: torch.optim.lr_scheduler.LRScheduler, loader: GlobalBatchLoader
-                  ) -> dict[str, Any] | None:
-    """Restore model, optimizer, schedule and sampler from the newest complete checkpoint.
+                  scheduler: torch.optim.lr_scheduler.LRScheduler, loader: GlobalBatchLoader, *,
+                  required: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """Restore model, optimizer, schedule and sampler from the newest checkpoint that loads.
 
-    Returns its trainer state (step and any recipe extras), or None when there is none.
+    Returns its trainer state (step and any recipe extras), or None when there is none. A newer
+    checkpoint that does not load (a missing or cut-short shard or .metadata, a truncated
+    trainer_state.json, or one lacking "step", "scheduler", "loader" or the recipe's own `required`
+    keys) is reported by path and reason, moved aside (`step_N.damaged`) and the next newest one is
+    used; all ranks agree on each attempt (Checkpointer.load_latest). When every checkpoint is
+    damaged it raises NoLoadableCheckpointError instead of starting over from step 0.
     """
-    latest = checkpointer.latest()
-    if latest is None:
+    found = checkpointer.load_latest(model, optimizer, required=("step", "scheduler", "loader", *required))
+    if found is None:
         return None
-    state = checkpointer.load(latest, model, optimizer)
+    path, state = found
     scheduler.load_state_dict(state["scheduler"])
     loader.load_state_dict(state["loader"])
+    if checkpointer.is_main:
+        print(f"[checkpoint] resumed from {path} (step {state['step']})", flush=True)
     return state
 
 
 def save_training_state(checkpointer: Checkpointer, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                    loader: GlobalBatchLoader, **extra: Any) -> Path:
-    """Save a training checkpoint (extra: JSON-serialisable recipe state) and say where."""
+                        optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                        loader: GlobalBatchLoader, *, s3: S3Sync, local_rank: int, **extra: Any) -> Path:
+    """Save a training checkpoint (extra: JSON-serialisable recipe state), say where, and queue this
+    rank's files for S3 (collective)."""
     state = {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), **extra}
     path = checkpointer.save(step, model, optimizer, state)
     if checkpointer.is_main:
         print(f"[checkpoint] step {step} -> {path}", flush=True)
+    if s3.enabled:
+        # A node that does not share rank 0's filesystem holds its part in the .tmp folder rank 0 never
+        # renamed there. Then no node holds a whole checkpoint (rank 0's folder lacks the other nodes'
+        # shards and would be taken as damaged at resume): every part goes to S3 from a staged copy
+        # and is removed locally; a restart downloads the checkpoint from S3 on every node.
+        local = path if path.is_dir() else path.with_name(path.name + TMP_SUFFIX)
+        s3.upload_checkpoint(step, local)
+        split = _any_rank(local != path)  # collective: every rank has staged its part
+        if split and local_rank == 0:
+            shutil.rmtree(local, ignore_errors=True)
+        if split and checkpointer.is_main:
+            print(f"[s3] step {step}: the nodes share no filesystem; the checkpoint is kept on S3 only", flush=True)
     return path
 
 
+def _any_rank(flag: bool) -> bool:
+    """True on every rank when `flag` is true on any rank (collective)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return flag
+    flags: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(flags, flag)
+    return any(flags)
+
+
+def open_s3(cfg: S3Config, output_dir: Path, info: DistInfo) -> S3Sync:
+    """The run's S3 uploader (inert without s3.bucket). Collective: every rank calls it."""
+    return S3Sync(cfg, output_dir=output_dir, rank=info.rank, world_size=info.world_size, attempt=shared_attempt_id())
+
+
+def fetch_from_s3(s3: S3Sync, checkpointer: Checkpointer, info: DistInfo) -> None:
+    """Resume from S3: on each node, local rank 0 downloads the newest complete checkpoint there when no
+    local one is as new (a preempted job restarted on a fresh machine). Collective."""
+    if s3.enabled and info.local_rank == 0:
+        try:
+            path = s3.download_latest(checkpointer.root)
+        except S3Error as exc:
+            print(f"[s3] warning: cannot look for checkpoints on S3 ({exc}); resuming from local ones only",
+                  file=sys.stderr, flush=True)
+        else:
+            if path is not None:
+                print(f"[s3] downloaded {path}", flush=True)
+    barrier()
+
+
 def open_run(cfg: Any, output_dir: Path, *, is_main: bool, step: int, loader: GlobalBatchLoader) -> MetricLogger:
-    """Write the resolved config, start the metric sinks, and report the data counts (rank 0)."""
+    """Write the resolved config, start the metric sinks at `step`, and report the data counts (rank 0)."""
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.toml").write_text(to_toml(cfg, with_docs=False))
-    logger = MetricLogger(cfg.metrics, output_dir, params=flatten(config_to_dict(cfg)), enabled=is_main)
+    logger = MetricLogger(cfg.metrics, output_dir, params=flatten(config_to_dict(cfg)), enabled=is_main,
+                          resume_step=step)
     if is_main:
         logger.log_artifact(output_dir / "config.toml")
         print(f"[data] {loader.summary()}", flush=True)
-        logger.log(step, {f"data/{k}": v for k, v in loader.counts().items()})
+        if step == 0:
+            logger.log(step, {f"data/{k}": v for k, v in loader.counts().items()})
     return logger
+
+
+def close_run(metrics: MetricLogger, s3: S3Sync, *, status: str, report: bool, wait_s: float) -> None:
+    """End of a run: wait (bounded) for S3 uploads and report them, draw report.png (rank 0, when
+    matplotlib is installed), and close the metric sinks with the run's status."""
+    if s3.enabled:
+        print(f"[s3] rank {s3.rank}: {s3.wait(wait_s)}", flush=True)
+        s3.close()
+    if report and metrics.enabled:  # rank 0
+        report = maybe_plot(metrics.output_dir)
+        if report is not None:
+            metrics.log_artifact(report)
+    metrics.close(status)
+
+
+def run_recipe(recipe: Any) -> None:
+    """setup, train, cleanup: the MLflow run ends FINISHED, FAILED (an exception) or KILLED (SIGTERM,
+    Ctrl-C). SIGTERM (torchrun, a scheduler's preemption) raises, so cleanup runs."""
+    raise_on_sigterm()
+    recipe.setup()
+    try:
+        recipe.train()
+    except BaseException as exc:
+        recipe.cleanup(status=status_for(exc))
+        raise
+    recipe.cleanup(status=FINISHED)
 
 
 def progress_bar(name: str, cfg: TrainingConfig, *, step: int, enabled: bool) -> tqdm:
