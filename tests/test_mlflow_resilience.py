@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, TEST_ENV, recipe_args, run_script
-from wmtp.training.metrics import FINISHED, STATE_FILE, read_metrics
+from wmtp.training.metrics import FINISHED, STATE_FILE, read_metrics, sync_folder
 
 MLFLOW_BIN = Path(sys.executable).with_name("mlflow")
 SERVER_START_S = 120
@@ -164,8 +164,8 @@ def test_server_down_at_start_costs_seconds_and_sync_sends_each_value_once(serve
     assert run.info.status == FINISHED
     assert run.data.params == state["params"] and "training.max_steps" in run.data.params
     assert "config.toml" in [a.path for a in c.list_artifacts(state["run_id"])]
-    again = run_script(["scripts/sync_mlflow.py", str(out)])
-    assert "sent 0 metric values, 0 params, 0 artifacts" in again.stdout, again.stdout
+    again = sync_folder(out)  # nothing twice
+    assert (again["params"], again["values"], again["artifacts"]) == (0, 0, 0) and again["skipped"] > 0
 
 
 def test_server_with_credentials_killed_and_restarted_mid_run(auth_server, tiny, tmp_path):
@@ -234,10 +234,10 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tiny, tmp_path):
     overrides = {"training.max_steps": steps, "checkpoint.save_every": 4, "checkpoint.keep_last": 2}
     rng = random.Random(0)
     kills = []
-    for attempt in range(4):
+    for attempt in range(3):
         proc = launch(tiny, out, **overrides)
         start = logged_step(out)
-        # Odd attempts are killed while a checkpoint is being written (if one is seen within 12 steps).
+        # The second attempt is killed while a checkpoint is being written (if one is seen within 12 steps).
         aim_at_write = attempt % 2 == 1
         target = start + (12 if aim_at_write else rng.randint(2, 7))
         moment = "between steps"

@@ -21,11 +21,11 @@ MAX_SEQ_LEN = 1024
 N_HEADS = 4
 
 
-def naive_head_ce(model_dir: Path, tiny: Path, *, max_rows: int = 0) -> list[float]:
+def naive_head_ce(model_dir: Path, tiny: Path, *, max_rows: int = 0, value_head: bool = False) -> list[float]:
     """Mean CE of each head over the valid pairs of every held-out row, one row at a time."""
     tokenizer = SentencePieceTokenizer(tiny / "tokenizer.model")
     model = load_mtp(model_dir, dtype=torch.float32, vocab_size=tokenizer.vocab_size, max_seq_len=MAX_SEQ_LEN,
-                     value_head=False)
+                     value_head=value_head)
     totals, counts = [0.0] * N_HEADS, [0] * N_HEADS
     rows = [json.loads(line) for line in (tiny / "data" / "valid.jsonl").read_text().splitlines()]
     scored = 0
@@ -96,7 +96,8 @@ def test_keep_best_exports_the_lowest_validation_loss(tiny, tmp_path):
 
 def test_every_recipe_logs_its_validation_metrics(tiny, tmp_path):
     valid = tiny / "data" / "valid.jsonl"
-    common = {"training.max_steps": 2, "validation.path": valid, "validation.max_rows": 8}
+    common = {"training.max_steps": 2, "validation.path": valid, "validation.max_rows": 8,
+              "model.max_seq_len": MAX_SEQ_LEN}
     cases = {
         "verifiable": ({"critic.value_head": "none"}, ["val/loss", "val/policy_loss", "val/value_loss",
                                                        "val/ce/head_3", "val/weight/head_1"]),
@@ -109,6 +110,9 @@ def test_every_recipe_logs_its_validation_metrics(tiny, tmp_path):
         load_recipe(f"full_finetune_{name}").main(recipe_args(tiny, out, f"{name}_tiny.toml", **common, **extra))
         last = [r for r in read_metrics(out) if keys[0] in r][-1]
         assert all(math.isfinite(last[k]) for k in keys), (name, {k: last.get(k) for k in keys})
+        if name in ("verifiable", "rho1"):  # the plain CE per head, against the final export scored row by row
+            want = naive_head_ce(out / "final", tiny, max_rows=8, value_head=name == "verifiable")
+            assert [last[f"val/ce/head_{k}"] for k in range(N_HEADS)] == pytest.approx(want, rel=1e-5), name
         if name == "rho1":
             assert last["val/selected/head_0"] == 1.0 and 0.55 <= last["val/selected/head_1"] <= 0.7
         if name == "critic":
