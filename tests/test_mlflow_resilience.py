@@ -237,8 +237,9 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tiny, tmp_path):
     for attempt in range(3):
         proc = launch(tiny, out, **overrides)
         start = logged_step(out)
-        # The second attempt is killed while a checkpoint is being written (if one is seen within 12 steps).
-        aim_at_write = attempt % 2 == 1
+        # The first attempt is killed between steps, the others while a checkpoint is being written
+        # (if one is seen within 12 steps).
+        aim_at_write = attempt > 0
         target = start + (12 if aim_at_write else rng.randint(2, 7))
         moment = "between steps"
         deadline = time.monotonic() + 300
