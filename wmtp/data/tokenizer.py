@@ -9,6 +9,8 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from wmtp.errors import exception_line
+
 TOKENIZER_FILENAME = "tokenizer.model"
 
 
@@ -49,10 +51,8 @@ class SentencePieceTokenizer:
             size = self.path.stat().st_size
             if size == 0:
                 raise ValueError(f"tokenizer {self.path} is empty (0 bytes)") from exc
-            detail = " ".join(f"{type(exc).__name__}: {exc}".split())
-            detail = detail if len(detail) <= 200 else detail[:200] + "..."
             raise ValueError(f"tokenizer {self.path} ({size} bytes) does not load, truncated or not a "
-                             f"sentencepiece model? ({detail})") from exc
+                             f"sentencepiece model? ({exception_line(exc)})") from exc
         if proto.normalizer_spec.add_dummy_prefix:
             proto.normalizer_spec.add_dummy_prefix = False
             self._sp_continue = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())

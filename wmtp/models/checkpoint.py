@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from wmtp.atomic import atomic_directory
 from wmtp.data.tokenizer import TOKENIZER_FILENAME, SentencePieceTokenizer
+from wmtp.errors import exception_line
 from wmtp.models.args import PARAMS_FILENAME, ModelArgs
 from wmtp.models.mtp_transformer import MTPTransformer
 
@@ -45,8 +46,7 @@ def _unreadable(path: Path, exc: Exception) -> ValueError:
     """A weights file that exists but does not load, named (a cut-short copy or download, usually);
     the loader's own message is kept to its first sentence (torch's zip reader adds a paragraph)."""
     size = path.stat().st_size if path.is_file() else 0
-    detail = " ".join(f"{type(exc).__name__}: {exc}".split()).split(". ")[0]
-    detail = detail if len(detail) <= 200 else detail[:200] + "..."
+    detail = exception_line(exc).split(". ")[0]
     return ValueError(f"model weights {path} ({size} bytes) do not load, truncated or damaged? ({detail})")
 
 

@@ -52,6 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from wmtp.atomic import TMP_SUFFIX, WriteError, atomic_write_text, describe_write_failure, fsync_dir
 from wmtp.distributed.env import barrier, broadcast_object
+from wmtp.errors import exception_line
 
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 TRAINER_STATE = "trainer_state.json"
@@ -185,7 +186,7 @@ class Checkpointer:
         except DamagedCheckpoint as exc:
             problem = exc.reason
         except Exception as exc:  # noqa: BLE001 - must reach every rank
-            problem = f"its files do not check: {_exception_text(exc)}"
+            problem = f"its files do not check: {exception_line(exc, _MAX_REASON)}"
         if problems := _gather(problem):
             raise DamagedCheckpoint(path, _summary(problems))
 
@@ -202,7 +203,7 @@ class Checkpointer:
             else:
                 problem = f"DCP read failed: {_failures_text(exc)}"
         except Exception as exc:  # noqa: BLE001 - must reach every rank
-            problem = f"DCP read failed: {_exception_text(exc)}"
+            problem = f"DCP read failed: {exception_line(exc, _MAX_REASON)}"
         if mismatches := _gather(mismatch):
             raise CheckpointMismatchError(f"{path} does not fit this model/optimizer (was the config changed?): "
                                           f"{_summary(mismatches)}; it was left in place")
@@ -259,7 +260,7 @@ class Checkpointer:
                 os.replace(path, candidate)
                 target = str(candidate)
             except OSError as exc:
-                self._warn(f"[checkpoint] could not move {path} aside: {_exception_text(exc)}")
+                self._warn(f"[checkpoint] could not move {path} aside: {exception_line(exc, _MAX_REASON)}")
             if target is not None:
                 with contextlib.suppress(OSError):
                     (candidate / DAMAGED_NOTE).write_text(f"{path.name} did not load: {reason}\n")
@@ -289,7 +290,7 @@ def read_trainer_state(path: Path, required: Iterable[str] = ("step",)) -> dict[
     except FileNotFoundError:
         raise DamagedCheckpoint(path, f"{TRAINER_STATE} is missing") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DamagedCheckpoint(path, f"{TRAINER_STATE} does not read: {_exception_text(exc)}") from None
+        raise DamagedCheckpoint(path, f"{TRAINER_STATE} does not read: {exception_line(exc, _MAX_REASON)}") from None
     try:
         state = json.loads(text)
     except ValueError as exc:
@@ -317,7 +318,7 @@ def check_shard_files(path: Path) -> None:
     try:
         metadata = FileSystemReader(str(path)).read_metadata()
     except Exception as exc:  # noqa: BLE001 - pickle raises many kinds on a cut-short file
-        raise DamagedCheckpoint(path, f"{METADATA} does not load ({_exception_text(exc)}): truncated?") from None
+        raise DamagedCheckpoint(path, f"{METADATA} does not load ({exception_line(exc, _MAX_REASON)}): truncated?") from None
     needed: dict[str, int] = {}
     storage = getattr(metadata, "storage_data", None)
     for info in (storage.values() if isinstance(storage, dict) else ()):
@@ -334,7 +335,7 @@ def check_shard_files(path: Path) -> None:
             problems.append(f"shard {rel} is missing")
             continue
         except OSError as exc:
-            problems.append(f"shard {rel} does not read: {_exception_text(exc)}")
+            problems.append(f"shard {rel} does not read: {exception_line(exc, _MAX_REASON)}")
             continue
         if size < end:
             problems.append(f"shard {rel} is truncated ({size} bytes, its items need {end})")
@@ -380,16 +381,11 @@ def _summary(problems: list[tuple[int, str, Any]]) -> str:
                      for t, r in by_text.items())
 
 
-def _exception_text(exc: BaseException) -> str:
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
-    return text if len(text) <= _MAX_REASON else text[:_MAX_REASON] + "..."
-
-
 def _failures_text(exc: CheckpointException) -> str:
     """The per-rank causes of a DCP failure, without the tracebacks."""
     failures = getattr(exc, "failures", None) or {}
-    parts = [f"rank {r}: {_exception_text(f[0] if isinstance(f, tuple) else f)}" for r, f in sorted(failures.items())]
-    return "; ".join(parts) if parts else _exception_text(exc)
+    parts = [f"rank {r}: {exception_line(f[0] if isinstance(f, tuple) else f, _MAX_REASON)}" for r, f in sorted(failures.items())]
+    return "; ".join(parts) if parts else exception_line(exc, _MAX_REASON)
 
 
 def _dcp_save_problem(exc: BaseException, fs: _RecordingFileSystem, tmp: Path, what: str) -> tuple[str, Any]:

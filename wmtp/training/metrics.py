@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from wmtp.atomic import atomic_write_text
 from wmtp.config.sections import MetricsConfig
+from wmtp.errors import exception_line
 
 if TYPE_CHECKING:
     from mlflow.entities import Metric, Run
@@ -522,12 +523,11 @@ _ERRNO_TEXT = re.compile(r"\[Errno -?\d+\] [^'\")]*")
 """The OS error inside an MLflow/urllib3 message ("[Errno 111] Connection refused")."""
 
 
-def _one_line(exc: BaseException, limit: int = 200) -> str:
+def _one_line(exc: BaseException) -> str:
     """A short reason: the OS error behind a failed request when there is one, else the message."""
-    text = " ".join(f"{type(exc).__name__}: {exc}".split())
-    if m := _ERRNO_TEXT.search(text):
+    if m := _ERRNO_TEXT.search(" ".join(str(exc).split())):
         return m.group(0)
-    return text if len(text) <= limit else text[:limit] + "..."
+    return exception_line(exc)
 
 
 def read_metrics(output_dir: str | Path) -> list[dict[str, float]]:

@@ -62,11 +62,14 @@ from typing import Any, Callable, TypeVar
 from wmtp.atomic import TMP_SUFFIX
 from wmtp.config.sections import S3Config
 from wmtp.distributed.env import broadcast_object
+from wmtp.errors import exception_line
 from wmtp.training.checkpointer import STEP_DIR, TRAINER_STATE
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+S3_REASON_MAX_CHARS = 400
+"""Reasons of failed S3 operations are cut after this many characters (botocore's run long)."""
 COMPLETE_MARKER = "_COMPLETE"
 """Written last into a checkpoint's (or final/'s) prefix: its manifest; nothing counts without it."""
 RANKS_DIR = "_ranks"
@@ -156,10 +159,6 @@ def shared_attempt_id() -> str:
     """An id for this launch that every rank shares (rank 0's, broadcast): a collective, so call it on
     every rank at setup. No earlier launch has it, so its markers never count for this one."""
     return broadcast_object(uuid.uuid4().hex)
-
-
-def _reason(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}"
 
 
 def _sha256(path: Path) -> str:
@@ -258,9 +257,9 @@ class S3Sync:
             self._enqueue(_Task(label, self._stage(name, local_dir, names), names, step))
         except Exception as e:
             prefix = self._prefix("final") if step is None else self._step_prefix(step)
-            logger.warning("[s3] %s: %s not queued for %s: %s", label, local_dir, self._url(prefix), _reason(e))
+            logger.warning("[s3] %s: %s not queued for %s: %s", label, local_dir, self._url(prefix), exception_line(e, S3_REASON_MAX_CHARS))
             with self._cond:
-                self._failed.append(f"{label} ({_reason(e)})")
+                self._failed.append(f"{label} ({exception_line(e, S3_REASON_MAX_CHARS)})")
 
     def _writes(self, name: str) -> bool:
         """Rank r uploads its own DCP shards; rank 0 also everything that is not a shard."""
@@ -351,9 +350,9 @@ class S3Sync:
                 else:
                     self._upload_checkpoint(task)
             except Exception as e:
-                logger.warning("[s3] %s not uploaded (no marker written): %s", task.label, _reason(e))
+                logger.warning("[s3] %s not uploaded (no marker written): %s", task.label, exception_line(e, S3_REASON_MAX_CHARS))
                 with self._cond:
-                    self._failed.append(f"{task.label} ({_reason(e)})")
+                    self._failed.append(f"{task.label} ({exception_line(e, S3_REASON_MAX_CHARS)})")
             finally:
                 shutil.rmtree(task.staging, ignore_errors=True)
                 with self._cond:
@@ -389,7 +388,7 @@ class S3Sync:
             self._delete(stale)
         except Exception as e:
             logger.warning("[s3] final export: could not delete stale keys under %s: %s", self._url(prefix),
-                           _reason(e))
+                           exception_line(e, S3_REASON_MAX_CHARS))
 
     def _upload_files(self, task: _Task, prefix: str) -> dict[str, dict[str, Any]]:
         files = {}
@@ -450,7 +449,7 @@ class S3Sync:
                 self._prune_remote()
                 return
         except Exception as e:
-            pending.last_error = _reason(e)
+            pending.last_error = exception_line(e, S3_REASON_MAX_CHARS)
         if time.monotonic() > pending.deadline:
             self._give_up(step, f"gave up after {self.timing.completion_timeout_s:.0f} s: {pending.last_error}")
 
@@ -485,7 +484,7 @@ class S3Sync:
                 self._delete([prefix + rel for rel in steps[step] if rel != COMPLETE_MARKER])
         except Exception as e:
             logger.warning("[s3] keep-last-%d under %s failed (old checkpoints stay): %s", self.cfg.keep_last,
-                           self._url(self._prefix("checkpoints")), _reason(e))
+                           self._url(self._prefix("checkpoints")), exception_line(e, S3_REASON_MAX_CHARS))
 
     # ---- S3 primitives
 
@@ -499,12 +498,12 @@ class S3Sync:
                 break
             delay = min(self.timing.max_backoff_s, self.timing.backoff_s * 2 ** (attempt - 1))
             if attempt == 1:  # an outage shows at once, not only when the last attempt fails
-                logger.warning("[s3] %s: %s; retrying (%d more attempt(s))", what, _reason(error),
+                logger.warning("[s3] %s: %s; retrying (%d more attempt(s))", what, exception_line(error, S3_REASON_MAX_CHARS),
                                self.attempts - 1)
             # Jitter, so that many ranks hitting the same outage do not retry in lockstep.
             if self._stop.wait(delay * random.uniform(0.5, 1.0)):
                 break
-        raise S3Error(f"{what}: {_reason(error)} (after {attempt} attempt(s))") from error
+        raise S3Error(f"{what}: {exception_line(error, S3_REASON_MAX_CHARS)} (after {attempt} attempt(s))") from error
 
     def _put_json(self, key: str, body: dict[str, Any]) -> None:
         data = json.dumps(body, indent=1).encode()
