@@ -43,10 +43,11 @@ def test_no_recipe_makes_a_float64_tensor_where_the_device_has_none(tiny, tmp_pa
     """As MPS would see it: the CPU is declared a device without float64, and a whole run (setup,
     steps with TD statistics and Rho-1 counts, held-out evaluation, export) must not make one."""
     monkeypatch.setattr(backend, "NO_FLOAT64_DEVICE_TYPES", {"mps", "cpu"})
-    extra = {"baseline": {}, "critic": {"validation.path": tiny / "data" / "valid.jsonl", "validation.every": 1},
+    extra = {"baseline": {}, "critic": {"validation.every": 1, "validation.max_rows": 0},
              "verifiable": {"critic.value_head": "none", "td.normalize": "true"},
              "rho1": {"reference.path": tiny / "reference"}}[name]
-    args = recipe_args(tiny, tmp_path, f"{name}_tiny.toml", **{"training.max_steps": 2, **extra})
+    args = recipe_args(tiny, tmp_path, f"{name}_tiny.toml", **{
+        "training.max_steps": 2, "validation.path": tiny / "data" / "valid.jsonl", "validation.max_rows": 8, **extra})
     with NoFloat64OnDevice():
         load_recipe(f"full_finetune_{name}").main(args)
 

@@ -60,12 +60,14 @@ def test_device_guard_refuses_host_tensors_and_checkpoint_reads_off_rank_0(tiny,
 def test_every_recipe_step_is_nccl_safe_and_loads_once_bit_for_bit(tiny, tmp_path):
     """Each recipe's steps under the device guard (no host tensor reaches a collective, rank 1 reads
     no checkpoint); the sharded parameters after setup equal a single-process load bit for bit."""
-    common = {"training.max_steps": 3, "training.micro_batch_size": 2}
-    extra = {"baseline": {}, "critic": {"validation.path": tiny / "data" / "valid.jsonl", "validation.every": 2},
+    # Every recipe validates too (held-out sums all-reduced); the critic every 2 steps over every row.
+    common = {"training.max_steps": 3, "training.micro_batch_size": 2, "validation.path": tiny / "data" / "valid.jsonl",
+              "validation.max_rows": 8}
+    extra = {"baseline": {}, "critic": {"validation.every": 2, "validation.max_rows": 0},
              "verifiable": {"critic.value_head": tmp_path / "critic" / "final" / "value_head.safetensors"},
              "rho1": {"reference.path": tiny / "reference"}}
     runs = [{"recipe": f"full_finetune_{name}", "check_load": name in ("baseline", "verifiable"),
-             "argv": recipe_args(tiny, tmp_path / name, f"{name}_tiny.toml", **common, **overrides)}
+             "argv": recipe_args(tiny, tmp_path / name, f"{name}_tiny.toml", **{**common, **overrides})}
             for name, overrides in extra.items()]
     results, _ = run_worker({"guard": True, "runs": runs}, tmp_path)
     assert [r.get("bitwise_equal") for r in results[0]["runs"]] == [True, None, True, None]
@@ -73,6 +75,7 @@ def test_every_recipe_step_is_nccl_safe_and_loads_once_bit_for_bit(tiny, tmp_pat
         key = "value_loss" if name == "critic" else "loss"
         rows = [r for r in read_metrics(tmp_path / name) if key in r]
         assert [r["step"] for r in rows] == [1, 2, 3] and all(torch.isfinite(torch.tensor([r[key] for r in rows])))
+        assert any(k.startswith("val/") for r in read_metrics(tmp_path / name) for k in r), name
 
 
 def test_torchrun_with_one_process_joins_the_process_group(single, tiny, tmp_path):
