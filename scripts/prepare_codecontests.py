@@ -6,6 +6,7 @@
 --src holds (or holds data/ with) train-*-of-*.parquet, valid-*.parquet and test-*.parquet.
 OUT/{train,valid,test}.jsonl      Python 2/3 solutions, correct and incorrect, one row each
 OUT/{split}_tests.jsonl           each problem's tests, limits and I/O files, keyed by problem name
+OUT/{split}.jsonl.index.*         the rows' sidecar index (with --tokenizer), as training builds it
 OUT/stats.json                    counts per split (also printed as a table)
 
 Rows longer than --token-limit tokens (BOS + prompt + response + EOS with --tokenizer) are dropped;

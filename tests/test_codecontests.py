@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from wmtp.data.codecontests import SchemaError, convert, iter_jsonl
+from wmtp.data import index as index_module
 from wmtp.data.index import build_index
 from wmtp.data.rows import validate_row
 from wmtp.data.template import format_prompt, tokenize_row
@@ -172,7 +173,8 @@ def test_counts_drops_and_stats_match_an_independent_count(dataset, tmp_path) ->
                      num_threads=1)
     assert json.loads((tmp_path / "out" / "stats.json").read_text()) == report
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
-        [f"{s}.jsonl" for s in SPLIT_SHARDS] + [f"{s}_tests.jsonl" for s in SPLIT_SHARDS] + ["stats.json"])
+        [f"{s}{x}" for s in SPLIT_SHARDS for x in (".jsonl", "_tests.jsonl", ".jsonl.index.npz", ".jsonl.index.json")]
+        + ["stats.json"])
     for split, probs in problems.items():
         rows, drops, other, kept, measured = expected_output(probs, tokenizer, TOKEN_LIMIT)
         out_rows = list(iter_jsonl(tmp_path / "out" / f"{split}.jsonl"))
@@ -197,9 +199,12 @@ def test_counts_drops_and_stats_match_an_independent_count(dataset, tmp_path) ->
             assert st[key] == {"p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
                                "p95": float(np.percentile(a, 95)), "p99": float(np.percentile(a, 99)),
                                "min": float(a.min()), "max": float(a.max()), "mean": float(a.mean())}
-        # The index measures rows as the converter did (kept rows are all within the limit).
-        index = build_index(tmp_path / "out" / f"{split}.jsonl", tokenizer, num_threads=1)
+        # The converter's index is the one a build from the file makes (kept rows are all within the limit).
+        path = tmp_path / "out" / f"{split}.jsonl"
+        written = index_module._load_fresh(path, index_module.tokenizer_sha256(tokenizer))
+        index = build_index(path, tokenizer, workers=1)
         assert index.skipped == {} and index.rows["token_length"].tolist() == kept
+        assert written is not None and np.array_equal(written.rows, index.rows) and written.problems == index.problems
         # The tests sidecar: one record per problem, in order, nulls as empty lists / None.
         tests = list(iter_jsonl(tmp_path / "out" / f"{split}_tests.jsonl"))
         assert [t["name"] for t in tests] == [p["name"] for p in probs]

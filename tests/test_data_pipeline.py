@@ -70,8 +70,8 @@ def synthetic_index(n: int, *, seed: int = 0, path: str = "data/train.jsonl") ->
 
 def test_index_reads_back_rows_and_lengths(rows_file, tokenizer):
     path, rows = rows_file
-    index = build_index(path, tokenizer, chunk_rows=16)  # several chunks, prompts shared across rows
-    assert len(index) == len(rows) and index.rows.dtype.itemsize == 16
+    index = build_index(path, tokenizer, block_bytes=2048)  # several blocks, prompts shared across rows
+    assert len(index) == len(rows)
     assert index.read_rows(np.arange(len(rows))) == rows
     for i, row in enumerate(rows):
         assert index.rows["token_length"][i] == len(tokenize_row(tokenizer, row)[0])
@@ -140,11 +140,64 @@ def test_read_rows_chosen_rows_of_a_larger_file(tmp_path, tokenizer):
     rng = random.Random(4)
     rows = [random_row(rng, p // 5, n_words=rng.randint(1, 300)) for p in range(3000)]
     path = write_jsonl(tmp_path / "large.jsonl", [json.dumps(r) for r in rows])
-    index = build_index(path, tokenizer, num_threads=2)
+    index = build_index(path, tokenizer, workers=2)
     ids = np.array([2999, 0, 1500, 7, 7, 2048, 1])
     assert index.read_rows(ids) == [rows[i] for i in ids]
     with pytest.raises(IndexError):
         index.read_rows([3000])
+
+
+def test_worker_processes_build_the_same_index_as_one_process(tmp_path, tokenizer):
+    """Blocks split anywhere (even inside a line longer than a block), bad lines in several
+    blocks: two worker processes give exactly the rows, problems and skips of one process."""
+    rng = random.Random(6)
+    lines, good, bad = [], [], 0
+    for p in range(400):
+        row = random_row(rng, p // 7, n_words=rng.randint(1, 200))
+        lines.append(json.dumps(row))
+        good.append(row["task_id"])
+        if p % 37 == 5:
+            lines.append(["{broken", "", json.dumps({**row, "is_correct": 1}), "[]"][p % 4])
+            bad += p % 4 != 1  # a blank line is no bad row
+    lines.append(json.dumps(random_row(rng, 999, n_words=3000)))  # longer than a block
+    path = write_jsonl(tmp_path / "mixed.jsonl", lines)
+    with open(path, "ab") as f:
+        f.write(json.dumps(random_row(rng, 1000)).encode())  # a last line without its newline
+    good += ["cc/999", "cc/1000"]
+    single = build_index(path, tokenizer, workers=1, block_bytes=1 << 20)
+    parallel = build_index(path, tokenizer, workers=2, block_bytes=3000)
+    assert np.array_equal(single.rows, parallel.rows) and single.problems == parallel.problems
+    assert single.skipped == parallel.skipped and single.skipped_lines == parallel.skipped_lines
+    assert sum(single.skipped.values()) == bad > 0
+    assert [r["task_id"] for r in parallel.read_rows(range(len(parallel)))] == good
+    assert np.array_equal(load_or_build_index(path, tokenizer).rows, single.rows)
+
+
+def test_saved_index_is_compact_and_reads_back_exactly(tmp_path):
+    """9 bytes per row on disk (11 beyond 65,536 problems); offsets, lengths, labels and
+    difficulties read back bit for bit, offset steps of 4 GiB and more included."""
+    n = 70_000
+    rng = np.random.default_rng(7)
+    rows = np.zeros(n, dtype=INDEX_DTYPE)
+    rows["offset"] = np.cumsum(rng.integers(1, 5000, n))
+    rows["offset"][n // 2:] += 5 << 30  # a 5 GiB step
+    rows["token_length"] = rng.integers(2, TOKEN_LENGTH_MAX + 1, n)
+    rows["difficulty"] = rng.integers(0, 128, n)
+    rows["is_correct"] = rng.random(n) < 0.5
+    for n_problems, bytes_per_row in ((13_000, 9 + 4), (n, 11 + 4)):  # + 4: the uint64 offset steps
+        rows["problem"] = rng.integers(0, n_problems, n)
+        columns = index_module._to_columns(rows, n_problems)
+        assert sum(c.itemsize for c in columns.values()) == bytes_per_row
+        assert np.array_equal(index_module._from_columns(columns), rows)
+
+
+def test_index_of_a_real_sized_file_is_9_bytes_per_row(rows_file, tokenizer):
+    path, rows = rows_file
+    build_index(path, tokenizer)
+    npz, _ = index_paths(path)
+    with np.load(npz) as saved:
+        assert {k: saved[k].dtype.itemsize for k in saved.files} == {
+            "offset_step": 4, "problem": 2, "length_correct": 2, "difficulty": 1}
 
 
 def test_saturated_length_is_always_too_long(tmp_path, tokenizer):

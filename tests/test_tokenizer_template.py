@@ -174,7 +174,7 @@ def test_index_token_lengths_equal_collated_lengths(llama_tok, tmp_path):
     rows = [row for row in alpaca_rows() if "\u2581" not in row["instruction"]]
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    index = build_index(path, llama_tok, chunk_rows=4)  # several chunks, prompts shared within them
+    index = build_index(path, llama_tok, block_bytes=256)  # several blocks, prompts shared within them
     collated = collate(encode_rows(llama_tok, rows), pad_id=llama_tok.pad_id)["lengths"].tolist()
     plain = spm.SentencePieceProcessor(model_file=str(llama_tok.path))
     expected = [2 + len(plain.encode(format_prompt(row["instruction"], row["input"])))

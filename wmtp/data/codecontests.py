@@ -15,7 +15,9 @@ problem table rely on that); ``metadata.solution_id`` names the row itself: prob
 ``metadata.difficulty`` the dataset's ``difficulty`` label id (0..28, not comparable across sites).
 
 Each problem's tests (public, private, generated; time and memory limits; input/output file) go to
-a sidecar ``<split>_tests.jsonl``, one line per problem, keyed by ``name``.
+a sidecar ``<split>_tests.jsonl``, one line per problem, keyed by ``name``. With a tokenizer, the
+rows' index (``wmtp.data.index``) is written as the rows are, from the lengths measured for the
+token limit.
 
 Solutions are filtered in this order, each drop counted by its reason: another language (counted
 apart, not a drop), the problem has no description, the solution is empty (null or whitespace
@@ -32,7 +34,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence, TextIO
+from typing import Any, BinaryIO, Iterable, Iterator, Mapping, Sequence, TextIO
 
 import numpy as np
 
@@ -40,7 +42,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from wmtp.atomic import atomic_directory, atomic_write_text
-from wmtp.data.rows import make_row
+from wmtp.data.index import IndexWriter
+from wmtp.data.rows import TEST_COLUMNS, make_row
 from wmtp.data.template import format_prompt
 from wmtp.data.tokenizer import SentencePieceTokenizer
 
@@ -61,7 +64,6 @@ DIFFICULTY_NAMES = ("UNKNOWN_DIFFICULTY", "EASY", "MEDIUM", "HARD", "HARDER", "H
 
 CORRECT, INCORRECT = "correct", "incorrect"
 SOLUTION_COLUMNS: Mapping[str, str] = {CORRECT: "solutions", INCORRECT: "incorrect_solutions"}
-TEST_COLUMNS = ("public_tests", "private_tests", "generated_tests")
 
 DROP_NO_DESCRIPTION = "no description"
 DROP_EMPTY = "empty solution"
@@ -338,14 +340,17 @@ def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False) + "\n"
 
 
-def convert_shard(shard: pq.ParquetFile, where: str, stats: SplitStats, rows_out: TextIO, tests_out: TextIO,
-                  meter: TokenMeter | None, token_limit: int, seen_names: set[str]) -> None:
-    """Append one shard's rows and test records to the open files, counting into `stats`."""
+def convert_shard(shard: pq.ParquetFile, where: str, stats: SplitStats, rows_out: BinaryIO, tests_out: TextIO,
+                  meter: TokenMeter | None, token_limit: int, seen_names: set[str],
+                  index: IndexWriter | None = None) -> None:
+    """Append one shard's rows and test records to the open files, counting into `stats` (and
+    indexing the rows into `index`, which needs `meter`'s lengths)."""
     stats.shards += 1
     pending: list[Candidate] = []
 
     def flush() -> None:
         lengths = meter.lengths([c.row for c in pending]) if meter is not None else [None] * len(pending)
+        rows, lines, kept = [], [], []
         for candidate, n in zip(pending, lengths):
             if n is not None:
                 stats.measured_lengths.append(n)
@@ -353,8 +358,14 @@ def convert_shard(shard: pq.ParquetFile, where: str, stats: SplitStats, rows_out
                     stats.dropped[DROP_TOO_LONG] += 1
                     continue
                 stats.kept_lengths.append(n)
-            rows_out.write(_dumps(candidate.row))
+            line = _dumps(candidate.row).encode()
+            rows_out.write(line)
+            rows.append(candidate.row)
+            lines.append(line)
+            kept.append(n)
             stats.add_row(candidate.row, candidate.language)
+        if index is not None and rows:
+            index.add(rows, lines, kept)
         pending.clear()
 
     for problem in iter_problems(shard):
@@ -379,8 +390,10 @@ def convert(src: str | Path, out: str | Path, *, tokenizer: SentencePieceTokeniz
             progress: bool | None = None, num_threads: int = -1) -> dict[str, Any]:
     """Convert the shards in `src` into `out`/{split}.jsonl, {split}_tests.jsonl and stats.json.
 
-    Every shard's schema is checked before anything is converted. Without a tokenizer no row is
-    dropped for its length and no token lengths are reported. `out` is written atomically
+    Every shard's schema is checked before anything is converted. With a tokenizer each split's
+    sidecar row index is written too, from the lengths measured for the token limit. Without one no
+    row is dropped for its length, no token lengths are reported and no index is written (the first
+    training run builds it). `out` is written atomically
     (`overwrite` replaces an existing folder). `progress`: a tqdm bar over shards (None: only on a
     terminal). Returns the stats written to stats.json.
     """
@@ -395,12 +408,15 @@ def convert(src: str | Path, out: str | Path, *, tokenizer: SentencePieceTokeniz
             tqdm(total=total, unit="shard", disable=None if progress is None else not progress) as bar:
         for split, items in opened.items():
             seen: set[str] = set()
-            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as rows_out, \
+            index = IndexWriter(tmp / f"{split}.jsonl") if meter is not None else None
+            with open(tmp / f"{split}.jsonl", "wb") as rows_out, \
                     open(tmp / f"{split}_tests.jsonl", "w", encoding="utf-8") as tests_out:
                 for path, shard in items:
                     bar.set_description(f"{split} {path.name}")
-                    convert_shard(shard, str(path), stats[split], rows_out, tests_out, meter, token_limit, seen)
+                    convert_shard(shard, str(path), stats[split], rows_out, tests_out, meter, token_limit, seen, index)
                     bar.update(1)
+            if index is not None:
+                index.save(tokenizer)
         report = {
             "settings": {"src": str(src), "token_limit": token_limit if meter else None,
                          "tokenizer": str(tokenizer.path) if tokenizer else None,

@@ -37,6 +37,10 @@ OPTIONAL_METADATA_FIELDS: Mapping[str, type] = {
 }
 """Metadata fields that are type-checked when present (``tests`` is checked separately)."""
 
+TEST_COLUMNS = ("public_tests", "private_tests", "generated_tests")
+"""CodeContests' test lists in a problem's tests record (its split's ``*_tests.jsonl``), in the
+order they are run."""
+
 TESTS_HEADER = "\nYour code should pass these tests:\n"
 """Joins a problem statement and its asserts in the instruction (MBPP's prompt convention)."""
 

@@ -24,6 +24,12 @@ Programs (a program passes iff it exits 0 within the limits):
   prompt's function instead, which works as well.
 - MBPP: ``completion + "\\n" + test_setup_code + "\\n" + the asserts of test_list`` (the setup code
   may use the solution's classes, e.g. mbpp/367).
+- CodeContests: the code itself, run once per test with the test's input on stdin; its stdout is
+  compared with the expected output (``wmtp.eval.judge``). Alpaca prompts only: the instruction is
+  the problem statement, as in the training rows.
+
+``problem_from_row`` rebuilds a problem from a processed row of any of the three datasets (and a
+CodeContests tests record), so that every processed set is read the same way.
 """
 
 from __future__ import annotations
@@ -35,13 +41,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
-from wmtp.data.rows import tests_instruction
+from wmtp.data.rows import TEST_COLUMNS, tests_instruction
 from wmtp.data.template import format_prompt
 
 HUMANEVAL = "humaneval"
 MBPP = "mbpp"
-DATASETS = (HUMANEVAL, MBPP)
-"""Dataset names ``load_problems`` and the prompt/program functions know."""
+CODECONTESTS = "codecontests"
+DATASETS = (HUMANEVAL, MBPP, CODECONTESTS)
+"""Dataset names the prompt/program functions know (``load_problems`` reads the first two's files)."""
 
 ALPACA = "alpaca"
 RAW = "raw"
@@ -93,8 +100,9 @@ class Problem:
     """One benchmark problem: what its prompts and programs are built from.
 
     HumanEval uses ``prompt``, ``entry_point`` and ``test``; MBPP uses ``text``, ``test_list`` and
-    ``test_setup_code``. ``reference`` is the dataset's own solution (HumanEval's
-    canonical_solution, a continuation of the prompt; MBPP's code, a whole program), kept to check
+    ``test_setup_code``; CodeContests ``text`` (the statement), ``io_tests`` and the limits.
+    ``reference`` is the dataset's own solution (HumanEval's canonical_solution, a continuation of
+    the prompt; MBPP's code, a whole program; a correct CodeContests solution or ""), kept to check
     the harness: ``reference_program`` must pass.
     """
 
@@ -107,6 +115,12 @@ class Problem:
     text: str = ""
     test_list: tuple[str, ...] = ()
     test_setup_code: str = ""
+    io_tests: tuple[tuple[str, str], ...] = ()
+    """CodeContests: (stdin, expected stdout) pairs: public, then private, then generated tests."""
+    time_limit_s: float | None = None
+    """CodeContests: the problem's time limit per test (None: not published)."""
+    memory_limit_bytes: int = 0
+    """CodeContests: the problem's memory limit (0: not published)."""
 
 
 def _read_text(path: str | os.PathLike[str]) -> str:
@@ -248,14 +262,28 @@ def humaneval_instruction(problem: Problem) -> str:
     return f"{HUMANEVAL_TASK}\n{code}"
 
 
+def _alpaca_only(problem: Problem | str, template: str) -> None:
+    dataset = problem.dataset if isinstance(problem, Problem) else problem
+    if dataset == CODECONTESTS and template != ALPACA:
+        raise ValueError(f"{CODECONTESTS} problems have the {ALPACA} template only, got {template!r}")
+
+
+def mbpp_instruction(problem: Problem) -> str:
+    """The alpaca instruction of an MBPP problem: its text, ``TESTS_HEADER``, its asserts."""
+    return tests_instruction(problem.text, problem.test_list)
+
+
 def build_prompt(problem: Problem, template: str = ALPACA) -> str:
     """The text the model continues (BOS is the tokenizer's business)."""
     _check_template(template)
+    _alpaca_only(problem, template)
+    if problem.dataset == CODECONTESTS:
+        return format_prompt(problem.text)
     if problem.dataset == HUMANEVAL:
         return format_prompt(humaneval_instruction(problem)) if template == ALPACA else problem.prompt
     if problem.dataset == MBPP:
         if template == ALPACA:
-            return format_prompt(tests_instruction(problem.text, problem.test_list))
+            return format_prompt(mbpp_instruction(problem))
         return f'"""\n{problem.text}\n{problem.test_list[0]}\n"""\n'
     raise _unknown_dataset(problem.dataset)
 
@@ -266,6 +294,7 @@ def stop_sequences(problem: Problem | str, template: str = ALPACA) -> list[str]:
     dataset = problem.dataset if isinstance(problem, Problem) else problem
     if dataset not in DATASETS:
         raise _unknown_dataset(dataset)
+    _alpaca_only(dataset, template)
     if template == ALPACA:
         return list(ALPACA_STOPS)
     return list(HUMANEVAL_RAW_STOPS if dataset == HUMANEVAL else MBPP_RAW_STOPS)
@@ -293,7 +322,9 @@ def extract_code(response: str) -> str:
 
 def build_program(problem: Problem, completion: str) -> str:
     """The test program around ``completion``: for HumanEval the text that follows the prompt, for
-    MBPP the solution code."""
+    MBPP the solution code; for CodeContests the code itself (its tests are its stdin)."""
+    if problem.dataset == CODECONTESTS:
+        return completion + "\n"
     if problem.dataset == HUMANEVAL:
         return f"{problem.prompt}{completion}\n{problem.test}\ncheck({problem.entry_point})\n"
     if problem.dataset == MBPP:
@@ -320,3 +351,49 @@ def completion_to_program(problem: Problem, completion: str, template: str = ALP
 def reference_program(problem: Problem) -> str:
     """The test program of the dataset's own solution; it should pass."""
     return build_program(problem, problem.reference)
+
+
+def _row_dataset(meta: dict[str, Any]) -> str:
+    # Rows name their dataset; MBPP rows written before that say it in `source` only.
+    return meta.get("dataset") or meta.get("source", "")
+
+
+def _strip_suffix(where: str, text: str, suffix: str, what: str) -> str:
+    if not text.endswith(suffix):
+        raise ProblemFileError(f"{where}: the instruction does not end with {what}")
+    return text[:len(text) - len(suffix)]
+
+
+def problem_from_row(row: dict[str, Any], tests: dict[str, Any] | None = None, *, where: str = "row",
+                     max_tests: int = 0) -> Problem:
+    """The problem of a processed row (``wmtp.data.rows``) of HumanEval, MBPP or CodeContests.
+
+    CodeContests rows keep their tests in the split's ``*_tests.jsonl`` sidecar: pass the
+    problem's record as ``tests`` (its public, private and generated tests in that order, the first
+    ``max_tests`` of them if > 0). The row's own solution is the reference when it is correct.
+    """
+    meta = row["metadata"]
+    dataset = _row_dataset(meta)
+    reference = row["output"] if row["is_correct"] else ""
+    if dataset == MBPP:
+        test_list = tuple(meta.get("tests", ()))
+        text = _strip_suffix(where, row["instruction"], tests_instruction("", test_list), "its tests")
+        return Problem(task_id=row["task_id"], dataset=MBPP, reference=reference, text=text, test_list=test_list,
+                       test_setup_code=meta.get("test_setup_code", ""))
+    if dataset == HUMANEVAL:
+        prompt = meta["prompt"]
+        code = prompt.lstrip("\n")
+        if reference and not reference.startswith(code):
+            raise ProblemFileError(f"{where}: a correct HumanEval row's output does not begin with its prompt")
+        return Problem(task_id=row["task_id"], dataset=HUMANEVAL, reference=reference[len(code):],
+                       prompt=prompt, entry_point=meta["entry_point"], test=meta["tests"][0])
+    if dataset == CODECONTESTS:
+        if tests is None:
+            raise ProblemFileError(f"{where}: CodeContests problem {row['task_id']!r} needs its tests record")
+        lists = [tests.get(column) or {} for column in TEST_COLUMNS]
+        pairs = [pair for t in lists for pair in zip(t.get("input") or [], t.get("output") or [])]
+        return Problem(task_id=row["task_id"], dataset=CODECONTESTS, reference=reference, text=row["instruction"],
+                       io_tests=tuple(pairs[:max_tests] if max_tests > 0 else pairs),
+                       time_limit_s=tests.get("time_limit_s"),
+                       memory_limit_bytes=int(tests.get("memory_limit_bytes") or 0))
+    raise ProblemFileError(f"{where}: rows of dataset {dataset!r} have no tests to run; known: {', '.join(DATASETS)}")
