@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -115,14 +116,17 @@ def test_hsdp_2x2_on_four_processes_matches_one_process(single, tiny, tmp_path):
                                                 "checkpoint.save_every": 3}), nproc=4)
     assert "[dist] HSDP 2 replicas x 2 shards" in proc.stdout
     torch.testing.assert_close(losses(out), single, rtol=1e-5, atol=0)
-    # Resume from the HSDP checkpoint at step 3 reproduces steps 4-6 on the same layout.
+    # Resume from the HSDP checkpoint at step 3 (the run folder as it was then) reproduces steps 4-6.
     resumed = tmp_path / "hsdp_resumed"
-    torchrun("recipes/full_finetune_baseline.py",
-             baseline_args(tiny, resumed, **{"training.micro_batch_size": 1, "distributed.hsdp_replicas": 2,
-                                             "checkpoint.save_every": 3, "training.stop_at_step": 3}), nproc=4)
-    torchrun("recipes/full_finetune_baseline.py",
-             baseline_args(tiny, resumed, **{"training.micro_batch_size": 1, "distributed.hsdp_replicas": 2}),
-             nproc=4)
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "final")
+    later = [c for c in (resumed / "checkpoints").iterdir() if c.name != "step_000003"]
+    assert [c.name for c in later] == ["step_000006"]
+    shutil.rmtree(later[0])
+    proc = torchrun("recipes/full_finetune_baseline.py",
+                    baseline_args(tiny, resumed, **{"training.micro_batch_size": 1, "distributed.hsdp_replicas": 2}),
+                    nproc=4)
+    assert "resumed from" in proc.stdout and "(step 3)" in proc.stdout
     assert losses(resumed).tolist() == losses(out).tolist()
 
 

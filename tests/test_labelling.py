@@ -5,8 +5,6 @@ resume after a torn write, two ranks) feeding the critic recipe."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -19,6 +17,7 @@ from wmtp.data.rows import validate_row
 from wmtp.eval.judge import NO_TESTS, PASSED, WRONG_ANSWER, judge, outputs_match
 from wmtp.eval.labelling import LabellingProblem, labelled_rows
 from wmtp.eval.problems import CODECONTESTS, MBPP, Problem
+from wmtp.eval.sandbox import run_program
 from wmtp.training.metrics import read_metrics
 
 # ---------------------------------------------------------------- output comparison
@@ -117,18 +116,17 @@ def _problem_record(i: int, **overrides) -> dict:
 
 
 def _rejudge(row: dict, tests_record: dict) -> bool:
-    """Run a labelled row's code on its problem's tests with plain subprocesses (no sandbox)."""
+    """Run a labelled row's code on its problem's tests one by one (sandboxed: it is model output)
+    and compare the outputs token by token."""
     code = row["output"]
-    if "```" in code:
-        return row["is_correct"]  # fenced answers are judged on their block; not produced by this tiny model
+    if "```" in code:  # a fenced answer runs its first block (the tiny model is unlikely to write one)
+        block = code.split("```")[1]
+        code = block.split("\n", 1)[1] if "\n" in block and block.split("\n", 1)[1].strip() else code.split("```")[0]
     for column in ("public_tests", "private_tests", "generated_tests"):
         for given, expected in zip(tests_record[column]["input"], tests_record[column]["output"]):
-            try:
-                proc = subprocess.run([sys.executable, "-I", "-c", code], input=given, capture_output=True,
-                                      text=True, timeout=5)
-            except subprocess.TimeoutExpired:
-                return False
-            if proc.returncode != 0 or proc.stdout.split() != expected.split():
+            result = run_program(code, stdin=given, timeout_s=tests_record["time_limit_s"],
+                                 memory_mb=(tests_record["memory_limit_bytes"] >> 20) + 32)  # as the judge
+            if not result.passed or result.stdout.split() != expected.split():
                 return False
     return True
 
