@@ -152,11 +152,7 @@ def label(args: argparse.Namespace) -> dict | None:
     stats = None
     if info.is_main:
         counts = store.merge([p.task_id for p in problems.items])
-        statuses: dict[str, int] = {}
-        with open(args.out / LABELLED_FILE, encoding="utf-8") as f:
-            for line in f:
-                status = json.loads(line)["metadata"]["status"]
-                statuses[status] = statuses.get(status, 0) + 1
+        statuses = counts["statuses"]
         for reason, n in counts["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
         stats = {"problems": len(problems.items) + sum(problems.skipped.values()),

@@ -14,8 +14,9 @@ import errno as errno_codes
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 TMP_SUFFIX = ".tmp"
 
@@ -168,6 +169,26 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise error from exc
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Call `write` on a fresh temporary file beside `path` (opened "wb"), fsync it and rename it
+    to `path`; an I/O failure raises WriteError naming `path` (the temporary file is removed).
+    Each call has its own temporary name, so processes writing the same path never share one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise write_error(exc, path, what=f"writing {path.name}") from exc
+        raise
 
 
 def fsync_dir(path: str | Path) -> None:

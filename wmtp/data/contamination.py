@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Iterable, Iterator, Sequence
 
+from wmtp.atomic import atomic_write
 from wmtp.eval.problems import HUMANEVAL, Problem
 
 DEFAULT_N = 13
@@ -156,20 +156,15 @@ def check_files(checker: OverlapChecker, paths: Iterable[str | Path]) -> int:
 def drop_contaminated(src: str | Path, dst: str | Path, task_ids: set[str]) -> dict[str, int]:
     """Copy `src` to `dst` (atomically) without the rows of `task_ids`; lines that are not rows are
     copied as they are (the index skips and counts them). Returns rows kept and dropped."""
-    dst = Path(dst)
-    tmp = dst.with_name(dst.name + ".tmp")
-    kept = dropped = 0
-    try:
-        with open(tmp, "wb") as out:
-            for _, line, row in iter_rows(src):
-                if row is not None and row["task_id"] in task_ids:
-                    dropped += 1
-                    continue
-                out.write(line if line.endswith(b"\n") else line + b"\n")
-                kept += 1
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return {"kept": kept, "dropped": dropped}
+    counts = {"kept": 0, "dropped": 0}
+
+    def write(out: BinaryIO) -> None:
+        for _, line, row in iter_rows(src):
+            if row is not None and row["task_id"] in task_ids:
+                counts["dropped"] += 1
+                continue
+            out.write(line if line.endswith(b"\n") else line + b"\n")
+            counts["kept"] += 1
+
+    atomic_write(dst, write)
+    return counts

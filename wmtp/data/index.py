@@ -19,13 +19,13 @@ import json
 import logging
 import multiprocessing
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 
+from wmtp.atomic import atomic_write
 from wmtp.data.rows import validate_row
 from wmtp.data.template import format_prompt
 from wmtp.data.tokenizer import SentencePieceTokenizer
@@ -239,19 +239,20 @@ def _index_block(tokenizer: SentencePieceTokenizer, data: bytes, offset: int, fi
 
 def _read_blocks(f: BinaryIO, block_bytes: int) -> Iterator[tuple[bytes, int, int]]:
     """(whole lines, byte offset, first line number) of a binary file, about `block_bytes` each."""
-    offset, line, carry = 0, 1, b""
+    offset, line = 0, 1
+    pending: list[bytes] = []  # reads since the last newline: joined once, whatever a line's length
     while True:
         data = f.read(block_bytes)
         if not data:
-            if carry:
-                yield carry, offset, line
+            if pending:
+                yield b"".join(pending), offset, line
             return
-        data = carry + data
         cut = data.rfind(b"\n") + 1
-        if not cut:  # a line longer than the block: read on until it ends
-            carry = data
+        if not cut:  # no line ends in this read: read on
+            pending.append(data)
             continue
-        block, carry = data[:cut], data[cut:]
+        block = b"".join([*pending, data[:cut]])
+        pending = [data[cut:]] if cut < len(data) else []
         yield block, offset, line
         offset += len(block)
         line += block.count(b"\n")
@@ -452,10 +453,11 @@ def _load_fresh(jsonl_path: Path, tokenizer_hash: str) -> RowIndex | None:
 
 
 def _save(index: RowIndex, tokenizer_hash: str) -> None:
-    """Write the columns, then the metadata (which vouches for them), each via temp file + rename."""
+    """Write the columns, then the metadata (which vouches for them), each atomically (ranks that
+    index the same file at once never share a temporary file)."""
     npz_path, meta_path = index_paths(index.path)
     columns = _to_columns(index.rows, len(index.problems))
-    _atomic_write(npz_path, lambda f: np.savez(f, **columns))
+    atomic_write(npz_path, lambda f: np.savez(f, **columns))
     meta = {
         "format_version": INDEX_FORMAT_VERSION,
         "source_size": index.source_size,
@@ -466,18 +468,4 @@ def _save(index: RowIndex, tokenizer_hash: str) -> None:
         "skipped_lines": index.skipped_lines,
         "problems": index.problems,
     }
-    _atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))
-
-
-def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
-    # A unique temp name per writer: ranks that index the same file at once never share a temp file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(meta_path, lambda f: f.write(json.dumps(meta).encode()))

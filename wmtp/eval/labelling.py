@@ -20,10 +20,11 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, BinaryIO, Mapping, Sequence
 
 import numpy as np
 
+from wmtp.atomic import atomic_write, atomic_write_text
 from wmtp.data.index import RowIndex
 from wmtp.eval.judge import Verdict
 from wmtp.data.rows import TEST_COLUMNS
@@ -180,9 +181,7 @@ class LabelStore:
                                  f"use another output folder")
         elif write:
             self.out.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(dict(settings), indent=1) + "\n")
-            os.replace(tmp, path)
+            atomic_write_text(path, json.dumps(dict(settings), indent=1) + "\n")
 
     def done(self) -> dict[str, dict[str, Any]]:
         """task_id -> its record {task_id, file, start, end, samples, passed}, from every rank's
@@ -222,8 +221,11 @@ class LabelStore:
         start = self._rows.tell()
         if rows:
             _fsync_append(self._rows, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode())
+        statuses: dict[str, int] = {}
+        for r in rows:
+            statuses[r["metadata"]["status"]] = statuses.get(r["metadata"]["status"], 0) + 1
         record = {"task_id": task_id, "start": start, "end": self._rows.tell(), "samples": len(rows),
-                  "passed": sum(r["is_correct"] for r in rows)}
+                  "passed": sum(r["is_correct"] for r in rows), "statuses": statuses}
         if skipped is not None:
             record["skipped"] = skipped
         _fsync_append(self._done, (json.dumps(record) + "\n").encode())
@@ -232,37 +234,39 @@ class LabelStore:
         self._rows.close()
         self._done.close()
 
-    def merge(self, order: Sequence[str]) -> dict[str, int]:
+    def merge(self, order: Sequence[str]) -> dict[str, Any]:
         """Write labelled.jsonl: the rows of the problems of `order` that are labelled, in that
-        order (atomically); returns problems, rows and correct rows written, and the problems
-        skipped while labelling, by reason."""
+        order (atomically); returns problems, rows, correct rows and rows per status written, and
+        the problems skipped while labelling, by reason."""
         done = self.done()
-        target = self.out / LABELLED_FILE
-        tmp = target.with_name(target.name + ".tmp")
-        counts: dict[str, Any] = {"problems": 0, "rows": 0, "correct": 0, "skipped": {}}
+        counts: dict[str, Any] = {"problems": 0, "rows": 0, "correct": 0, "statuses": {}, "skipped": {}}
         files: dict[str, Any] = {}
+
+        def add(table: dict[str, int], key: str, n: int) -> None:
+            table[key] = table.get(key, 0) + n
+
+        def write(out: BinaryIO) -> None:
+            for task_id in order:
+                record = done.get(task_id)
+                if record is None:
+                    continue
+                if "skipped" in record:
+                    add(counts["skipped"], record["skipped"], 1)
+                    continue
+                if record["file"] not in files:
+                    files[record["file"]] = open(self.out / record["file"], "rb")
+                f = files[record["file"]]
+                f.seek(record["start"])
+                out.write(f.read(record["end"] - record["start"]))
+                counts["problems"] += 1
+                counts["rows"] += record["samples"]
+                counts["correct"] += record["passed"]
+                for status, n in record["statuses"].items():
+                    add(counts["statuses"], status, n)
+
         try:
-            with open(tmp, "wb") as out:
-                for task_id in order:
-                    record = done.get(task_id)
-                    if record is None:
-                        continue
-                    if "skipped" in record:
-                        counts["skipped"][record["skipped"]] = counts["skipped"].get(record["skipped"], 0) + 1
-                        continue
-                    if record["file"] not in files:
-                        files[record["file"]] = open(self.out / record["file"], "rb")
-                    f = files[record["file"]]
-                    f.seek(record["start"])
-                    out.write(f.read(record["end"] - record["start"]))
-                    counts["problems"] += 1
-                    counts["rows"] += record["samples"]
-                    counts["correct"] += record["passed"]
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, target)
+            atomic_write(self.out / LABELLED_FILE, write)
         finally:
             for f in files.values():
                 f.close()
-            tmp.unlink(missing_ok=True)
         return counts
