@@ -7,7 +7,7 @@ TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 FLOAT8_STAMP := $(VENV)/.installed-float8
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test lint fmt bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python scripts/demo.py
 
-test: $(STAMP) $(FLOAT8_STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: lint $(FLOAT8_STAMP)
 	$(BIN)/python -m pytest -q
+
+fmt: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: $(STAMP)
 	$(BIN)/python -m pytest benchmarks -q -s

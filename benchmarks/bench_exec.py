@@ -22,14 +22,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from harness import cpu_model  # noqa: E402
+
 from wmtp.eval.sandbox import run_programs, sandbox_protections, sandbox_python  # noqa: E402
 
 DEFAULT_PROBLEMS = ROOT.parent / "shared" / "data" / "HumanEval.jsonl.gz"
@@ -39,10 +40,9 @@ TIMEOUT_S = 10.0
 def humaneval_programs(path: Path) -> list[str]:
     with gzip.open(path, "rt", encoding="utf-8") as f:
         problems = [json.loads(line) for line in f if line.strip()]
-    return [p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + f"\ncheck({p['entry_point']})\n"
-            for p in problems]
-
-
+    return [
+        p["prompt"] + p["canonical_solution"] + "\n" + p["test"] + f"\ncheck({p['entry_point']})\n" for p in problems
+    ]
 
 
 def plain(programs: list[str], workers: int, command: Sequence[str] = (sys.executable,)) -> list[bool]:
@@ -54,8 +54,12 @@ def plain(programs: list[str], workers: int, command: Sequence[str] = (sys.execu
             Path(paths[-1]).write_text(program, encoding="utf-8")
 
         def run(path: str) -> bool:
-            return subprocess.run([*command, path], stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, timeout=TIMEOUT_S).returncode == 0
+            return (
+                subprocess.run(
+                    [*command, path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=TIMEOUT_S
+                ).returncode
+                == 0
+            )
 
         if workers == 1:
             return [run(p) for p in paths]
@@ -86,18 +90,29 @@ def main() -> None:
     cpus = os.cpu_count() or 1
     protections = sandbox_protections()
     rows = [
-        ("run_programs, 2 workers", 2,
-         lambda: [r.passed for r in run_programs(programs, workers=2, timeout_s=TIMEOUT_S)]),
-        (f"run_programs, {cpus} workers", cpus,
-         lambda: [r.passed for r in run_programs(programs, workers=cpus, timeout_s=TIMEOUT_S)]),
+        (
+            "run_programs, 2 workers",
+            2,
+            lambda: [r.passed for r in run_programs(programs, workers=2, timeout_s=TIMEOUT_S)],
+        ),
+        (
+            f"run_programs, {cpus} workers",
+            cpus,
+            lambda: [r.passed for r in run_programs(programs, workers=cpus, timeout_s=TIMEOUT_S)],
+        ),
         ("plain subprocess.run, sequential", 1, lambda: plain(programs, 1)),
         (f"plain subprocess.run, {cpus} threads", cpus, lambda: plain(programs, cpus)),
-        (f"plain, sandbox's `python -I -S`, {cpus} threads", cpus,
-         lambda: plain(programs, cpus, (sandbox_python(), "-I", "-S"))),
+        (
+            f"plain, sandbox's `python -I -S`, {cpus} threads",
+            cpus,
+            lambda: plain(programs, cpus, (sandbox_python(), "-I", "-S")),
+        ),
     ]
-    print(f"{len(programs)} HumanEval canonical solutions; {cpu_model()}, {cpus} CPUs; "
-          f"{dt.datetime.now().isoformat(timespec='seconds')}; load average "
-          f"{os.getloadavg()[0]:.2f} at start")
+    print(
+        f"{len(programs)} HumanEval canonical solutions; {cpu_model()}, {cpus} CPUs; "
+        f"{dt.datetime.now().isoformat(timespec='seconds')}; load average "
+        f"{os.getloadavg()[0]:.2f} at start"
+    )
     print(f"sandbox interpreter: {sandbox_python()}; plain: {sys.executable}")
     print("active: " + ", ".join(k for k, v in protections.items() if v))
     print()

@@ -52,17 +52,44 @@ READ_ROWS = 10_000
 MALFORMED_LINES = 8
 DROP_CACHES = "/proc/sys/vm/drop_caches"
 
-WORDS = ("the of a to and is in that for you given an array integers string each test case output print "
-         "number minimum maximum sum query queries graph tree vertex edge path length first line contains "
-         "two three n m k q x y such at most least modulo answer if not possible otherwise find").split()
+WORDS = (
+    "the of a to and is in that for you given an array integers string each test case output print "
+    "number minimum maximum sum query queries graph tree vertex edge path length first line contains "
+    "two three n m k q x y such at most least modulo answer if not possible otherwise find"
+).split()
 SYLLABLES = "ka lo mi zu pe ra ti no be sh ch ax el qu vi or un de st gr".split()
 MADE_UP_WORDS = 3000
 IDENTIFIERS = "n m k i j a b c x y ans res cnt dp s t arr nums left right mid total best cur".split()
-CALLS = ["int(input())", "list(map(int, input().split()))", "input().strip()", "len(a)", "range(n)",
-         "max(ans, cur)", "min(best, x)", "sum(a)", "sorted(a)", "print(ans)", "dp[i - 1] + a[i]",
-         "a[i] % MOD", "(x + y) // 2", "s.count('1')", "collections.Counter(a)"]
-KEYWORDS = ["for {v} in range({e}):", "if {v} > {e}:", "while {v} < {e}:", "{v} = {e}", "{v} += {e}",
-            "return {e}", "print({e})", "{v}.append({e})", "elif {v} == {e}:", "else:", "def solve({v}):"]
+CALLS = [
+    "int(input())",
+    "list(map(int, input().split()))",
+    "input().strip()",
+    "len(a)",
+    "range(n)",
+    "max(ans, cur)",
+    "min(best, x)",
+    "sum(a)",
+    "sorted(a)",
+    "print(ans)",
+    "dp[i - 1] + a[i]",
+    "a[i] % MOD",
+    "(x + y) // 2",
+    "s.count('1')",
+    "collections.Counter(a)",
+]
+KEYWORDS = [
+    "for {v} in range({e}):",
+    "if {v} > {e}:",
+    "while {v} < {e}:",
+    "{v} = {e}",
+    "{v} += {e}",
+    "return {e}",
+    "print({e})",
+    "{v}.append({e})",
+    "elif {v} == {e}:",
+    "else:",
+    "def solve({v}):",
+]
 
 
 def lexicon(rng: random.Random) -> list[str]:
@@ -105,14 +132,24 @@ def generate(path: Path, n_rows: int, n_problems: int, seed: int) -> dict[str, i
             difficulty = rng.randint(0, MAX_DIFFICULTY)
             for _ in range(min(rows_per_problem, n_rows - written)):
                 code = "\n".join(rng.choices(lines, k=rng.randint(*SOLUTION_LINES)))
-                row = make_row(instruction=statement, output=code, task_id=f"{problem}_A. Problem {problem}",
-                               is_correct=rng.random() < CORRECT_SHARE, source="codeforces",
-                               difficulty=difficulty, dataset="codecontests", language="python3")
+                row = make_row(
+                    instruction=statement,
+                    output=code,
+                    task_id=f"{problem}_A. Problem {problem}",
+                    is_correct=rng.random() < CORRECT_SHARE,
+                    source="codeforces",
+                    difficulty=difficulty,
+                    dataset="codecontests",
+                    language="python3",
+                )
                 f.write(json.dumps(row) + "\n")
                 written += 1
                 if written % bad_every == 0:
-                    broken = [json.dumps(row)[:50], json.dumps({k: v for k, v in row.items() if k != "output"}),
-                              json.dumps({**row, "is_correct": "true"})][bad % 3]
+                    broken = [
+                        json.dumps(row)[:50],
+                        json.dumps({k: v for k, v in row.items() if k != "output"}),
+                        json.dumps({**row, "is_correct": "true"}),
+                    ][bad % 3]
                     f.write(broken + "\n")
                     bad += 1
             problem += 1
@@ -148,11 +185,18 @@ def measure_build(jsonl: Path, tokenizer_path: Path, workers: int) -> dict[str, 
     index = build_index(jsonl, tokenizer, workers=workers)
     build_s = time.perf_counter() - start
     npz, meta = index_paths(jsonl)
-    return {"rows": len(index), "skipped": sum(index.skipped.values()), "problems": len(index.problems),
-            "build_s": build_s, "mean_tokens": float(index.rows["token_length"].mean()),
-            "index_bytes": npz.stat().st_size + meta.stat().st_size, "npz_bytes": npz.stat().st_size,
-            "rss_before_mb": rss_before, "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
-            "workers_peak_rss_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN)}
+    return {
+        "rows": len(index),
+        "skipped": sum(index.skipped.values()),
+        "problems": len(index.problems),
+        "build_s": build_s,
+        "mean_tokens": float(index.rows["token_length"].mean()),
+        "index_bytes": npz.stat().st_size + meta.stat().st_size,
+        "npz_bytes": npz.stat().st_size,
+        "rss_before_mb": rss_before,
+        "peak_rss_mb": _peak_rss_mb(resource.RUSAGE_SELF),
+        "workers_peak_rss_mb": _peak_rss_mb(resource.RUSAGE_CHILDREN),
+    }
 
 
 def measure_use(jsonl: Path, tokenizer_path: Path, seed: int) -> dict[str, float]:
@@ -168,9 +212,14 @@ def measure_use(jsonl: Path, tokenizer_path: Path, seed: int) -> dict[str, float
     samplers = {
         "correct_only": lambda: CorrectOnlySampler(index, seed=seed, max_seq_len=2048),
         "balanced": lambda: BalancedSampler(index, seed=seed, max_seq_len=2048),
-        "curriculum": lambda: CurriculumSampler(index, seed=seed, max_seq_len=2048, bin_edges=[0, 7, 14, 21],
-                                                schedule=[(0.0, [4, 3, 2, 1]), (0.5, [1, 2, 3, 4])],
-                                                total_samples=4 * PLAN_ROWS),
+        "curriculum": lambda: CurriculumSampler(
+            index,
+            seed=seed,
+            max_seq_len=2048,
+            bin_edges=[0, 7, 14, 21],
+            schedule=[(0.0, [4, 3, 2, 1]), (0.5, [1, 2, 3, 4])],
+            total_samples=4 * PLAN_ROWS,
+        ),
     }
     for name, make in samplers.items():
         start = time.perf_counter()
@@ -224,9 +273,12 @@ def main() -> None:
     try:
         start = time.perf_counter()
         written = generate(jsonl, args.rows, args.problems, args.seed)
-        print(f"generated {written['rows']:,} rows + {written['malformed']} malformed lines, "
-              f"{written['problems']:,} problems, {jsonl.stat().st_size / 2**20:,.0f} MB "
-              f"in {time.perf_counter() - start:.1f} s", flush=True)
+        print(
+            f"generated {written['rows']:,} rows + {written['malformed']} malformed lines, "
+            f"{written['problems']:,} problems, {jsonl.stat().st_size / 2**20:,.0f} MB "
+            f"in {time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
         tokenizer_path = args.tokenizer
         if tokenizer_path is None:
             start = time.perf_counter()
@@ -242,25 +294,43 @@ def main() -> None:
         cold = _drop_page_cache() and _fresh("--use", str(jsonl), str(tokenizer_path), "--seed", str(args.seed))
         use = _fresh("--use", str(jsonl), str(tokenizer_path), "--seed", str(args.seed))
         rows = parallel["rows"]
-        print(f"\n{rows:,} rows indexed ({parallel['skipped']} bad rows skipped, {parallel['problems']:,} problems, "
-              f"{parallel['mean_tokens']:.0f} tokens/row on average), {jsonl.stat().st_size / 2**20:,.0f} MB "
-              f"of JSONL, {available_cores()} cores")
+        print(
+            f"\n{rows:,} rows indexed ({parallel['skipped']} bad rows skipped, {parallel['problems']:,} problems, "
+            f"{parallel['mean_tokens']:.0f} tokens/row on average), {jsonl.stat().st_size / 2**20:,.0f} MB "
+            f"of JSONL, {available_cores()} cores"
+        )
         print("| build | wall time | s per 1M rows | rows/s | peak RSS (main) | peak RSS (a worker) |")
         print("|---|---:|---:|---:|---:|---:|")
         for name, r in builds.items():
-            print(f"| {name} | {r['build_s']:.1f} s | {r['build_s'] * 1e6 / rows:.1f} | {rows / r['build_s']:,.0f} | "
-                  f"{r['peak_rss_mb']:.0f} MB | {r['workers_peak_rss_mb']:.0f} MB |")
-        print(f"speed-up {single['build_s'] / parallel['build_s']:.2f}x; index on disk "
-              f"{parallel['index_bytes'] / 2**20:.1f} MB ({parallel['npz_bytes'] / rows:.2f} B/row in the array file, "
-              f"{parallel['index_bytes'] / rows:.2f} B/row with the metadata)")
-        print(f"load {use['load_s'] * 1000:.0f} ms; plan of {PLAN_ROWS:,} rows: " + ", ".join(
-            f"{k[5:-2]} {v * 1000:.0f} ms" for k, v in use.items() if k.startswith("plan_"))
-              + f"; {READ_ROWS:,} random rows read in {use['read_s'] * 1000:.0f} ms (page cache warm), "
-              + (f"{cold['read_s'] * 1000:.0f} ms (cold)" if cold else "cold not measured (needs root)"))
+            print(
+                f"| {name} | {r['build_s']:.1f} s | {r['build_s'] * 1e6 / rows:.1f} | {rows / r['build_s']:,.0f} | "
+                f"{r['peak_rss_mb']:.0f} MB | {r['workers_peak_rss_mb']:.0f} MB |"
+            )
+        print(
+            f"speed-up {single['build_s'] / parallel['build_s']:.2f}x; index on disk "
+            f"{parallel['index_bytes'] / 2**20:.1f} MB ({parallel['npz_bytes'] / rows:.2f} B/row in the array file, "
+            f"{parallel['index_bytes'] / rows:.2f} B/row with the metadata)"
+        )
+        print(
+            f"load {use['load_s'] * 1000:.0f} ms; plan of {PLAN_ROWS:,} rows: "
+            + ", ".join(f"{k[5:-2]} {v * 1000:.0f} ms" for k, v in use.items() if k.startswith("plan_"))
+            + f"; {READ_ROWS:,} random rows read in {use['read_s'] * 1000:.0f} ms (page cache warm), "
+            + (f"{cold['read_s'] * 1000:.0f} ms (cold)" if cold else "cold not measured (needs root)")
+        )
         if args.json:
-            args.json.write_text(json.dumps({"rows": rows, "jsonl_bytes": jsonl.stat().st_size,
-                                             "cores": available_cores(), "builds": builds, "use": use,
-                                             "use_cold_cache": cold or None}, indent=1))
+            args.json.write_text(
+                json.dumps(
+                    {
+                        "rows": rows,
+                        "jsonl_bytes": jsonl.stat().st_size,
+                        "cores": available_cores(),
+                        "builds": builds,
+                        "use": use,
+                        "use_cold_cache": cold or None,
+                    },
+                    indent=1,
+                )
+            )
     finally:
         if args.out is None:
             shutil.rmtree(out, ignore_errors=True)

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from harness import cpu_model  # noqa: E402
+
 from wmtp.models import ModelArgs, MTPTransformer  # noqa: E402
 
 VOCAB = 32000
@@ -53,8 +54,16 @@ def padded_tokenizer(src: Path, dst: Path, vocab: int) -> None:
 def make_checkpoint(folder: Path, *, dim: int, layers: int, heads: int, seed: int = 0) -> int:
     """Random Meta-format MTP checkpoint; returns the .pth size in bytes."""
     pth = folder / "consolidated.00.pth"
-    params = dict(dim=dim, n_layers=layers, n_heads=heads, vocab_size=-1, multiple_of=256, norm_eps=1e-5,
-                  rope_theta=10000.0, n_future_tokens=4)
+    params = dict(
+        dim=dim,
+        n_layers=layers,
+        n_heads=heads,
+        vocab_size=-1,
+        multiple_of=256,
+        norm_eps=1e-5,
+        rope_theta=10000.0,
+        n_future_tokens=4,
+    )
     if not pth.is_file():
         folder.mkdir(parents=True, exist_ok=True)
         model = MTPTransformer(ModelArgs(**{**params, "vocab_size": VOCAB}))
@@ -65,16 +74,36 @@ def make_checkpoint(folder: Path, *, dim: int, layers: int, heads: int, seed: in
     return pth.stat().st_size
 
 
-
-
 def run_ranks(model: Path, tokenizer: Path, data: Path, out: Path, ranks: int) -> list[dict]:
     """The worker under torchrun; one JSON result per rank."""
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-           str(WORKER), str(out), "--config", str(ROOT / "configs" / "baseline_tiny.toml"),
-           "--model.path", str(model), "--tokenizer.path", str(tokenizer), "--data.train_path", str(data),
-           "--training.output_dir", str(out / "run"), "--metrics.mlflow", "false",
-           "--metrics.progress_bar", "false", "--training.precision", "fp32", "--training.device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        str(WORKER),
+        str(out),
+        "--config",
+        str(ROOT / "configs" / "baseline_tiny.toml"),
+        "--model.path",
+        str(model),
+        "--tokenizer.path",
+        str(tokenizer),
+        "--data.train_path",
+        str(data),
+        "--training.output_dir",
+        str(out / "run"),
+        "--metrics.mlflow",
+        "false",
+        "--metrics.progress_bar",
+        "false",
+        "--training.precision",
+        "fp32",
+        "--training.device",
+        "cpu",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -92,29 +121,58 @@ def main() -> None:
     args = parser.parse_args()
 
     tiny = args.work / "tiny"
-    subprocess.run([sys.executable, "scripts/make_tiny.py", "--out", str(tiny), "--source", "synthetic",
-                    "--max-problems", str(TINY_MAX_PROBLEMS), "--no-reference"], cwd=ROOT, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "scripts/make_tiny.py",
+            "--out",
+            str(tiny),
+            "--source",
+            "synthetic",
+            "--max-problems",
+            str(TINY_MAX_PROBLEMS),
+            "--no-reference",
+        ],
+        cwd=ROOT,
+        check=True,
+    )
     tokenizer = args.work / "tokenizer32k" / "tokenizer.model"
     padded_tokenizer(tiny / "tokenizer.model", tokenizer, VOCAB)
     large = args.work / f"mtp_d{args.dim}_l{args.layers}"
     size = make_checkpoint(large, dim=args.dim, layers=args.layers, heads=args.heads)
     with torch.device("meta"):
-        n_params = sum(p.numel() for p in MTPTransformer(ModelArgs(
-            dim=args.dim, n_layers=args.layers, n_heads=args.heads, vocab_size=VOCAB, multiple_of=256,
-            n_future_tokens=4)).parameters())
+        n_params = sum(
+            p.numel()
+            for p in MTPTransformer(
+                ModelArgs(
+                    dim=args.dim,
+                    n_layers=args.layers,
+                    n_heads=args.heads,
+                    vocab_size=VOCAB,
+                    multiple_of=256,
+                    n_future_tokens=4,
+                )
+            ).parameters()
+        )
 
     data = tiny / "data" / "train.jsonl"
     small = run_ranks(tiny / "mtp_model", tiny / "tokenizer.model", data, args.work / "run_tiny", args.ranks)
     big = run_ranks(large, tokenizer, data, args.work / "run_large", args.ranks)
-    print(f"\n{cpu_model()} ({os.cpu_count()} cores), torch {torch.__version__}, {args.ranks} ranks; "
-          f"checkpoint {large.name}: ~{n_params / 1e6:.0f}M parameters, {size / 1e6:,.0f} MB")
-    print("| rank | peak RSS, tiny model | peak RSS, large model | above tiny | share of checkpoint | "
-          "setup time | equal to one-process load |")
+    print(
+        f"\n{cpu_model()} ({os.cpu_count()} cores), torch {torch.__version__}, {args.ranks} ranks; "
+        f"checkpoint {large.name}: ~{n_params / 1e6:.0f}M parameters, {size / 1e6:,.0f} MB"
+    )
+    print(
+        "| rank | peak RSS, tiny model | peak RSS, large model | above tiny | share of checkpoint | "
+        "setup time | equal to one-process load |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---|")
     for s, b in zip(small, big):
         extra = (b["peak_rss_mb"] - s["peak_rss_mb"]) * 1e6
-        print(f"| {b['rank']} | {s['peak_rss_mb']:,.0f} MB | {b['peak_rss_mb']:,.0f} MB | {extra / 1e6:,.0f} MB | "
-              f"{extra / size:.2f}x | {b['setup_s']:.1f} s | {b.get('bitwise_equal', '-')} |")
+        print(
+            f"| {b['rank']} | {s['peak_rss_mb']:,.0f} MB | {b['peak_rss_mb']:,.0f} MB | {extra / 1e6:,.0f} MB | "
+            f"{extra / size:.2f}x | {b['setup_s']:.1f} s | {b.get('bitwise_equal', '-')} |"
+        )
 
 
 if __name__ == "__main__":

@@ -52,12 +52,18 @@ def main() -> None:
     info = init_distributed("cpu" if opts.dry_run else "cuda")
     args = ModelArgs(**(TINY if opts.dry_run else ONE_B))
     shape = TINY_BATCH if opts.dry_run else ONE_B_BATCH
-    recipe, _ = recipe_on_model("baseline", args, info, mesh=build_mesh(info, 1),
-                                precision="fp32" if opts.dry_run else "bf16",
-                                dist_cfg=DistributedConfig(compile=opts.compile))
+    recipe, _ = recipe_on_model(
+        "baseline",
+        args,
+        info,
+        mesh=build_mesh(info, 1),
+        precision="fp32" if opts.dry_run else "bf16",
+        dist_cfg=DistributedConfig(compile=opts.compile),
+    )
     batch = synthetic_batch(args, **shape, prompt=1, device=info.device)
-    tokens, flops = step_work([batch], args, heads=args.n_future_tokens,
-                              scored_pairs=int((batch["targets"] >= 0).sum()))
+    tokens, flops = step_work(
+        [batch], args, heads=args.n_future_tokens, scored_pairs=int((batch["targets"] >= 0).sum())
+    )
 
     def step() -> float:
         if info.device.type == "cuda":
@@ -73,11 +79,18 @@ def main() -> None:
     times = [step() for _ in range(1 if opts.dry_run else TIMED)]
     seconds = statistics.median(times)
     peak = peak_flops(info.device)
-    result = {"compile": opts.compile, "device": torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu",
-              "params": sum(p.numel() for p in recipe.model.parameters()), "tokens": tokens, "flops": flops,
-              "step_s": seconds, "tokens_per_s": tokens / seconds, "tflops_per_s": flops / seconds / 1e12,
-              "mfu": flops / seconds / peak if peak else None,
-              "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if info.device.type == "cuda" else None}
+    result = {
+        "compile": opts.compile,
+        "device": torch.cuda.get_device_name() if info.device.type == "cuda" else "cpu",
+        "params": sum(p.numel() for p in recipe.model.parameters()),
+        "tokens": tokens,
+        "flops": flops,
+        "step_s": seconds,
+        "tokens_per_s": tokens / seconds,
+        "tflops_per_s": flops / seconds / 1e12,
+        "mfu": flops / seconds / peak if peak else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30 if info.device.type == "cuda" else None,
+    }
     if info.is_main:
         opts.out.parent.mkdir(parents=True, exist_ok=True)
         opts.out.write_text(json.dumps(result, indent=2) + "\n")

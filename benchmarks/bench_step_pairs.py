@@ -41,8 +41,10 @@ def main() -> None:
     bench.SHAPE["prompt"] = args.prompt
     device = torch.device("cpu")
     tokens = bench.SHAPE["batch"] * bench.SHAPE["seq"]
-    print(f"{bench.TABLE.split(' (')[0]}, {bench.SHAPE['seq'] - args.prompt} response tokens per row; "
-          f"{args.rounds} interleaved rounds after one warm-up each")
+    print(
+        f"{bench.TABLE.split(' (')[0]}, {bench.SHAPE['seq'] - args.prompt} response tokens per row; "
+        f"{args.rounds} interleaved rounds after one warm-up each"
+    )
     print("| recipe | recompute path (8NHV) | train_step (6NHV) | median ratio | tokens/s old -> new |")
     print("|---|---:|---:|---:|---:|")
     cases = (("baseline", bench.recompute_baseline_step), ("verifiable", bench.recompute_verifiable_step))
@@ -62,8 +64,10 @@ def main() -> None:
         pairs = [(timed(old), timed(new)) for _ in range(args.rounds)]
         t_old, t_new = (statistics.median(p[i] for p in pairs) for i in (0, 1))
         ratio = statistics.median(o / n for o, n in pairs)
-        print(f"| {name} | {t_old:.3f} s | {t_new:.3f} s | {ratio:.3f}x | "
-              f"{tokens / t_old:,.0f} -> {tokens / t_new:,.0f} |")
+        print(
+            f"| {name} | {t_old:.3f} s | {t_new:.3f} s | {ratio:.3f}x | "
+            f"{tokens / t_old:,.0f} -> {tokens / t_new:,.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ from typing import Any
 
 import pytest
 import torch
-
 from harness import BenchSession, Result, Settings, cpu_model
 
 OTHERS_BUSY_WARNING = 0.10
@@ -89,17 +88,38 @@ def _note(r: Result) -> str:
 def _table_lines(name: str, rows: list[Result]) -> list[str]:
     derived = _derived(rows)
     base = next((r.case for r in rows if r.role == "baseline"), None)
-    header = ["case", "ran as", "median", "peak extra", "time/base", "mem/base", "time/floor", "TFLOP/s", "GB/s",
-              "max rel err", "note"]
+    header = [
+        "case",
+        "ran as",
+        "median",
+        "peak extra",
+        "time/base",
+        "mem/base",
+        "time/floor",
+        "TFLOP/s",
+        "GB/s",
+        "max rel err",
+        "note",
+    ]
     body = []
     for r in rows:
         d = derived[r.case]
         err = max(r.errors.values()) if r.errors else None
-        body.append([r.case, r.label, _fmt_time(r.median_s), _fmt_bytes(r.peak_extra_bytes),
-                     _fmt_x(d["time_vs_baseline"]), _fmt_x(d["memory_vs_baseline"]), _fmt_x(d["time_vs_floor"]),
-                     "-" if d["tflops"] is None else f"{d['tflops']:.3g}",
-                     "-" if d["gbps"] is None else f"{d['gbps']:.4g}", "-" if err is None else f"{err:.1e}",
-                     _note(r)])
+        body.append(
+            [
+                r.case,
+                r.label,
+                _fmt_time(r.median_s),
+                _fmt_bytes(r.peak_extra_bytes),
+                _fmt_x(d["time_vs_baseline"]),
+                _fmt_x(d["memory_vs_baseline"]),
+                _fmt_x(d["time_vs_floor"]),
+                "-" if d["tflops"] is None else f"{d['tflops']:.3g}",
+                "-" if d["gbps"] is None else f"{d['gbps']:.4g}",
+                "-" if err is None else f"{err:.1e}",
+                _note(r),
+            ]
+        )
     # The note column is left unpadded: it may be long.
     widths = [max(len(row[i]) for row in [header] + body) for i in range(len(header) - 1)]
     lines = [f"== {name} (base: {base})"]
@@ -114,8 +134,6 @@ def _device_tag(settings: Settings) -> tuple[str, str]:
         name = torch.cuda.get_device_name()
         return "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"), name
     return "cpu", cpu_model()
-
-
 
 
 def _version(dist: str) -> str | None:
@@ -135,18 +153,22 @@ def _write_json(session: BenchSession, tables: dict[str, list[Result]]) -> Path:
         "date": now.isoformat(timespec="seconds"),
         "device": settings.device,
         "device_name": device_name,
-        "host": {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                 "python": platform.python_version()},
+        "host": {
+            "cpu": cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+        },
         "versions": {dist: _version(dist) for dist in PEERS},
         "settings": {**vars(settings), "results_dir": str(settings.results_dir)},
         "load_average_start": session.load_start,
         "load_average_end": os.getloadavg(),
         "method": {
             "timing": "median of the timed calls after the warm-up, each case in a fresh process; "
-                      "CUDA events with synchronize on CUDA, perf_counter on CPU",
+            "CUDA events with synchronize on CUDA, perf_counter on CPU",
             "memory": "CUDA: max_memory_allocated minus allocated before the call; CPU: VmHWM after "
-                      "resetting it via /proc/self/clear_refs, minus VmRSS before the call, glibc mmap "
-                      "threshold pinned to 64 KiB and malloc trimmed first",
+            "resetting it via /proc/self/clear_refs, minus VmRSS before the call, glibc mmap "
+            "threshold pinned to 64 KiB and malloc trimmed first",
         },
         "tables": [],
     }
@@ -166,8 +188,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
         tables.setdefault(r.table, []).append(r)
     terminalreporter.section("benchmarks")
     load = os.getloadavg()
-    terminalreporter.write_line(f"load average at start {session.load_start[0]:.2f}, at end {load[0]:.2f} "
-                                f"({os.cpu_count()} CPUs); time/floor: against the three plain matmuls")
+    terminalreporter.write_line(
+        f"load average at start {session.load_start[0]:.2f}, at end {load[0]:.2f} "
+        f"({os.cpu_count()} CPUs); time/floor: against the three plain matmuls"
+    )
     for name, rows in tables.items():
         terminalreporter.write_line("")
         for line in _table_lines(name, rows):

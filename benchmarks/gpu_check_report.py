@@ -1,7 +1,7 @@
 """Tables for `gpu_check.sh` from what its steps wrote, and the checks on them (exit 1 if one fails).
 
-    python benchmarks/gpu_check_report.py recipes WORK --steps 20 [--require-falling]
-    python benchmarks/gpu_check_report.py mfu mfu.json mfu_compile.json
+python benchmarks/gpu_check_report.py recipes WORK --steps 20 [--require-falling]
+python benchmarks/gpu_check_report.py mfu mfu.json mfu_compile.json
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ def recipes(work: Path, steps: int, require_falling: bool) -> int:
         falling = finite and statistics.mean(losses[-window:]) < statistics.mean(losses[:window])
         tok_s = statistics.median(r["tokens_per_s"] for r in rows) if rows else math.nan
         peak = max((r.get("peak_memory_gib", 0.0) for r in rows), default=0.0)
-        print(f"| {name} | {len(rows)} | {losses[0]:.4f} | {losses[-1]:.4f} | {finite} | {falling} | {tok_s:,.0f} | "
-              f"{f'{peak:.2f} GiB' if peak else '-'} |")
+        print(
+            f"| {name} | {len(rows)} | {losses[0]:.4f} | {losses[-1]:.4f} | {finite} | {falling} | {tok_s:,.0f} | "
+            f"{f'{peak:.2f} GiB' if peak else '-'} |"
+        )
         if len(rows) != steps or not finite or (require_falling and not falling):
             failures.append(name)
     if failures:
@@ -51,8 +53,10 @@ def mfu(files: list[Path]) -> int:
         r = json.loads(path.read_text())
         mfu_text = "-" if r["mfu"] is None else f"{r['mfu']:.1%}"
         peak = "-" if r["peak_memory_gib"] is None else f"{r['peak_memory_gib']:.1f} GiB"
-        print(f"| {'compiled' if r['compile'] else 'eager'} ({r['device']}) | {r['params'] / 1e9:.2f}B | "
-              f"{r['step_s']:.3f} s | {r['tokens_per_s']:,.0f} | {r['tflops_per_s']:.1f} | {mfu_text} | {peak} |")
+        print(
+            f"| {'compiled' if r['compile'] else 'eager'} ({r['device']}) | {r['params'] / 1e9:.2f}B | "
+            f"{r['step_s']:.3f} s | {r['tokens_per_s']:,.0f} | {r['tflops_per_s']:.1f} | {mfu_text} | {peak} |"
+        )
         bad |= not (r["step_s"] > 0 and math.isfinite(r["tflops_per_s"]))
     return 1 if bad else 0
 

@@ -33,9 +33,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -271,7 +272,9 @@ def estimate_interpreted(probe: Callable[[], Any], scale: float, settings: Setti
         raise Unavailable(
             f"too slow under TRITON_INTERPRET: ~{per_call:.1f} s per call (probe on 1/{scale:g} of the rows), "
             f"~{total:.0f} s for the case > {settings.interpret_budget_s:g} s budget "
-            "(WMTP_BENCH_INTERPRET_BUDGET_S)", status="skipped")
+            "(WMTP_BENCH_INTERPRET_BUDGET_S)",
+            status="skipped",
+        )
 
 
 def _cpu_busy_s() -> float | None:
@@ -289,24 +292,43 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_case(settings: Settings, table: str, case: str, module: str, builder: str, params: dict[str, Any], *,
-             env: dict[str, str] | None = None, role: str = "") -> Result:
+def run_case(
+    settings: Settings,
+    table: str,
+    case: str,
+    module: str,
+    builder: str,
+    params: dict[str, Any],
+    *,
+    env: dict[str, str] | None = None,
+    role: str = "",
+) -> Result:
     """Run `<module>.<builder>(device=..., settings=..., **params)` in a fresh worker process."""
     with tempfile.TemporaryDirectory(prefix="wmtp-bench-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
-        spec = {"module": str(Path(module).resolve()), "builder": builder, "params": params,
-                "settings": {**asdict(settings), "results_dir": str(settings.results_dir)},
-                "result": str(out_path)}
+        spec = {
+            "module": str(Path(module).resolve()),
+            "builder": builder,
+            "params": params,
+            "settings": {**asdict(settings), "results_dir": str(settings.results_dir)},
+            "result": str(out_path),
+        }
         spec_path.write_text(json.dumps(spec))
         busy0, own0, wall0 = _cpu_busy_s(), _children_cpu_s(), time.perf_counter()
-        proc = subprocess.run([sys.executable, str(WORKER), str(spec_path)], cwd=ROOT,
-                              env={**os.environ, **(env or {})}, capture_output=True, text=True,
-                              timeout=CASE_TIMEOUT_S)
+        proc = subprocess.run(
+            [sys.executable, str(WORKER), str(spec_path)],
+            cwd=ROOT,
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=CASE_TIMEOUT_S,
+        )
         wall, own = time.perf_counter() - wall0, _children_cpu_s() - own0
         busy1 = _cpu_busy_s()
         if proc.returncode != 0:
-            raise AssertionError(f"{table} / {case}: worker exited {proc.returncode}\n"
-                                 f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            raise AssertionError(
+                f"{table} / {case}: worker exited {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+            )
         data = json.loads(out_path.read_text())
     others = None
     if busy0 is not None and busy1 is not None and wall > 0:
@@ -345,10 +367,21 @@ def worker_main(spec_path: str) -> None:
     peak, outputs = measure_peak(case.run, device)
     errors = case.check(outputs) if case.check else {}
     wrong = any(not err <= case.tolerance for err in errors.values())  # NaN counts as wrong
-    out_path.write_text(json.dumps({
-        "status": "wrong" if wrong else "ok", "label": case.label, "times_s": times,
-        "median_s": statistics.median(times), "peak_extra_bytes": peak, "errors": errors,
-        "tolerance": case.tolerance, "flops": case.flops, "bytes_moved": case.bytes_moved}))
+    out_path.write_text(
+        json.dumps(
+            {
+                "status": "wrong" if wrong else "ok",
+                "label": case.label,
+                "times_s": times,
+                "median_s": statistics.median(times),
+                "peak_extra_bytes": peak,
+                "errors": errors,
+                "tolerance": case.tolerance,
+                "flops": case.flops,
+                "bytes_moved": case.bytes_moved,
+            }
+        )
+    )
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -1,6 +1,6 @@
 """One rank of `bench_load.py`: the baseline recipe's setup(), its peak RSS and time, and a bitwise check.
 
-    torchrun --nproc_per_node=2 benchmarks/load_worker.py OUT_DIR --config ... (recipe arguments)
+torchrun --nproc_per_node=2 benchmarks/load_worker.py OUT_DIR --config ... (recipe arguments)
 """
 
 import json
@@ -29,13 +29,17 @@ def main() -> None:
     recipe.setup()
     setup_s = time.perf_counter() - t0
     # ru_maxrss is the process's peak so far (KiB on Linux): what setup needed at most.
-    result = {"rank": int(os.environ.get("RANK", 0)), "setup_s": setup_s,
-              "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 * 1.048576}
+    result = {
+        "rank": int(os.environ.get("RANK", 0)),
+        "setup_s": setup_s,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 * 1.048576,
+    }
     loaded = full_model_state_dict(recipe.model)
     if result["rank"] == 0:
         reference = load_mtp(cfg.model.path, dtype=torch.float32, vocab_size=recipe.tokenizer.vocab_size).state_dict()
-        result["bitwise_equal"] = (set(loaded) == set(reference)
-                                   and all(torch.equal(loaded[k], reference[k]) for k in reference))
+        result["bitwise_equal"] = set(loaded) == set(reference) and all(
+            torch.equal(loaded[k], reference[k]) for k in reference
+        )
     (out / f"rank{result['rank']}.json").write_text(json.dumps(result))
     recipe.cleanup(status="FINISHED")
 

@@ -32,8 +32,16 @@ SCHEDULE_STEPS = 1000
 """Length of the LR schedule (the benchmarks run a few steps of it)."""
 
 
-def recipe_on_model(recipe_name: str, args: ModelArgs, info: DistInfo, *, mesh=None, precision: str = "fp32",
-                    dist_cfg: DistributedConfig | None = None, seed: int = 0) -> tuple[Any, ModuleType]:
+def recipe_on_model(
+    recipe_name: str,
+    args: ModelArgs,
+    info: DistInfo,
+    *,
+    mesh=None,
+    precision: str = "fp32",
+    dist_cfg: DistributedConfig | None = None,
+    seed: int = 0,
+) -> tuple[Any, ModuleType]:
     """(recipe object ready for train_step, its module): a random model parallelised as the recipes do."""
     module = load_recipe(f"full_finetune_{recipe_name}")
     config_cls = next(v for k, v in vars(module).items() if k.endswith("Config") and v.__module__ == module.__name__)
@@ -43,8 +51,7 @@ def recipe_on_model(recipe_name: str, args: ModelArgs, info: DistInfo, *, mesh=N
     with torch.device("meta"):
         model = MTPTransformer(args, value_head=recipe_name in ("critic", "verifiable"))
     param_dtype, recipe.autocast = resolve_precision(precision, info)
-    model = parallelize(model, dist_cfg or DistributedConfig(), mesh=mesh, device=info.device,
-                        param_dtype=param_dtype)
+    model = parallelize(model, dist_cfg or DistributedConfig(), mesh=mesh, device=info.device, param_dtype=param_dtype)
     model.to_empty(device=info.device)
     torch.manual_seed(seed)
     model.init_weights()
@@ -55,16 +62,22 @@ def recipe_on_model(recipe_name: str, args: ModelArgs, info: DistInfo, *, mesh=N
     return recipe, module
 
 
-def synthetic_batch(args: ModelArgs, *, batch: int, seq: int, prompt: int, device: torch.device,
-                    seed: int = 1) -> dict[str, torch.Tensor]:
+def synthetic_batch(
+    args: ModelArgs, *, batch: int, seq: int, prompt: int, device: torch.device, seed: int = 1
+) -> dict[str, torch.Tensor]:
     """A micro-batch as the loader makes it: the first `prompt` tokens of each row unscored."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, args.vocab_size, (batch, seq), generator=g)
     mask = torch.zeros_like(tokens, dtype=torch.bool)
     mask[:, prompt:] = True
     labels = torch.where(mask, tokens, IGNORE_INDEX)
-    out = {"tokens": tokens, "mask": mask, "targets": mtp_targets(labels, args.n_future_tokens),
-           "lengths": torch.full((batch,), seq), "is_correct": torch.arange(batch) % 2 == 0}
+    out = {
+        "tokens": tokens,
+        "mask": mask,
+        "targets": mtp_targets(labels, args.n_future_tokens),
+        "lengths": torch.full((batch,), seq),
+        "is_correct": torch.arange(batch) % 2 == 0,
+    }
     return {k: v.to(device) for k, v in out.items()}
 
 

@@ -21,15 +21,14 @@ path's worst case). Cases:
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-from harness import (BenchSession, Case, Result, Settings, Unavailable, estimate_interpreted, relative_error,
-                     run_case)
+from harness import BenchSession, Case, Result, Settings, Unavailable, estimate_interpreted, relative_error, run_case
 
 Inputs = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -50,10 +49,9 @@ def _inputs(device: torch.device, shape: dict[str, Any], rows: int | None = None
     n_rows, dim, vocab, heads = rows or shape["rows"], shape["dim"], shape["vocab"], shape["heads"]
     dtype = getattr(torch, shape["dtype"])
     hidden = torch.randn(n_rows, heads, dim, generator=g)
-    weight = torch.randn(vocab, dim, generator=g) / dim ** 0.5
+    weight = torch.randn(vocab, dim, generator=g) / dim**0.5
     targets = torch.randint(0, vocab, (n_rows, heads), generator=g)
-    return (hidden.to(device, dtype).requires_grad_(), weight.to(device, dtype).requires_grad_(),
-            targets.to(device))
+    return (hidden.to(device, dtype).requires_grad_(), weight.to(device, dtype).requires_grad_(), targets.to(device))
 
 
 def _flops(shape: dict[str, Any]) -> float:
@@ -61,9 +59,15 @@ def _flops(shape: dict[str, Any]) -> float:
     return 6.0 * shape["rows"] * shape["heads"] * shape["dim"] * shape["vocab"]
 
 
-def _loss_case(device: torch.device, shape: dict[str, Any], loss_fn: LossFn, label: str,
-               reference: str | None = None, save_reference: str | None = None,
-               tolerance: float | None = None) -> Case:
+def _loss_case(
+    device: torch.device,
+    shape: dict[str, Any],
+    loss_fn: LossFn,
+    label: str,
+    reference: str | None = None,
+    save_reference: str | None = None,
+    tolerance: float | None = None,
+) -> Case:
     """A case computing loss_fn and its gradients; checked against (or saved as) the reference."""
     hidden, weight, targets = _inputs(device, shape)
 
@@ -79,8 +83,7 @@ def _loss_case(device: torch.device, shape: dict[str, Any], loss_fn: LossFn, lab
         expected = torch.load(reference)
         return {name: relative_error(a, e) for name, a, e in zip(("loss", "d_hidden", "d_weight"), outputs, expected)}
 
-    return Case(run=run, check=check, tolerance=tolerance or TOLERANCE[hidden.dtype], label=label,
-                flops=_flops(shape))
+    return Case(run=run, check=check, tolerance=tolerance or TOLERANCE[hidden.dtype], label=label, flops=_flops(shape))
 
 
 def _eager(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -89,8 +92,10 @@ def _eager(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) ->
 
 
 def _eager_per_head(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return sum(F.cross_entropy((hidden[:, k] @ weight.T).float(), targets[:, k], reduction="sum")
-               for k in range(hidden.shape[1]))
+    return sum(
+        F.cross_entropy((hidden[:, k] @ weight.T).float(), targets[:, k], reduction="sum")
+        for k in range(hidden.shape[1])
+    )
 
 
 def _fused(reduction: str, backend: str | None) -> LossFn:
@@ -105,6 +110,7 @@ def _fused(reduction: str, backend: str | None) -> LossFn:
 
 # Builders: each runs inside a worker process (see harness.worker_main).
 
+
 def build_eager(device: torch.device, settings: Settings, shape: dict[str, Any], save_reference: str) -> Case:
     return _loss_case(device, shape, _eager, "materialised [N*n, V]", save_reference=save_reference)
 
@@ -117,9 +123,15 @@ def build_compiled(device: torch.device, settings: Settings, shape: dict[str, An
     return _loss_case(device, shape, torch.compile(_eager), "torch.compile(eager)", reference)
 
 
-def build_fused(device: torch.device, settings: Settings, shape: dict[str, Any], reference: str,
-                reduction: str, backend: str | None = None) -> Case:
-    from kernels.backend import interpreting, resolve_backend
+def build_fused(
+    device: torch.device,
+    settings: Settings,
+    shape: dict[str, Any],
+    reference: str,
+    reduction: str,
+    backend: str | None = None,
+) -> Case:
+    from wmtp.kernels.backend import interpreting, resolve_backend
 
     resolved = resolve_backend(device, backend)
     if device.type == "cpu" and resolved == "triton":
@@ -128,8 +140,9 @@ def build_fused(device: torch.device, settings: Settings, shape: dict[str, Any],
         probe_rows = max(1, shape["rows"] // PROBE_FRACTION)
         small = _inputs(device, shape, rows=probe_rows)
         loss_fn = _fused(reduction, backend)
-        estimate_interpreted(lambda: torch.autograd.grad(loss_fn(*small), small[:2]),
-                             shape["rows"] / probe_rows, settings)
+        estimate_interpreted(
+            lambda: torch.autograd.grad(loss_fn(*small), small[:2]), shape["rows"] / probe_rows, settings
+        )
         resolved += " (TRITON_INTERPRET)"
     return _loss_case(device, shape, _fused(reduction, backend), f"backend {resolved}", reference)
 
@@ -142,8 +155,10 @@ def build_cce(device: torch.device, settings: Settings, shape: dict[str, Any], r
     impl = "cce" if device.type == "cuda" else "torch_compile"
 
     def loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return sum(linear_cross_entropy(hidden[:, k], weight, targets[:, k], reduction="sum", impl=impl)
-                   for k in range(hidden.shape[1]))
+        return sum(
+            linear_cross_entropy(hidden[:, k], weight, targets[:, k], reduction="sum", impl=impl)
+            for k in range(hidden.shape[1])
+        )
 
     tolerance = TF32_TOLERANCE if impl == "cce" and shape["dtype"] == "float32" else None
     return _loss_case(device, shape, loss, f"impl {impl}, once per head", reference, tolerance=tolerance)
@@ -157,8 +172,10 @@ def build_liger(device: torch.device, settings: Settings, shape: dict[str, Any],
     from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
     def loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return sum(liger_fused_linear_cross_entropy(hidden[:, k], weight, targets[:, k], reduction="sum")
-                   for k in range(hidden.shape[1]))
+        return sum(
+            liger_fused_linear_cross_entropy(hidden[:, k], weight, targets[:, k], reduction="sum")
+            for k in range(hidden.shape[1])
+        )
 
     return _loss_case(device, shape, loss, "fused linear CE, once per head", reference)
 
@@ -198,8 +215,9 @@ def _cases(device_type: str) -> list[LossBench]:
     if device_type == "cuda":
         other = LossBench("fused sum, torch fallback", "build_fused", {"reduction": "sum", "backend": "torch"})
     else:
-        other = LossBench("fused sum, triton", "build_fused", {"reduction": "sum", "backend": "triton"},
-                          env={"TRITON_INTERPRET": "1"})
+        other = LossBench(
+            "fused sum, triton", "build_fused", {"reduction": "sum", "backend": "triton"}, env={"TRITON_INTERPRET": "1"}
+        )
     return [
         EAGER,
         LossBench("eager per head", "build_eager_per_head"),
@@ -215,8 +233,15 @@ def _cases(device_type: str) -> list[LossBench]:
 
 def _shapes() -> list[dict[str, Any]]:
     settings = Settings.from_env()
-    shapes = [{"rows": settings.rows, "dim": settings.dim, "vocab": settings.vocab, "heads": settings.heads,
-               "dtype": settings.dtype}]
+    shapes = [
+        {
+            "rows": settings.rows,
+            "dim": settings.dim,
+            "vocab": settings.vocab,
+            "heads": settings.heads,
+            "dtype": settings.dtype,
+        }
+    ]
     if settings.device == "cuda" and settings.big_shape and BIG_SHAPE not in shapes:
         shapes.append(BIG_SHAPE)
     return shapes
@@ -235,23 +260,32 @@ def shape(request: pytest.FixtureRequest) -> dict[str, Any]:
 
 
 def _table(shape: dict[str, Any], settings: Settings) -> str:
-    return (f"loss fwd+bwd, N={shape['rows']} D={shape['dim']} V={shape['vocab']} n={shape['heads']} "
-            f"{shape['dtype']}, {settings.device}")
+    return (
+        f"loss fwd+bwd, N={shape['rows']} D={shape['dim']} V={shape['vocab']} n={shape['heads']} "
+        f"{shape['dtype']}, {settings.device}"
+    )
 
 
 @pytest.fixture(scope="module")
-def eager(shape: dict[str, Any], settings: Settings, tmp_path_factory: pytest.TempPathFactory
-          ) -> tuple[Result, str]:
+def eager(shape: dict[str, Any], settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> tuple[Result, str]:
     """The eager case's result and the file of its outputs (the other cases' reference)."""
     ref = str(tmp_path_factory.mktemp("loss") / "eager.pt")
-    result = run_case(settings, _table(shape, settings), EAGER.name, __file__, EAGER.builder,
-                      {"shape": shape, "save_reference": ref}, role=EAGER.role)
+    result = run_case(
+        settings,
+        _table(shape, settings),
+        EAGER.name,
+        __file__,
+        EAGER.builder,
+        {"shape": shape, "save_reference": ref},
+        role=EAGER.role,
+    )
     return result, ref
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name.replace(" ", "-").replace(",", "") for c in CASES])
-def test_loss(case: LossBench, shape: dict[str, Any], settings: Settings, bench: BenchSession,
-              eager: tuple[Result, str]) -> None:
+def test_loss(
+    case: LossBench, shape: dict[str, Any], settings: Settings, bench: BenchSession, eager: tuple[Result, str]
+) -> None:
     eager_result, reference = eager
     if case.role == "baseline":
         result = eager_result
@@ -259,8 +293,9 @@ def test_loss(case: LossBench, shape: dict[str, Any], settings: Settings, bench:
         params = {"shape": shape, **case.params}
         if case.uses_reference:
             params["reference"] = reference
-        result = run_case(settings, _table(shape, settings), case.name, __file__, case.builder, params,
-                          env=case.env, role=case.role)
+        result = run_case(
+            settings, _table(shape, settings), case.name, __file__, case.builder, params, env=case.env, role=case.role
+        )
     bench.record(result)
     if result.status in ("absent", "skipped"):
         pytest.skip(f"{case.name}: {result.status}: {result.reason}")

@@ -25,24 +25,34 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-
 from harness import BenchSession, Case, Settings, relative_error, run_case
 
-SHAPE = {"dim": 512, "n_layers": 8, "n_heads": 8, "vocab": 32000, "n_future": 4, "batch": 2, "seq": 512,
-         "prompt": int(os.environ.get("WMTP_BENCH_STEP_PROMPT", 1))}
+SHAPE = {
+    "dim": 512,
+    "n_layers": 8,
+    "n_heads": 8,
+    "vocab": 32000,
+    "n_future": 4,
+    "batch": 2,
+    "seq": 512,
+    "prompt": int(os.environ.get("WMTP_BENCH_STEP_PROMPT", 1)),
+}
 """WMTP_BENCH_STEP_PROMPT: tokens of each sequence outside the response (default 1: the BOS only, so
 every later token is scored, as in plain language-model training; a long prompt lowers the loss's
 share of the step)."""
 TOLERANCE = 1e-5
 TORCHTUNE_CHUNKS = 8
 """torchtune's CEWithChunkedOutputLoss default number of chunks."""
-TABLE = (f"training step, dim {SHAPE['dim']}, {SHAPE['n_layers']} blocks, V {SHAPE['vocab']}, "
-         f"{SHAPE['batch']} x {SHAPE['seq']} tokens ({SHAPE['seq'] - SHAPE['prompt']} response), fp32")
+TABLE = (
+    f"training step, dim {SHAPE['dim']}, {SHAPE['n_layers']} blocks, V {SHAPE['vocab']}, "
+    f"{SHAPE['batch']} x {SHAPE['seq']} tokens ({SHAPE['seq'] - SHAPE['prompt']} response), fp32"
+)
 
 
 def setup_recipe(device: torch.device, recipe_name: str):
@@ -51,11 +61,20 @@ def setup_recipe(device: torch.device, recipe_name: str):
 
     from wmtp.models import ModelArgs
 
-    args = ModelArgs(dim=SHAPE["dim"], n_layers=SHAPE["n_layers"], n_heads=SHAPE["n_heads"],
-                     vocab_size=SHAPE["vocab"], n_future_tokens=SHAPE["n_future"], max_seq_len=SHAPE["seq"])
+    args = ModelArgs(
+        dim=SHAPE["dim"],
+        n_layers=SHAPE["n_layers"],
+        n_heads=SHAPE["n_heads"],
+        vocab_size=SHAPE["vocab"],
+        n_future_tokens=SHAPE["n_future"],
+        max_seq_len=SHAPE["seq"],
+    )
     recipe, module = recipe_on_model(recipe_name, args, single_device(device))
-    return recipe, module, synthetic_batch(args, batch=SHAPE["batch"], seq=SHAPE["seq"], prompt=SHAPE["prompt"],
-                                           device=device)
+    return (
+        recipe,
+        module,
+        synthetic_batch(args, batch=SHAPE["batch"], seq=SHAPE["seq"], prompt=SHAPE["prompt"], device=device),
+    )
 
 
 def _model_flops(recipe, batch) -> float:
@@ -92,6 +111,7 @@ def _stepper(recipe, module, step: Callable[[Callable], Any]) -> tuple[Callable[
     def run():
         metrics = step(clip)
         return torch.tensor(metrics["loss"]), grads[0]
+
     return run, prepare
 
 
@@ -100,8 +120,9 @@ def recompute_baseline_step(recipe, batch, clip: Callable) -> dict[str, float]:
     from wmtp.losses.normalization import global_valid_pair_counts, head_mean_weights
 
     _, counts = global_valid_pair_counts([batch["targets"]])
-    out = recipe.model(batch["tokens"], targets=batch["targets"],
-                       pair_weights=head_mean_weights(batch["targets"], counts))
+    out = recipe.model(
+        batch["tokens"], targets=batch["targets"], pair_weights=head_mean_weights(batch["targets"], counts)
+    )
     loss = out.ce.sum()
     loss.backward()
     loss = loss.detach()
@@ -141,13 +162,21 @@ def _check(save_reference: str | None, reference: str | None) -> Callable[[Any],
         errors = {"loss": relative_error(loss, ref_loss)}
         errors["gradients"] = max(relative_error(a, e) for a, e in zip(grads, ref_grads))
         return errors
+
     return check
 
 
 # Builders: each runs inside a worker process (see harness.worker_main).
 
-def build_recipe_step(device: torch.device, settings: Settings, recipe_name: str, recompute: bool,
-                      save_reference: str | None = None, reference: str | None = None) -> Case:
+
+def build_recipe_step(
+    device: torch.device,
+    settings: Settings,
+    recipe_name: str,
+    recompute: bool,
+    save_reference: str | None = None,
+    reference: str | None = None,
+) -> Case:
     recipe, module, batch = setup_recipe(device, recipe_name)
     if recompute:
         old = recompute_baseline_step if recipe_name == "baseline" else recompute_verifiable_step
@@ -155,8 +184,14 @@ def build_recipe_step(device: torch.device, settings: Settings, recipe_name: str
     else:
         step, label = (lambda clip: recipe.train_step([batch])), f"{type(recipe).__name__}.train_step (6NHV)"
     run, prepare = _stepper(recipe, module, step)
-    return Case(run=run, prepare=prepare, check=_check(save_reference, reference), tolerance=TOLERANCE,
-                label=label, flops=_model_flops(recipe, batch))
+    return Case(
+        run=run,
+        prepare=prepare,
+        check=_check(save_reference, reference),
+        tolerance=TOLERANCE,
+        label=label,
+        flops=_model_flops(recipe, batch),
+    )
 
 
 def _blocks_step(recipe, batch, extra: Callable[[torch.Tensor], None] | None = None) -> Callable[[], Any]:
@@ -172,6 +207,7 @@ def _blocks_step(recipe, batch, extra: Callable[[torch.Tensor], None] | None = N
             extra(out.hidden.detach())
         clip_and_step(recipe.model.parameters(), recipe.optimizer, recipe.scheduler, 1.0)
         recipe.optimizer.zero_grad(set_to_none=True)
+
     return run
 
 
@@ -193,8 +229,11 @@ def build_floor(device: torch.device, settings: Settings) -> Case:
         torch.mm(logits, weight, out=d_hidden)
         torch.mm(logits.T, h, out=d_weight)
 
-    return Case(run=_blocks_step(recipe, batch, vocab_matmuls), label="blocks + logits, dH, dW matmuls",
-                flops=_model_flops(recipe, batch))
+    return Case(
+        run=_blocks_step(recipe, batch, vocab_matmuls),
+        label="blocks + logits, dH, dW matmuls",
+        flops=_model_flops(recipe, batch),
+    )
 
 
 def build_torchtune(device: torch.device, settings: Settings) -> Case:
@@ -211,16 +250,24 @@ def build_torchtune(device: torch.device, settings: Settings) -> Case:
         for k in range(recipe.n_future):
             hidden_chunks = out.hidden[:, :, k].chunk(TORCHTUNE_CHUNKS, dim=1)
             target_chunks = targets[:, :, k].chunk(TORCHTUNE_CHUNKS, dim=1)
-            head = sum(F.cross_entropy(F.linear(h, recipe.model.output.weight).float().flatten(0, 1), t.flatten(),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
-                       for h, t in zip(hidden_chunks, target_chunks))
+            head = sum(
+                F.cross_entropy(
+                    F.linear(h, recipe.model.output.weight).float().flatten(0, 1),
+                    t.flatten(),
+                    ignore_index=IGNORE_INDEX,
+                    reduction="sum",
+                )
+                for h, t in zip(hidden_chunks, target_chunks)
+            )
             loss = loss + head / (recipe.n_future * counts[k])
         loss.backward()
         clip_and_step(recipe.model.parameters(), recipe.optimizer, recipe.scheduler, 1.0)
         recipe.optimizer.zero_grad(set_to_none=True)
         return float(loss)
-    return Case(run=run, label=f"per head, {TORCHTUNE_CHUNKS} position chunks, fp32 upcast",
-                flops=_model_flops(recipe, batch))
+
+    return Case(
+        run=run, label=f"per head, {TORCHTUNE_CHUNKS} position chunks, fp32 upcast", flops=_model_flops(recipe, batch)
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,11 +279,16 @@ class StepBench:
 
 
 CASES = [
-    StepBench("baseline recipe, recompute path", "build_recipe_step", {"recipe_name": "baseline", "recompute": True},
-              role="baseline"),
+    StepBench(
+        "baseline recipe, recompute path",
+        "build_recipe_step",
+        {"recipe_name": "baseline", "recompute": True},
+        role="baseline",
+    ),
     StepBench("baseline recipe", "build_recipe_step", {"recipe_name": "baseline", "recompute": False}),
-    StepBench("verifiable recipe, recompute path", "build_recipe_step",
-              {"recipe_name": "verifiable", "recompute": True}),
+    StepBench(
+        "verifiable recipe, recompute path", "build_recipe_step", {"recipe_name": "verifiable", "recompute": True}
+    ),
     StepBench("verifiable recipe", "build_recipe_step", {"recipe_name": "verifiable", "recompute": False}),
     StepBench("torchtune-style chunked CE", "build_torchtune"),
     StepBench("blocks only", "build_blocks_only"),

@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from harness import BenchSession, Case, Settings, Unavailable, estimate_interpreted, relative_error, run_case
 
-from harness import (BenchSession, Case, Settings, Unavailable, estimate_interpreted, relative_error,
-                     run_case)
-from kernels import td_weights as td
+from wmtp.kernels import td_weights as td
 
 BETA, W_MIN, W_MAX, GAMMA = 0.9, 0.1, 5.0, 1.0
 LAMBDAS = (0.0, 0.95)
@@ -31,8 +30,9 @@ TOLERANCE = 1e-4
 """Largest relative error of the weights (norm) and of each statistic (floored at 1) in fp32."""
 
 
-def _inputs(device: torch.device, batch: int, length: int, seed: int = 0
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _inputs(
+    device: torch.device, batch: int, length: int, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     values = torch.rand(batch, length, generator=g)
     rewards = (torch.rand(batch, generator=g) < 0.5).float()
@@ -43,8 +43,17 @@ def _inputs(device: torch.device, batch: int, length: int, seed: int = 0
     return values.to(device), rewards.to(device), mask.to(device)
 
 
-def td_python_loop(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *, beta: float,
-                   w_min: float, w_max: float, gamma: float = 1.0, lam: float = 0.0) -> td.TDWeights:
+def td_python_loop(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    w_min: float,
+    w_max: float,
+    gamma: float = 1.0,
+    lam: float = 0.0,
+) -> td.TDWeights:
     """Weights and statistics with one reverse step per target position j (vectorised over rows)."""
     v, r, m = values.float(), rewards.float(), mask != 0
     batch, length = v.shape
@@ -84,13 +93,21 @@ def _stat_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def build_td(device: torch.device, settings: Settings, impl: str, lam: float, batch: int, length: int) -> Case:
     """impl: "loop" | "torch" | "fused" | "triton" (the last under TRITON_INTERPRET on CPU)."""
-    from kernels.backend import interpreting, resolve_backend
+    from wmtp.kernels.backend import interpreting, resolve_backend
 
-    fn = {"loop": td_python_loop, "torch": td.td_weights_torch, "fused": td.td_weights_fused,
-          "triton": td.td_weights_triton}[impl]
+    fn = {
+        "loop": td_python_loop,
+        "torch": td.td_weights_torch,
+        "fused": td.td_weights_fused,
+        "triton": td.td_weights_triton,
+    }[impl]
     kwargs = {"beta": BETA, "w_min": W_MIN, "w_max": W_MAX, "gamma": GAMMA, "lam": lam}
-    label = {"loop": "reverse loop over L", "torch": "td_weights_torch",
-             "fused": f"backend {resolve_backend(device)}", "triton": "td_weights_triton"}[impl]
+    label = {
+        "loop": "reverse loop over L",
+        "torch": "td_weights_torch",
+        "fused": f"backend {resolve_backend(device)}",
+        "triton": "td_weights_triton",
+    }[impl]
     if impl == "triton" and device.type == "cpu":
         if not interpreting():
             raise Unavailable("the Triton kernel on CPU needs TRITON_INTERPRET=1")
@@ -107,8 +124,13 @@ def build_td(device: torch.device, settings: Settings, impl: str, lam: float, ba
     # The least traffic: read values (fp32) and mask (bool), write the weights (fp32); rewards and the
     # statistics are per row. Against the device's memory bandwidth this is the kernel's efficiency.
     traffic = values.numel() * (values.element_size() + mask.element_size() + 4)
-    return Case(run=lambda: fn(values, rewards, mask, **kwargs), check=check, tolerance=TOLERANCE, label=label,
-                bytes_moved=traffic)
+    return Case(
+        run=lambda: fn(values, rewards, mask, **kwargs),
+        check=check,
+        tolerance=TOLERANCE,
+        label=label,
+        bytes_moved=traffic,
+    )
 
 
 @dataclass(frozen=True)
@@ -120,8 +142,11 @@ class TDBench:
 
 
 def _cases(device_type: str) -> list[TDBench]:
-    cases = [TDBench("python loop", "loop", role="baseline"), TDBench("torch vectorised", "torch"),
-             TDBench("fused", "fused")]
+    cases = [
+        TDBench("python loop", "loop", role="baseline"),
+        TDBench("torch vectorised", "torch"),
+        TDBench("fused", "fused"),
+    ]
     if device_type == "cpu":
         cases.append(TDBench("triton", "triton", env={"TRITON_INTERPRET": "1"}))
     return cases
@@ -135,8 +160,9 @@ CASES = _cases(Settings.from_env().device)
 def test_td(case: TDBench, lam: float, settings: Settings, bench: BenchSession) -> None:
     table = f"TD weights, B={settings.td_batch} L={settings.td_len} lambda={lam}, {settings.device}"
     params = {"impl": case.impl, "lam": lam, "batch": settings.td_batch, "length": settings.td_len}
-    result = bench.record(run_case(settings, table, case.name, __file__, "build_td", params, env=case.env,
-                                   role=case.role))
+    result = bench.record(
+        run_case(settings, table, case.name, __file__, "build_td", params, env=case.env, role=case.role)
+    )
     if result.status in ("absent", "skipped"):
         pytest.skip(f"{case.name}: {result.status}: {result.reason}")
     assert result.status == "ok", f"{case.name}: errors {result.errors} above tolerance {result.tolerance}"

@@ -3,7 +3,7 @@
 import sys
 from pathlib import Path
 
-# The project root, for `kernels` and `wmtp` when the project is not installed.
+# The project root first, so that this checkout's `wmtp` is the one imported.
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
 
 from harness import worker_main  # noqa: E402

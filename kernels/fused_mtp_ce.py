@@ -10,7 +10,7 @@ and, when needed, the gradient G = softmax - onehot written over the chunk), the
 dH_chunk = s * (G @ W) and dW += G^T @ (s * H_chunk) for the per-row scale s (weight times upstream
 gradient). Scaling the [C, D] operands rather than G saves a pass over the [C, V] chunk. The
 row-wise part runs as a Triton kernel (`kernels/fused_mtp_ce_triton.py`) or as PyTorch ops, chosen
-by `kernels.backend.resolve_backend`.
+by `wmtp.kernels.backend.resolve_backend`.
 
 Matmul precision: on CUDA the operands keep their 16-bit dtype (tensor cores); logits come out in
 fp32 and dW is accumulated in fp32 where the running torch can do that (see `_fp32_out_matmuls`).
@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from kernels.backend import resolve_backend
+from wmtp.kernels.backend import resolve_backend
 
 DEFAULT_IGNORE_INDEX = -100
 LOGITS_CHUNK_ELEMENTS = 1 << 25
@@ -64,8 +64,14 @@ def _active_pairs(targets: torch.Tensor, weights: torch.Tensor | None, ignore_in
     return keep
 
 
-def _torch_ce_rows(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ce: torch.Tensor, *,
-                   grad: torch.Tensor | None = None) -> None:
+def _torch_ce_rows(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    ce: torch.Tensor,
+    *,
+    grad: torch.Tensor | None = None,
+) -> None:
     # fp32 logits are overwritten (the chunk is dead after this): log_softmax in place is one fused
     # pass per row, and the CPU and CUDA kernels finish a row's max and sum before writing it.
     x = logits.float()
@@ -78,8 +84,7 @@ def _torch_ce_rows(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tenso
         _softmax_minus_onehot(x.exp_(), targets, grad)
 
 
-def _torch_ce_rows_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor,
-                        grad: torch.Tensor) -> None:
+def _torch_ce_rows_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor) -> None:
     probs = logits.float()
     _softmax_minus_onehot(torch.exp_(probs.sub_(lse[:, None])), targets, grad)
 
@@ -98,15 +103,18 @@ def _check_target_range(tgt: torch.Tensor, vocab: int, ignore_index: int) -> Non
         return
     low, high = torch.stack(torch.aminmax(tgt)).tolist()
     if low < 0 or high >= vocab:
-        raise ValueError(f"targets must lie in [0, {vocab}) or equal ignore_index ({ignore_index}); "
-                         f"found values from {low} to {high}")
+        raise ValueError(
+            f"targets must lie in [0, {vocab}) or equal ignore_index ({ignore_index}); "
+            f"found values from {low} to {high}"
+        )
 
 
 def _row_ops(backend: str) -> tuple[RowStats, RowGrad]:
     """The row-wise implementation for a resolved backend ("triton" or "torch")."""
     if backend == "triton":
         # Imported on demand: triton is optional on CPU/MPS installs.
-        from kernels.fused_mtp_ce_triton import ce_rows, ce_rows_grad
+        from wmtp.kernels.fused_mtp_ce_triton import ce_rows, ce_rows_grad
+
         return ce_rows, ce_rows_grad
     return _torch_ce_rows, _torch_ce_rows_grad
 
@@ -189,9 +197,15 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _run_chunks(plan: _Plan, h_rows: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, lse: torch.Tensor,
-                ce: torch.Tensor | None = None, scale: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _run_chunks(
+    plan: _Plan,
+    h_rows: torch.Tensor,
+    weight: torch.Tensor,
+    tgt: torch.Tensor,
+    lse: torch.Tensor,
+    ce: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One pass over the logits chunks of the active rows.
 
     With `ce`, fill `lse` and `ce`; without, `lse` is known. With `scale`, also return
@@ -203,8 +217,11 @@ def _run_chunks(plan: _Plan, h_rows: torch.Tensor, weight: torch.Tensor, tgt: to
     # One buffer for every chunk's logits (16-bit operands with fp32 logits: for the gradient,
     # which goes straight into 16-bit for the two gradient matmuls); the CPU allocator would
     # otherwise map and zero fresh pages for each chunk.
-    buf = (torch.empty(chunk, vocab, dtype=plan.mm_dtype, device=w.device)
-           if scale is not None or not plan.fp32_logits else None)
+    buf = (
+        torch.empty(chunk, vocab, dtype=plan.mm_dtype, device=w.device)
+        if scale is not None or not plan.fp32_logits
+        else None
+    )
     grad_h = grad_w = None
     if scale is not None:
         grad_h = torch.empty(h_rows.shape, dtype=plan.mm_dtype, device=h_rows.device)
@@ -212,7 +229,7 @@ def _run_chunks(plan: _Plan, h_rows: torch.Tensor, weight: torch.Tensor, tgt: to
     for s in range(0, n_rows, chunk):
         rows = slice(s, s + chunk)
         h = h_rows[rows].to(plan.mm_dtype)
-        g = None if buf is None else buf[:h.shape[0]]
+        g = None if buf is None else buf[: h.shape[0]]
         logits = plan.logits(h, w, out=g)
         if ce is not None:
             plan.stats(logits, tgt[rows], lse[rows], ce[rows], grad=None if scale is None else g)
@@ -242,8 +259,7 @@ class _ChunkedMTPCE(torch.autograd.Function):
     def backward(ctx, grad_ce: torch.Tensor):
         h_rows, weight, tgt, lse = ctx.saved_tensors
         with _no_autocast(h_rows.device):
-            grad_h, grad_w = _run_chunks(ctx.plan, h_rows, weight, tgt, lse,
-                                         scale=grad_ce.float().contiguous())
+            grad_h, grad_w = _run_chunks(ctx.plan, h_rows, weight, tgt, lse, scale=grad_ce.float().contiguous())
         return grad_h.to(h_rows.dtype), grad_w.to(weight.dtype), None, None
 
 
@@ -251,13 +267,19 @@ class _FusedSumMTPCE(torch.autograd.Function):
     """reduction="sum" path: gradients computed in the forward, scaled in the backward."""
 
     @staticmethod
-    def forward(ctx, h_rows: torch.Tensor, weight: torch.Tensor, tgt: torch.Tensor, row_w: torch.Tensor,
-                plan: _Plan, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx,
+        h_rows: torch.Tensor,
+        weight: torch.Tensor,
+        tgt: torch.Tensor,
+        row_w: torch.Tensor,
+        plan: _Plan,
+        need_grad: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         lse = torch.empty(h_rows.shape[0], dtype=torch.float32, device=h_rows.device)
         ce = torch.empty_like(lse)
         with _no_autocast(h_rows.device):
-            grad_h, grad_w = _run_chunks(plan, h_rows, weight, tgt, lse, ce=ce,
-                                         scale=row_w if need_grad else None)
+            grad_h, grad_w = _run_chunks(plan, h_rows, weight, tgt, lse, ce=ce, scale=row_w if need_grad else None)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = (h_rows.dtype, weight.dtype)
         ctx.backward_done = False
@@ -273,14 +295,20 @@ class _FusedSumMTPCE(torch.autograd.Function):
         ctx.backward_done = True
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
-        return (grad_h.mul_(grad_loss).to(h_dtype), grad_w.mul_(grad_loss).to(w_dtype),
-                None, None, None, None)
+        return (grad_h.mul_(grad_loss).to(h_dtype), grad_w.mul_(grad_loss).to(w_dtype), None, None, None, None)
 
 
-def chunked_mtp_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                   weights: torch.Tensor | None = None, *, ignore_index: int = DEFAULT_IGNORE_INDEX,
-                   reduction: str = "none", chunk_rows: int | None = None, backend: str | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def chunked_mtp_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+    reduction: str = "none",
+    chunk_rows: int | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused multi-head linear cross-entropy, chunked over the active (row, head) pairs.
 
     hidden [..., n, D], targets and weights [..., n] (any leading dims, e.g. [N] or [B, T]).
@@ -288,7 +316,7 @@ def chunked_mtp_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     for "sum"; ce [..., n] is the unweighted per-pair CE, detached (0 where ignored), for logging.
     Both [..., n] results are fresh tensors, not views, so a caller may modify them in place.
     `backend` ("auto" | "triton" | "torch", None: process default) picks the row-wise
-    implementation, see `kernels.backend`.
+    implementation, see `wmtp.kernels.backend`.
     """
     dim = hidden.shape[-1]
     if hidden.dim() < 2:
@@ -307,8 +335,11 @@ def chunked_mtp_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     h_rows = hidden.reshape(-1, dim).index_select(0, rows)
     tgt = targets.reshape(-1).index_select(0, rows)
     _check_target_range(tgt, weight.shape[0], ignore_index)
-    row_w = (weights.reshape(-1).index_select(0, rows).float() if weights is not None
-             else torch.ones(rows.shape[0], dtype=torch.float32, device=hidden.device))
+    row_w = (
+        weights.reshape(-1).index_select(0, rows).float()
+        if weights is not None
+        else torch.ones(rows.shape[0], dtype=torch.float32, device=hidden.device)
+    )
     zeros = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
     if reduction == "sum":
         need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
@@ -318,9 +349,14 @@ def chunked_mtp_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     return zeros.masked_scatter(keep, ce_rows * row_w), zeros.masked_scatter(keep, ce_rows.detach())
 
 
-def reference_mtp_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                     weights: torch.Tensor | None = None, *, ignore_index: int = DEFAULT_IGNORE_INDEX
-                     ) -> torch.Tensor:
+def reference_mtp_ce(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    *,
+    ignore_index: int = DEFAULT_IGNORE_INDEX,
+) -> torch.Tensor:
     """Materialised float64 per-pair weighted CE [N, n] (0 where ignored): the test oracle."""
     logits = torch.einsum("nkd,vd->nkv", hidden.double(), weight.double())
     valid = targets != ignore_index

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backend import interpreting
+from wmtp.kernels.backend import interpreting
 
 MIN_BLOCK_M = 16
 """Rows per tile (the GPU's choice, the least anywhere): small row blocks and column splits give a
@@ -89,9 +89,20 @@ def _columns_per_split(n_cols: int, blocks: RowBlocks) -> tuple[int, int]:
 
 
 @triton.jit
-def _partial_lse_kernel(logits_ptr, stride_row, tgt_ptr, tgt_logit_ptr, part_max_ptr, part_sum_ptr,
-                        n_rows, n_cols, cols_per_split, rows_padded,
-                        BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+def _partial_lse_kernel(
+    logits_ptr,
+    stride_row,
+    tgt_ptr,
+    tgt_logit_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    n_rows,
+    n_cols,
+    cols_per_split,
+    rows_padded,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -121,10 +132,26 @@ def _partial_lse_kernel(logits_ptr, stride_row, tgt_ptr, tgt_logit_ptr, part_max
 
 
 @triton.jit
-def _finish_kernel(logits_ptr, stride_row, grad_ptr, stride_grad, tgt_ptr, lse_ptr, ce_ptr,
-                   part_max_ptr, part_sum_ptr, n_rows, n_cols, cols_per_split, rows_padded, n_splits,
-                   FROM_PARTIALS: tl.constexpr, WRITE_GRAD: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr):
+def _finish_kernel(
+    logits_ptr,
+    stride_row,
+    grad_ptr,
+    stride_grad,
+    tgt_ptr,
+    lse_ptr,
+    ce_ptr,
+    part_max_ptr,
+    part_sum_ptr,
+    n_rows,
+    n_cols,
+    cols_per_split,
+    rows_padded,
+    n_splits,
+    FROM_PARTIALS: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     pid_m = tl.program_id(0)
     pid_v = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -168,12 +195,20 @@ def _check_chunk(logits: torch.Tensor, grad: torch.Tensor | None) -> None:
     if logits.dim() != 2 or logits.stride(1) != 1:
         raise ValueError("logits chunk must be a 2-D tensor with contiguous rows")
     if grad is not None and (grad.shape != logits.shape or grad.stride(1) != 1):
-        raise ValueError(f"grad buffer {tuple(grad.shape)} must match logits {tuple(logits.shape)} "
-                         "with contiguous rows")
+        raise ValueError(
+            f"grad buffer {tuple(grad.shape)} must match logits {tuple(logits.shape)} with contiguous rows"
+        )
 
 
-def ce_rows(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ce: torch.Tensor, *,
-            grad: torch.Tensor | None = None, blocks: RowBlocks | None = None) -> None:
+def ce_rows(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    ce: torch.Tensor,
+    *,
+    grad: torch.Tensor | None = None,
+    blocks: RowBlocks | None = None,
+) -> None:
     """Fill lse [C] and ce [C] (fp32, contiguous) from logits [C, V].
 
     With `grad` [C, V] (may be `logits` itself), also write softmax - onehot(targets) into `grad`
@@ -187,27 +222,75 @@ def ce_rows(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, ce: 
     rows_padded = row_block_count * blocks.block_m
     partials = torch.empty(2, splits, rows_padded, dtype=torch.float32, device=logits.device)
     _partial_lse_kernel[(row_block_count, splits)](
-        logits, logits.stride(0), targets, ce, partials[0], partials[1],
-        n_rows, n_cols, cols_per_split, rows_padded,
-        BLOCK_M=blocks.block_m, BLOCK_V=blocks.block_v, num_warps=blocks.num_warps)
+        logits,
+        logits.stride(0),
+        targets,
+        ce,
+        partials[0],
+        partials[1],
+        n_rows,
+        n_cols,
+        cols_per_split,
+        rows_padded,
+        BLOCK_M=blocks.block_m,
+        BLOCK_V=blocks.block_v,
+        num_warps=blocks.num_warps,
+    )
     write_grad = grad is not None
     _finish_kernel[(row_block_count, splits if write_grad else 1)](
-        logits, logits.stride(0), grad if write_grad else logits, grad.stride(0) if write_grad else 0,
-        targets, lse, ce, partials[0], partials[1],
-        n_rows, n_cols, cols_per_split, rows_padded, splits,
-        FROM_PARTIALS=True, WRITE_GRAD=write_grad,
-        BLOCK_M=blocks.block_m, BLOCK_V=blocks.block_v, num_warps=blocks.num_warps)
+        logits,
+        logits.stride(0),
+        grad if write_grad else logits,
+        grad.stride(0) if write_grad else 0,
+        targets,
+        lse,
+        ce,
+        partials[0],
+        partials[1],
+        n_rows,
+        n_cols,
+        cols_per_split,
+        rows_padded,
+        splits,
+        FROM_PARTIALS=True,
+        WRITE_GRAD=write_grad,
+        BLOCK_M=blocks.block_m,
+        BLOCK_V=blocks.block_v,
+        num_warps=blocks.num_warps,
+    )
 
 
-def ce_rows_grad(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, grad: torch.Tensor, *,
-                 blocks: RowBlocks | None = None) -> None:
+def ce_rows_grad(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    blocks: RowBlocks | None = None,
+) -> None:
     """Write softmax - onehot(targets) into `grad` given the per-row log-sum-exp `lse`."""
     _check_chunk(logits, grad)
     n_rows, n_cols = logits.shape
     blocks = blocks or row_blocks(n_rows, n_cols, logits.device)
     cols_per_split, splits = _columns_per_split(n_cols, blocks)
     _finish_kernel[(triton.cdiv(n_rows, blocks.block_m), splits)](
-        logits, logits.stride(0), grad, grad.stride(0), targets, lse, lse, lse, lse,
-        n_rows, n_cols, cols_per_split, 0, splits,
-        FROM_PARTIALS=False, WRITE_GRAD=True,
-        BLOCK_M=blocks.block_m, BLOCK_V=blocks.block_v, num_warps=blocks.num_warps)
+        logits,
+        logits.stride(0),
+        grad,
+        grad.stride(0),
+        targets,
+        lse,
+        lse,
+        lse,
+        lse,
+        n_rows,
+        n_cols,
+        cols_per_split,
+        0,
+        splits,
+        FROM_PARTIALS=False,
+        WRITE_GRAD=True,
+        BLOCK_M=blocks.block_m,
+        BLOCK_V=blocks.block_v,
+        num_warps=blocks.num_warps,
+    )

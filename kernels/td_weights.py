@@ -20,7 +20,7 @@ Implementations:
 - `td_weights_reference`: per-row Python loops in float64, written to mirror the formulas.
 - `td_weights_torch`: vectorised fp32 PyTorch for CPU/MPS; GAE uses a chunked reverse scan.
 - `td_weights_triton`: one program per row, one launch (see `_td_row_kernel`).
-`td_weights_fused` chooses between the last two with `kernels.backend.resolve_backend`.
+`td_weights_fused` chooses between the last two with `wmtp.kernels.backend.resolve_backend`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from kernels.backend import accumulation_dtype, interpreting, resolve_backend, triton_available
+from wmtp.kernels.backend import accumulation_dtype, interpreting, resolve_backend, triton_available
 
 # triton (optional on CPU/MPS installs) is imported on first use of the Triton backend, by
 # `_row_kernel`, which binds these names. Importing it reads TRITON_INTERPRET once for the whole
@@ -100,8 +100,17 @@ def td_head_weights(weights: torch.Tensor, n_future: int) -> torch.Tensor:
     return padded.unfold(1, n_future, 1)[:, 1:]
 
 
-def _check_args(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, beta: float, w_min: float,
-                w_max: float, lam: float, adv_mean: AdvStat | None, adv_std: AdvStat | None) -> None:
+def _check_args(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    w_min: float,
+    w_max: float,
+    lam: float,
+    adv_mean: AdvStat | None,
+    adv_std: AdvStat | None,
+) -> None:
     if values.dim() != 2 or mask.shape != values.shape:
         raise ValueError(f"values and mask must both be [B, L], got {tuple(values.shape)} and {tuple(mask.shape)}")
     if rewards.shape != values.shape[:1]:
@@ -123,9 +132,19 @@ def _exp(x: float) -> float:
         return math.inf  # clamped to w_max like the fp32 implementations' inf
 
 
-def td_weights_reference(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *, beta: float,
-                         w_min: float, w_max: float, gamma: float = 1.0, lam: float = 0.0,
-                         adv_mean: AdvStat | None = None, adv_std: AdvStat | None = None) -> TDWeights:
+def td_weights_reference(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    w_min: float,
+    w_max: float,
+    gamma: float = 1.0,
+    lam: float = 0.0,
+    adv_mean: AdvStat | None = None,
+    adv_std: AdvStat | None = None,
+) -> TDWeights:
     """Plain per-row loops in float64 (results on the CPU); the tests' ground truth."""
     _check_args(values, rewards, mask, beta, w_min, w_max, lam, adv_mean, adv_std)
     batch, seq_len = values.shape
@@ -171,8 +190,9 @@ def td_weights_reference(values: torch.Tensor, rewards: torch.Tensor, mask: torc
     stats[STAT_ADV_MAX] = max(advs, default=-math.inf)
     stats[STAT_NEG_W_MIN] = -min(ws, default=math.inf)
     stats[STAT_W_MAX] = max(ws, default=-math.inf)
-    return TDWeights(torch.tensor(weights, dtype=torch.float64).reshape(batch, seq_len),
-                     torch.tensor(stats, dtype=torch.float64))
+    return TDWeights(
+        torch.tensor(weights, dtype=torch.float64).reshape(batch, seq_len), torch.tensor(stats, dtype=torch.float64)
+    )
 
 
 def _reverse_linear_scan(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -203,23 +223,45 @@ def _reverse_linear_scan(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(batch, n_chunks * k)[:, :length]
 
 
-def _torch_stats(adv: torch.Tensor, exp: torch.Tensor, w: torch.Tensor, action: torch.Tensor,
-                 w_min: float, w_max: float) -> torch.Tensor:
+def _torch_stats(
+    adv: torch.Tensor, exp: torch.Tensor, w: torch.Tensor, action: torch.Tensor, w_min: float, w_max: float
+) -> torch.Tensor:
     """Statistics over the action positions, without boolean indexing (no host sync)."""
     dtype = accumulation_dtype(adv.device)
     a = torch.where(action, adv, 0.0).to(dtype)
     wd = w.to(dtype)
     neg_inf = torch.tensor(-math.inf, device=adv.device)
-    sums = [action.sum(), a.sum(), (a * a).sum(), wd.sum(), (wd * wd).sum(),
-            (action & (exp < w_min)).sum(), (action & (exp > w_max)).sum()]
-    extremes = [torch.where(action, -adv, neg_inf).amax(), torch.where(action, adv, neg_inf).amax(),
-                torch.where(action, -w, neg_inf).amax(), torch.where(action, w, neg_inf).amax()]
+    sums = [
+        action.sum(),
+        a.sum(),
+        (a * a).sum(),
+        wd.sum(),
+        (wd * wd).sum(),
+        (action & (exp < w_min)).sum(),
+        (action & (exp > w_max)).sum(),
+    ]
+    extremes = [
+        torch.where(action, -adv, neg_inf).amax(),
+        torch.where(action, adv, neg_inf).amax(),
+        torch.where(action, -w, neg_inf).amax(),
+        torch.where(action, w, neg_inf).amax(),
+    ]
     return torch.stack([s.to(dtype) for s in sums + extremes])
 
 
-def td_weights_torch(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *, beta: float,
-                     w_min: float, w_max: float, gamma: float = 1.0, lam: float = 0.0,
-                     adv_mean: AdvStat | None = None, adv_std: AdvStat | None = None) -> TDWeights:
+def td_weights_torch(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    w_min: float,
+    w_max: float,
+    gamma: float = 1.0,
+    lam: float = 0.0,
+    adv_mean: AdvStat | None = None,
+    adv_std: AdvStat | None = None,
+) -> TDWeights:
     """Vectorised fp32 PyTorch (CPU/MPS fallback): no Python loop over positions when lam == 0."""
     _check_args(values, rewards, mask, beta, w_min, w_max, lam, adv_mean, adv_std)
     batch, seq_len = values.shape
@@ -261,9 +303,26 @@ def _compose_fn(later_c, later_d, c, d):
     return c * later_c, c * later_d + d
 
 
-def _td_row_kernel(values_ptr, stride_v, rewards_ptr, mask_ptr, stride_m, norm_ptr, w_ptr, stride_w,
-                   stats_ptr, seq_len, gamma, gamma_lam, beta, w_min, w_max,
-                   USE_GAE: tl.constexpr, NORMALIZE: tl.constexpr, BLOCK: tl.constexpr):
+def _td_row_kernel(
+    values_ptr,
+    stride_v,
+    rewards_ptr,
+    mask_ptr,
+    stride_m,
+    norm_ptr,
+    w_ptr,
+    stride_w,
+    stats_ptr,
+    seq_len,
+    gamma,
+    gamma_lam,
+    beta,
+    w_min,
+    w_max,
+    USE_GAE: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """One row: tiles of BLOCK target positions from the end of the row to its start.
 
     Lanes run backwards inside a tile too, so position order is descending throughout: the GAE
@@ -370,10 +429,20 @@ def _block_size(seq_len: int, device: torch.device) -> int:
     return max(MIN_BLOCK, min(cap, 1 << (seq_len - 1).bit_length()))
 
 
-def td_weights_triton(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *, beta: float,
-                      w_min: float, w_max: float, gamma: float = 1.0, lam: float = 0.0,
-                      adv_mean: AdvStat | None = None, adv_std: AdvStat | None = None,
-                      block: int | None = None) -> TDWeights:
+def td_weights_triton(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    w_min: float,
+    w_max: float,
+    gamma: float = 1.0,
+    lam: float = 0.0,
+    adv_mean: AdvStat | None = None,
+    adv_std: AdvStat | None = None,
+    block: int | None = None,
+) -> TDWeights:
     """The Triton kernel: one program per row, one launch, then a [B, N_STATS] -> [N_STATS] reduction.
 
     `block` (a power of two) overrides the tile size, e.g. to exercise the carry between tiles.
@@ -392,27 +461,70 @@ def td_weights_triton(values: torch.Tensor, rewards: torch.Tensor, mask: torch.T
     weights = torch.empty(batch, seq_len, dtype=torch.float32, device=device)
     row_stats = torch.empty(batch, N_STATS, dtype=torch.float32, device=device)
     normalize = adv_mean is not None
-    norm = (torch.stack([torch.as_tensor(adv_mean, dtype=torch.float32, device=device).reshape(()),
-                         torch.as_tensor(adv_std, dtype=torch.float32, device=device).reshape(())])
-            if normalize else weights)  # any pointer: NORMALIZE=False never reads it
+    norm = (
+        torch.stack(
+            [
+                torch.as_tensor(adv_mean, dtype=torch.float32, device=device).reshape(()),
+                torch.as_tensor(adv_std, dtype=torch.float32, device=device).reshape(()),
+            ]
+        )
+        if normalize
+        else weights
+    )  # any pointer: NORMALIZE=False never reads it
     _row_kernel()[(batch,)](
-        values, values.stride(0), rewards, mask_bytes, mask_bytes.stride(0), norm, weights, weights.stride(0),
-        row_stats, seq_len, float(gamma), float(gamma * lam), float(beta), float(w_min), float(w_max),
-        USE_GAE=lam > 0, NORMALIZE=normalize, BLOCK=block or _block_size(seq_len, device),
-        num_warps=GPU_NUM_WARPS)
+        values,
+        values.stride(0),
+        rewards,
+        mask_bytes,
+        mask_bytes.stride(0),
+        norm,
+        weights,
+        weights.stride(0),
+        row_stats,
+        seq_len,
+        float(gamma),
+        float(gamma * lam),
+        float(beta),
+        float(w_min),
+        float(w_max),
+        USE_GAE=lam > 0,
+        NORMALIZE=normalize,
+        BLOCK=block or _block_size(seq_len, device),
+        num_warps=GPU_NUM_WARPS,
+    )
     dtype = accumulation_dtype(device)
     stats = torch.cat([row_stats[:, :N_SUM_STATS].to(dtype).sum(0), row_stats[:, N_SUM_STATS:].amax(0).to(dtype)])
     return TDWeights(weights, stats)
 
 
-def td_weights_fused(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *, beta: float,
-                     w_min: float, w_max: float, gamma: float = 1.0, lam: float = 0.0,
-                     adv_mean: AdvStat | None = None, adv_std: AdvStat | None = None,
-                     backend: str | None = None) -> TDWeights:
+def td_weights_fused(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    w_min: float,
+    w_max: float,
+    gamma: float = 1.0,
+    lam: float = 0.0,
+    adv_mean: AdvStat | None = None,
+    adv_std: AdvStat | None = None,
+    backend: str | None = None,
+) -> TDWeights:
     """Token weights [B, L] (fp32) and statistics [N_STATS] from the Triton or the PyTorch backend.
 
     Values are detached: no gradient flows through the weights.
     """
     impl = td_weights_triton if resolve_backend(values.device, backend) == "triton" else td_weights_torch
-    return impl(values, rewards, mask, beta=beta, w_min=w_min, w_max=w_max, gamma=gamma, lam=lam,
-                adv_mean=adv_mean, adv_std=adv_std)
+    return impl(
+        values,
+        rewards,
+        mask,
+        beta=beta,
+        w_min=w_min,
+        w_max=w_max,
+        gamma=gamma,
+        lam=lam,
+        adv_mean=adv_mean,
+        adv_std=adv_std,
+    )

@@ -40,8 +40,16 @@ from wmtp.distributed.env import barrier, destroy, init_distributed
 from wmtp.eval.generate import generate
 from wmtp.eval.passk import mean_pass_at_k
 from wmtp.eval.policy import load_policy, resolve_policy
-from wmtp.eval.problems import (MBPP, MBPP_TASK_PREFIX, Problem, build_prompt, completion_to_program, load_problems,
-                                stop_sequences, truncate_at_stop)
+from wmtp.eval.problems import (
+    MBPP,
+    MBPP_TASK_PREFIX,
+    Problem,
+    build_prompt,
+    completion_to_program,
+    load_problems,
+    stop_sequences,
+    truncate_at_stop,
+)
 from wmtp.eval.sandbox import run_programs, sandbox_protections
 from wmtp.training.metrics import FINISHED, MetricLogger, raise_on_sigterm, status_for
 
@@ -90,26 +98,34 @@ class EvaluateRecipe:
             raise ValueError("eval.problems: set the problem file (HumanEval.jsonl(.gz) or MBPP's JSON)")
         options = {"task_ids": range(ev.task_ids[0], ev.task_ids[1] + 1)} if ev.dataset == MBPP else {}
         problems = load_problems(ev.dataset, ev.problems, **options)
-        self.problems: list[Problem] = problems[:ev.limit] if ev.limit else problems
+        self.problems: list[Problem] = problems[: ev.limit] if ev.limit else problems
         self.model = self.tokenizer = None
         if not ev.samples:
             cuda = self.dist.device.type == "cuda"
             bf16 = ev.precision == "bf16" or (ev.precision == "auto" and cuda)
             source = resolve_policy(cfg.model.path, cfg.tokenizer.path)
-            self.model, self.tokenizer = load_policy(source, info=self.dist, max_seq_len=cfg.model.max_seq_len,
-                                                     dtype=torch.bfloat16 if bf16 else torch.float32)
+            self.model, self.tokenizer = load_policy(
+                source,
+                info=self.dist,
+                max_seq_len=cfg.model.max_seq_len,
+                dtype=torch.bfloat16 if bf16 else torch.float32,
+            )
             self.policy = source.describe()
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.toml").write_text(to_toml(cfg, with_docs=False))
-        self.metrics = MetricLogger(cfg.metrics, self.out, params=flatten(config_to_dict(cfg)),
-                                    enabled=self.dist.is_main)
+        self.metrics = MetricLogger(
+            cfg.metrics, self.out, params=flatten(config_to_dict(cfg)), enabled=self.dist.is_main
+        )
         if self.dist.is_main:
             active = sandbox_protections()
             missing = [name for name, on in active.items() if not on]
-            print(f"[eval] {len(self.problems)} {ev.dataset} problems from {ev.problems}; sandbox: "
-                  f"{', '.join(n for n, on in active.items() if on)}"
-                  f"{'; NOT available here: ' + ', '.join(missing) if missing else ''}", flush=True)
+            print(
+                f"[eval] {len(self.problems)} {ev.dataset} problems from {ev.problems}; sandbox: "
+                f"{', '.join(n for n, on in active.items() if on)}"
+                f"{'; NOT available here: ' + ', '.join(missing) if missing else ''}",
+                flush=True,
+            )
 
     # --------------------------------------------------------------- evaluate
     def evaluate(self) -> dict:
@@ -131,7 +147,7 @@ class EvaluateRecipe:
         """This rank's share of the completions: batches dealt round-robin over the ranks."""
         ev = self.cfg.eval
         requests = [(p, s) for p in self.problems for s in range(ev.n_samples)]
-        batches = [requests[i:i + ev.batch_size] for i in range(0, len(requests), ev.batch_size)]
+        batches = [requests[i : i + ev.batch_size] for i in range(0, len(requests), ev.batch_size)]
         mine = range(self.dist.rank, len(batches), self.dist.world_size)
         prompts = {p.task_id: build_prompt(p, ev.template) for p in self.problems}
         limit = self.model.args.max_seq_len * 2  # the RoPE table
@@ -139,14 +155,25 @@ class EvaluateRecipe:
         bar = tqdm(total=len(mine), desc="generate", disable=not (self.dist.is_main and sys.stdout.isatty()))
         for b in mine:
             # The prompt begins the sequence: encoded with the tokenizer's dummy prefix, as in training.
-            ids = [[self.tokenizer.bos_id, *self.tokenizer.encode(prompts[p.task_id], prefix=True)]
-                   for p, _ in batches[b]]
+            ids = [
+                [self.tokenizer.bos_id, *self.tokenizer.encode(prompts[p.task_id], prefix=True)] for p, _ in batches[b]
+            ]
             longest = max(len(x) for x in ids) + ev.max_new_tokens
             if longest > limit:
-                raise ValueError(f"a prompt of {longest - ev.max_new_tokens} tokens plus eval.max_new_tokens "
-                                 f"{ev.max_new_tokens} exceeds the model's {limit} positions (model.max_seq_len x 2)")
-            out = generate(self.model, ids, max_new_tokens=ev.max_new_tokens, eos_id=self.tokenizer.eos_id,
-                           temperature=ev.temperature, top_p=ev.top_p, seed=ev.seed + b, speculative=ev.speculative)
+                raise ValueError(
+                    f"a prompt of {longest - ev.max_new_tokens} tokens plus eval.max_new_tokens "
+                    f"{ev.max_new_tokens} exceeds the model's {limit} positions (model.max_seq_len x 2)"
+                )
+            out = generate(
+                self.model,
+                ids,
+                max_new_tokens=ev.max_new_tokens,
+                eos_id=self.tokenizer.eos_id,
+                temperature=ev.temperature,
+                top_p=ev.top_p,
+                seed=ev.seed + b,
+                speculative=ev.speculative,
+            )
             forwards += out.forwards
             row_forwards += sum(out.row_forwards)
             for (problem, index), tokens in zip(batches[b], out.tokens):
@@ -170,7 +197,9 @@ class EvaluateRecipe:
                     row = json.loads(line)
                     task_id, completion = str(row["task_id"]), row["completion"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise ValueError(f"{path}:{number}: expected a JSON object with task_id and completion ({e})")
+                    raise ValueError(
+                        f"{path}:{number}: expected a JSON object with task_id and completion ({e})"
+                    ) from e
                 if ev.dataset == MBPP and task_id.isdigit():  # MBPP's own ids are numbers
                     task_id = f"{MBPP_TASK_PREFIX}{task_id}"
                 if task_id not in known:
@@ -178,7 +207,7 @@ class EvaluateRecipe:
                 index = counts[task_id] = counts.get(task_id, -1) + 1
                 samples.append(Sample(task_id, index, build_prompt(known[task_id], ev.template), completion))
         # Each rank runs its share of the programs (every index-th sample), as it would its own generations.
-        return samples[self.dist.rank::self.dist.world_size], {}
+        return samples[self.dist.rank :: self.dist.world_size], {}
 
     def execute(self, samples: list[Sample]) -> None:
         """Run this rank's programs in the sandbox, a chunk at a time (for the progress bar)."""
@@ -187,12 +216,15 @@ class EvaluateRecipe:
         workers = ev.workers or max(1, (os.cpu_count() or 1) // self.dist.local_world_size)
         bar = tqdm(total=len(samples), desc="execute", disable=not (self.dist.is_main and sys.stdout.isatty()))
         for start in range(0, len(samples), EXEC_CHUNK):
-            chunk = samples[start:start + EXEC_CHUNK]
+            chunk = samples[start : start + EXEC_CHUNK]
             # Samples from another generator (score-only) are run as given: it made its own cut.
-            programs = [completion_to_program(problems[s.task_id], s.completion, ev.template,
-                                              apply_stops=not ev.samples) for s in chunk]
-            for sample, result in zip(chunk, run_programs(programs, workers=workers, timeout_s=ev.timeout_s,
-                                                          memory_mb=ev.memory_mb)):
+            programs = [
+                completion_to_program(problems[s.task_id], s.completion, ev.template, apply_stops=not ev.samples)
+                for s in chunk
+            ]
+            for sample, result in zip(
+                chunk, run_programs(programs, workers=workers, timeout_s=ev.timeout_s, memory_mb=ev.memory_mb)
+            ):
                 sample.status, sample.passed, sample.seconds = result.status, result.passed, result.seconds
             bar.update(len(chunk))
         bar.close()
@@ -206,8 +238,7 @@ class EvaluateRecipe:
         order = {p.task_id: i for i, p in enumerate(self.problems)}
         return sorted(samples, key=lambda s: (order[s.task_id], s.sample))
 
-    def report(self, samples: list[Sample], gen: dict[str, float], *, gen_seconds: float,
-               exec_seconds: float) -> dict:
+    def report(self, samples: list[Sample], gen: dict[str, float], *, gen_seconds: float, exec_seconds: float) -> dict:
         ev = self.cfg.eval
         counts: dict[str, list[int]] = {p.task_id: [0, 0] for p in self.problems}
         for s in samples:
@@ -217,8 +248,12 @@ class EvaluateRecipe:
         ks = [k for k in ev.ks if all(n >= k for n, _ in scored.values())]
         pass_at = mean_pass_at_k(scored, ks)
         results = {
-            "dataset": ev.dataset, "problems": len(scored), "samples": len(samples), "template": ev.template,
-            "policy": getattr(self, "policy", None), "score_only": bool(ev.samples),
+            "dataset": ev.dataset,
+            "problems": len(scored),
+            "samples": len(samples),
+            "template": ev.template,
+            "policy": getattr(self, "policy", None),
+            "score_only": bool(ev.samples),
             "pass_at_k": {f"pass@{k}": v for k, v in pass_at.items()},
             "per_problem": {task: {"n": n, "passed": c} for task, (n, c) in scored.items()},
             "status_counts": {st: sum(s.status == st for s in samples) for st in sorted({s.status for s in samples})},
@@ -227,22 +262,41 @@ class EvaluateRecipe:
         }
         if gen:
             results["generation"] = {
-                "seconds": gen_seconds, "new_tokens": gen["new_tokens"], "forwards": gen["forwards"],
-                "tokens_per_s": gen["new_tokens"] / max(gen_seconds, 1e-9), "speculative": ev.speculative,
+                "seconds": gen_seconds,
+                "new_tokens": gen["new_tokens"],
+                "forwards": gen["forwards"],
+                "tokens_per_s": gen["new_tokens"] / max(gen_seconds, 1e-9),
+                "speculative": ev.speculative,
                 # Per row: 1 for plain decoding, up to n_future with speculative decoding.
-                "tokens_per_forward": gen["new_tokens"] / max(gen["row_forwards"], 1)}
+                "tokens_per_forward": gen["new_tokens"] / max(gen["row_forwards"], 1),
+            }
         with open(self.out / SAMPLES_FILE, "w", encoding="utf-8") as f:
             for s in samples:
-                f.write(json.dumps({"task_id": s.task_id, "sample": s.sample, "prompt": s.prompt,
-                                    "completion": s.completion, "status": s.status, "passed": s.passed,
-                                    "seconds": round(s.seconds, 4)}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "task_id": s.task_id,
+                            "sample": s.sample,
+                            "prompt": s.prompt,
+                            "completion": s.completion,
+                            "status": s.status,
+                            "passed": s.passed,
+                            "seconds": round(s.seconds, 4),
+                        }
+                    )
+                    + "\n"
+                )
         (self.out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
         # MLflow's metric names allow no "@".
         metrics = {f"eval/pass_at_{k}": v for k, v in pass_at.items()}
         metrics["eval/programs_per_s"] = results["execution"]["programs_per_s"]
         if gen:
-            metrics.update({"eval/tokens_per_s": results["generation"]["tokens_per_s"],
-                            "eval/tokens_per_forward": results["generation"]["tokens_per_forward"]})
+            metrics.update(
+                {
+                    "eval/tokens_per_s": results["generation"]["tokens_per_s"],
+                    "eval/tokens_per_forward": results["generation"]["tokens_per_forward"],
+                }
+            )
         self.metrics.log(0, metrics)
         self.metrics.log_artifact(self.out / SAMPLES_FILE)
         self.metrics.log_artifact(self.out / RESULTS_FILE)
@@ -250,8 +304,10 @@ class EvaluateRecipe:
         return results
 
     def print_summary(self, results: dict) -> None:
-        print(f"\n{results['dataset']}: {results['problems']} problems, {results['samples']} samples "
-              f"({results['template']} prompts){' [scored only]' if results['score_only'] else ''}")
+        print(
+            f"\n{results['dataset']}: {results['problems']} problems, {results['samples']} samples "
+            f"({results['template']} prompts){' [scored only]' if results['score_only'] else ''}"
+        )
         print("| metric | value |\n|---|---:|")
         for name, value in results["pass_at_k"].items():
             print(f"| {name} | {value:.4f} |")

@@ -32,18 +32,30 @@ from wmtp.config.sections import (
     TrainingConfig,
     ValidationConfig,
 )
-from kernels.backend import accumulation_dtype
 from wmtp.data.loader import GlobalBatchLoader
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import all_reduce_sum, barrier, destroy, init_distributed
 from wmtp.distributed.parallelize import build_mesh
+from wmtp.losses import accumulation_dtype
 from wmtp.losses.normalization import global_valid_pair_counts, head_mean_weights
 from wmtp.models import save_mtp
 from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
 from wmtp.training.lr_schedule import build_scheduler
-from wmtp.training.run import (build_optimizer, checkpoint_due, close_run, fetch_from_s3, log_due, open_run,
-                               open_s3, progress_bar, resume_latest, run_recipe, save_training_state, setup_policy,
-                               stop_step)
+from wmtp.training.run import (
+    build_optimizer,
+    checkpoint_due,
+    close_run,
+    fetch_from_s3,
+    log_due,
+    open_run,
+    open_s3,
+    progress_bar,
+    resume_latest,
+    run_recipe,
+    save_training_state,
+    setup_policy,
+    stop_step,
+)
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
 from wmtp.training.validation import BEST_DIR, BestExport, HeadSums, Validation, per_head_means, valid_pairs
 
@@ -79,31 +91,56 @@ class BaselineRecipe:
 
         self.tokenizer = SentencePieceTokenizer(cfg.tokenizer.path)
         # Built on the meta device and sharded first; rank 0 alone reads the checkpoint.
-        self.model = setup_policy(cfg.model, cfg.distributed, self.dist, mesh=mesh,
-                                  vocab_size=self.tokenizer.vocab_size, param_dtype=param_dtype)
+        self.model = setup_policy(
+            cfg.model,
+            cfg.distributed,
+            self.dist,
+            mesh=mesh,
+            vocab_size=self.tokenizer.vocab_size,
+            param_dtype=param_dtype,
+        )
         self.n_future = self.model.n_future
         self.model_args = self.model.args
 
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
-                                         total_steps=cfg.training.max_steps,
-                                         min_lr_ratio=cfg.lr_scheduler.min_lr_ratio)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            warmup_steps=cfg.lr_scheduler.warmup_steps,
+            total_steps=cfg.training.max_steps,
+            min_lr_ratio=cfg.lr_scheduler.min_lr_ratio,
+        )
         self.loader = GlobalBatchLoader(
-            cfg.data, self.tokenizer, max_seq_len=cfg.model.max_seq_len, n_future=self.n_future,
-            micro_batch_size=cfg.training.micro_batch_size, grad_accum_steps=cfg.training.grad_accum_steps,
-            rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps,
-            device=self.dist.device)
-        self.validation = Validation(cfg.validation, self.tokenizer, info=self.dist, max_seq_len=cfg.model.max_seq_len,
-                                     n_future=self.n_future, micro_batch_size=cfg.training.micro_batch_size,
-                                     max_steps=cfg.training.max_steps)
+            cfg.data,
+            self.tokenizer,
+            max_seq_len=cfg.model.max_seq_len,
+            n_future=self.n_future,
+            micro_batch_size=cfg.training.micro_batch_size,
+            grad_accum_steps=cfg.training.grad_accum_steps,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            total_steps=cfg.training.max_steps,
+            device=self.dist.device,
+        )
+        self.validation = Validation(
+            cfg.validation,
+            self.tokenizer,
+            info=self.dist,
+            max_seq_len=cfg.model.max_seq_len,
+            n_future=self.n_future,
+            micro_batch_size=cfg.training.micro_batch_size,
+            max_steps=cfg.training.max_steps,
+        )
         self.best = BestExport(cfg.checkpoint.keep_best, self.out)
 
         self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main)
         self.s3 = open_s3(cfg.s3, self.out, self.dist)
         if cfg.checkpoint.resume:
             fetch_from_s3(self.s3, self.checkpointer, self.dist)
-        state = (resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
-                 if cfg.checkpoint.resume else None)
+        state = (
+            resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
+            if cfg.checkpoint.resume
+            else None
+        )
         if state is not None:
             self.step = state["step"]
 
@@ -112,14 +149,16 @@ class BaselineRecipe:
     # ------------------------------------------------------------------ train
     def train(self) -> None:
         cfg = self.cfg.training
-        bar = progress_bar("baseline", cfg, step=self.step,
-                           enabled=self.dist.is_main and self.cfg.metrics.progress_bar)
+        bar = progress_bar("baseline", cfg, step=self.step, enabled=self.dist.is_main and self.cfg.metrics.progress_bar)
         while self.step < stop_step(cfg):
             t0 = time.perf_counter()
             metrics = self.train_step(self.loader.next_step())
             self.step += 1
-            metrics.update(throughput(metrics.pop("tokens"), metrics.pop("flops"), time.perf_counter() - t0,
-                                      device=self.dist.device))
+            metrics.update(
+                throughput(
+                    metrics.pop("tokens"), metrics.pop("flops"), time.perf_counter() - t0, device=self.dist.device
+                )
+            )
             if log_due(self.step, cfg):
                 self.metrics.log(self.step, metrics)
                 if not bar.disable:
@@ -153,10 +192,12 @@ class BaselineRecipe:
             (out.loss * self.dist.world_size).backward()
             head_sums += (out.ce * mean_w).sum(dim=(0, 1)).to(head_sums.dtype)
         all_reduce_sum(head_sums)
-        metrics = clip_and_step(self.model.parameters(), self.optimizer, self.scheduler,
-                                self.cfg.training.max_grad_norm)
-        metrics["tokens"], metrics["flops"] = step_work(micro_batches, self.model_args, heads=n,
-                                                        scored_pairs=int(local_counts.sum()))
+        metrics = clip_and_step(
+            self.model.parameters(), self.optimizer, self.scheduler, self.cfg.training.max_grad_norm
+        )
+        metrics["tokens"], metrics["flops"] = step_work(
+            micro_batches, self.model_args, heads=n, scored_pairs=int(local_counts.sum())
+        )
         metrics["loss"] = float(head_sums.sum())
         for k in range(n):
             # head_sums[k] = sum_t CE_{t,k} / (n N_k): times n it is head k's mean CE.
@@ -188,8 +229,16 @@ class BaselineRecipe:
 
     # ------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> None:
-        save_training_state(self.checkpointer, self.step, self.model, self.optimizer, self.scheduler, self.loader,
-                            s3=self.s3, local_rank=self.dist.local_rank)
+        save_training_state(
+            self.checkpointer,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.loader,
+            s3=self.s3,
+            local_rank=self.dist.local_rank,
+        )
 
     def export(self, folder: Path) -> None:
         """params.json + model.safetensors (+ tokenizer.model) in `folder` (final/ or best/)."""
@@ -207,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = main_config(BaselineConfig, argv)
     check_inputs_or_exit(cfg)
     run_recipe(BaselineRecipe(cfg))
+
 
 if __name__ == "__main__":
     main()

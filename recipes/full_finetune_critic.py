@@ -36,17 +36,29 @@ from wmtp.config.sections import (
     TrainingConfig,
     ValidationConfig,
 )
-from kernels.backend import accumulation_dtype
 from wmtp.data.loader import GlobalBatchLoader
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import all_gather_cat, all_reduce_sum, barrier, destroy, full_tensor, init_distributed
 from wmtp.distributed.parallelize import build_mesh
+from wmtp.losses import accumulation_dtype
 from wmtp.models.checkpoint import VALUE_HEAD_KEY, save_value_head
 from wmtp.training.checkpointer import Checkpointer
 from wmtp.training.lr_schedule import build_scheduler
-from wmtp.training.run import (build_optimizer, checkpoint_due, close_run, fetch_from_s3, log_due, open_run,
-                               open_s3, progress_bar, resume_latest, run_recipe, save_training_state, setup_policy,
-                               stop_step)
+from wmtp.training.run import (
+    build_optimizer,
+    checkpoint_due,
+    close_run,
+    fetch_from_s3,
+    log_due,
+    open_run,
+    open_s3,
+    progress_bar,
+    resume_latest,
+    run_recipe,
+    save_training_state,
+    setup_policy,
+    stop_step,
+)
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
 from wmtp.training.validation import BEST_DIR, PREFIX, BestExport, HeadSums, Validation
 from wmtp.weighting.critic import binary_auroc, critic_targets, response_states, value_loss, value_stats
@@ -72,10 +84,12 @@ class ValueStats:
     def reduce(self, prefix: str = "") -> dict[str, float]:
         sums = all_reduce_sum(self.sums)
         scores, labels, keep = (all_gather_cat(torch.cat(self.last[key])) for key in self.LAST)
-        return {f"{prefix}value/correct": float(sums[0] / sums[1].clamp(min=1)),
-                f"{prefix}value/incorrect": float(sums[2] / sums[3].clamp(min=1)),
-                f"{prefix}auroc": binary_auroc(scores[keep].cpu(), labels[keep].cpu()),
-                f"{prefix}rows": int(keep.sum())}
+        return {
+            f"{prefix}value/correct": float(sums[0] / sums[1].clamp(min=1)),
+            f"{prefix}value/incorrect": float(sums[2] / sums[3].clamp(min=1)),
+            f"{prefix}auroc": binary_auroc(scores[keep].cpu(), labels[keep].cpu()),
+            f"{prefix}rows": int(keep.sum()),
+        }
 
 
 def _default_data() -> DataConfig:
@@ -115,35 +129,62 @@ class CriticRecipe:
         self.tokenizer = SentencePieceTokenizer(cfg.tokenizer.path)
         # Trunk, heads, norm and output stay frozen: only the value head learns. Built on the meta
         # device and sharded first; rank 0 alone reads the checkpoint (and critic.value_head).
-        self.model = setup_policy(cfg.model, cfg.distributed, self.dist, mesh=mesh,
-                                  vocab_size=self.tokenizer.vocab_size, param_dtype=param_dtype,
-                                  value_head=True, value_head_path=cfg.critic.value_head,
-                                  trainable=lambda name: name == VALUE_HEAD_KEY)
+        self.model = setup_policy(
+            cfg.model,
+            cfg.distributed,
+            self.dist,
+            mesh=mesh,
+            vocab_size=self.tokenizer.vocab_size,
+            param_dtype=param_dtype,
+            value_head=True,
+            value_head_path=cfg.critic.value_head,
+            trainable=lambda name: name == VALUE_HEAD_KEY,
+        )
         self.model_args = self.model.args
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
 
         self.optimizer = build_optimizer(self.trainable, cfg.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
-                                         total_steps=cfg.training.max_steps,
-                                         min_lr_ratio=cfg.lr_scheduler.min_lr_ratio)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            warmup_steps=cfg.lr_scheduler.warmup_steps,
+            total_steps=cfg.training.max_steps,
+            min_lr_ratio=cfg.lr_scheduler.min_lr_ratio,
+        )
         self.n_future = self.model.n_future
         self.loader = GlobalBatchLoader(
-            cfg.data, self.tokenizer, max_seq_len=cfg.model.max_seq_len, n_future=self.n_future,
-            micro_batch_size=cfg.training.micro_batch_size, grad_accum_steps=cfg.training.grad_accum_steps,
-            rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps,
-            device=self.dist.device)
-        self.validation = Validation(cfg.validation, self.tokenizer, info=self.dist, max_seq_len=cfg.model.max_seq_len,
-                                     n_future=self.n_future, micro_batch_size=cfg.training.micro_batch_size,
-                                     max_steps=cfg.training.max_steps)
+            cfg.data,
+            self.tokenizer,
+            max_seq_len=cfg.model.max_seq_len,
+            n_future=self.n_future,
+            micro_batch_size=cfg.training.micro_batch_size,
+            grad_accum_steps=cfg.training.grad_accum_steps,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            total_steps=cfg.training.max_steps,
+            device=self.dist.device,
+        )
+        self.validation = Validation(
+            cfg.validation,
+            self.tokenizer,
+            info=self.dist,
+            max_seq_len=cfg.model.max_seq_len,
+            n_future=self.n_future,
+            micro_batch_size=cfg.training.micro_batch_size,
+            max_steps=cfg.training.max_steps,
+        )
         self.best = BestExport(cfg.checkpoint.keep_best, self.out)
 
-        self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main,
-                                         trainable_only=True)
+        self.checkpointer = Checkpointer(
+            self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main, trainable_only=True
+        )
         self.s3 = open_s3(cfg.s3, self.out, self.dist)
         if cfg.checkpoint.resume:
             fetch_from_s3(self.s3, self.checkpointer, self.dist)
-        state = (resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
-                 if cfg.checkpoint.resume else None)
+        state = (
+            resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
+            if cfg.checkpoint.resume
+            else None
+        )
         if state is not None:
             self.step = state["step"]
 
@@ -152,14 +193,16 @@ class CriticRecipe:
     # ------------------------------------------------------------------ train
     def train(self) -> None:
         cfg = self.cfg.training
-        bar = progress_bar("critic", cfg, step=self.step,
-                           enabled=self.dist.is_main and self.cfg.metrics.progress_bar)
+        bar = progress_bar("critic", cfg, step=self.step, enabled=self.dist.is_main and self.cfg.metrics.progress_bar)
         while self.step < stop_step(cfg):
             t0 = time.perf_counter()
             metrics = self.train_step(self.loader.next_step())
             self.step += 1
-            metrics.update(throughput(metrics.pop("tokens"), metrics.pop("flops"), time.perf_counter() - t0,
-                                      device=self.dist.device))
+            metrics.update(
+                throughput(
+                    metrics.pop("tokens"), metrics.pop("flops"), time.perf_counter() - t0, device=self.dist.device
+                )
+            )
             if log_due(self.step, cfg):
                 self.metrics.log(self.step, metrics)
                 if not bar.disable:
@@ -193,8 +236,9 @@ class CriticRecipe:
             with self.autocast:
                 values = self.model(mb["tokens"], with_values=True, with_heads=False).values
             targets = critic_targets(values.detach(), rewards, mask, lam=lam)
-            loss_sum, _ = value_loss(values, targets, response_states(mask), kind=crit.loss,
-                                     huber_delta=crit.huber_delta)
+            loss_sum, _ = value_loss(
+                values, targets, response_states(mask), kind=crit.loss, huber_delta=crit.huber_delta
+            )
             loss = loss_sum / n_states.clamp(min=1)
             # FSDP averages gradients over ranks; each rank holds a partial sum of one global loss.
             (loss * self.dist.world_size).backward()
@@ -203,8 +247,9 @@ class CriticRecipe:
         metrics = clip_and_step(self.trainable, self.optimizer, self.scheduler, self.cfg.training.max_grad_norm)
         metrics.update(stats.reduce())
         # The frozen trunk runs forward only; no head block and no vocabulary projection.
-        metrics["tokens"], metrics["flops"] = step_work(micro_batches, self.model_args, heads=0, scored_pairs=0,
-                                                        backward=False)
+        metrics["tokens"], metrics["flops"] = step_work(
+            micro_batches, self.model_args, heads=0, scored_pairs=0, backward=False
+        )
         metrics["value_loss"] = float(all_reduce_sum(loss_total))
         return metrics
 
@@ -220,8 +265,9 @@ class CriticRecipe:
             with self.autocast:
                 values = self.model(mb["tokens"], with_values=True, with_heads=False).values
             targets = critic_targets(values, rewards, mask, lam=1.0 if crit.target == "mc" else crit.lam)
-            v_sum, v_states = value_loss(values, targets, response_states(mask), kind=crit.loss,
-                                         huber_delta=crit.huber_delta)
+            v_sum, v_states = value_loss(
+                values, targets, response_states(mask), kind=crit.loss, huber_delta=crit.huber_delta
+            )
             loss.add(sum=v_sum.reshape(1), states=v_states.reshape(1))
             stats.add(values, rewards, mask)
         total = loss.reduce()
@@ -241,8 +287,16 @@ class CriticRecipe:
 
     # ------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> None:
-        save_training_state(self.checkpointer, self.step, self.model, self.optimizer, self.scheduler, self.loader,
-                            s3=self.s3, local_rank=self.dist.local_rank)
+        save_training_state(
+            self.checkpointer,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.loader,
+            s3=self.s3,
+            local_rank=self.dist.local_rank,
+        )
 
     def export(self, folder: Path) -> None:
         """`folder`/value_head.safetensors (final/ or best/): the value head the verifiable recipe starts from."""
@@ -260,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = main_config(CriticRecipeConfig, argv)
     check_inputs_or_exit(cfg)
     run_recipe(CriticRecipe(cfg))
+
 
 if __name__ == "__main__":
     main()

@@ -31,28 +31,40 @@ from wmtp.config.sections import (
     MetricsConfig,
     ModelConfig,
     OptimizerConfig,
-    S3Config,
     ReferenceConfig,
     Rho1Config,
+    S3Config,
     TokenizerConfig,
     TrainingConfig,
     ValidationConfig,
 )
-from kernels.backend import accumulation_dtype
 from wmtp.constants import IGNORE_INDEX
 from wmtp.data.loader import GlobalBatchLoader
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import all_reduce_sum, barrier, destroy, init_distributed
 from wmtp.distributed.load import load_weights
 from wmtp.distributed.parallelize import build_mesh, shard_frozen
+from wmtp.losses import accumulation_dtype
 from wmtp.losses.normalization import valid_pair_counts
 from wmtp.models import save_mtp
 from wmtp.models.reference import ReferenceModel
 from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
 from wmtp.training.lr_schedule import build_scheduler
-from wmtp.training.run import (build_optimizer, checkpoint_due, close_run, fetch_from_s3, log_due, open_run,
-                               open_s3, progress_bar, resume_latest, run_recipe, save_training_state, setup_policy,
-                               stop_step)
+from wmtp.training.run import (
+    build_optimizer,
+    checkpoint_due,
+    close_run,
+    fetch_from_s3,
+    log_due,
+    open_run,
+    open_s3,
+    progress_bar,
+    resume_latest,
+    run_recipe,
+    save_training_state,
+    setup_policy,
+    stop_step,
+)
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
 from wmtp.training.validation import BEST_DIR, BestExport, HeadSums, Validation, per_head_means, valid_pairs
 from wmtp.weighting.rho1 import rho1_excess, rho1_select, rho1_selected_counts
@@ -93,36 +105,67 @@ class Rho1Recipe:
         # The reference is checked first: a tokenizer mismatch stops the run before any work. Like
         # the policy it is built on the meta device, sharded, and read by rank 0 alone.
         self.reference = ReferenceModel(
-            cfg.reference.path, kind=cfg.reference.kind, tokenizer=self.tokenizer, device=self.dist.device,
-            shard=None if mesh is None else lambda model, blocks, methods: shard_frozen(model, blocks, methods,
-                                                                                         mesh=mesh),
-            fill=lambda model, read, buffers_from=None: load_weights(model, read, info=self.dist,
-                                                                     buffers_from=buffers_from))
-        self.model = setup_policy(cfg.model, cfg.distributed, self.dist, mesh=mesh,
-                                  vocab_size=self.tokenizer.vocab_size, param_dtype=param_dtype)
+            cfg.reference.path,
+            kind=cfg.reference.kind,
+            tokenizer=self.tokenizer,
+            device=self.dist.device,
+            shard=None
+            if mesh is None
+            else lambda model, blocks, methods: shard_frozen(model, blocks, methods, mesh=mesh),
+            fill=lambda model, read, buffers_from=None: load_weights(
+                model, read, info=self.dist, buffers_from=buffers_from
+            ),
+        )
+        self.model = setup_policy(
+            cfg.model,
+            cfg.distributed,
+            self.dist,
+            mesh=mesh,
+            vocab_size=self.tokenizer.vocab_size,
+            param_dtype=param_dtype,
+        )
         self.n_future = self.model.n_future
         self.model_args = self.model.args
 
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
-                                         total_steps=cfg.training.max_steps,
-                                         min_lr_ratio=cfg.lr_scheduler.min_lr_ratio)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            warmup_steps=cfg.lr_scheduler.warmup_steps,
+            total_steps=cfg.training.max_steps,
+            min_lr_ratio=cfg.lr_scheduler.min_lr_ratio,
+        )
         self.loader = GlobalBatchLoader(
-            cfg.data, self.tokenizer, max_seq_len=cfg.model.max_seq_len, n_future=self.n_future,
-            micro_batch_size=cfg.training.micro_batch_size, grad_accum_steps=cfg.training.grad_accum_steps,
-            rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps,
-            device=self.dist.device)
-        self.validation = Validation(cfg.validation, self.tokenizer, info=self.dist, max_seq_len=cfg.model.max_seq_len,
-                                     n_future=self.n_future, micro_batch_size=cfg.training.micro_batch_size,
-                                     max_steps=cfg.training.max_steps)
+            cfg.data,
+            self.tokenizer,
+            max_seq_len=cfg.model.max_seq_len,
+            n_future=self.n_future,
+            micro_batch_size=cfg.training.micro_batch_size,
+            grad_accum_steps=cfg.training.grad_accum_steps,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            total_steps=cfg.training.max_steps,
+            device=self.dist.device,
+        )
+        self.validation = Validation(
+            cfg.validation,
+            self.tokenizer,
+            info=self.dist,
+            max_seq_len=cfg.model.max_seq_len,
+            n_future=self.n_future,
+            micro_batch_size=cfg.training.micro_batch_size,
+            max_steps=cfg.training.max_steps,
+        )
         self.best = BestExport(cfg.checkpoint.keep_best, self.out)
 
         self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main)
         self.s3 = open_s3(cfg.s3, self.out, self.dist)
         if cfg.checkpoint.resume:
             fetch_from_s3(self.s3, self.checkpointer, self.dist)
-        state = (resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
-                 if cfg.checkpoint.resume else None)
+        state = (
+            resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
+            if cfg.checkpoint.resume
+            else None
+        )
         if state is not None:
             self.step = state["step"]
 
@@ -131,21 +174,27 @@ class Rho1Recipe:
     # ------------------------------------------------------------------ train
     def train(self) -> None:
         cfg = self.cfg.training
-        bar = progress_bar("rho1", cfg, step=self.step,
-                           enabled=self.dist.is_main and self.cfg.metrics.progress_bar)
+        bar = progress_bar("rho1", cfg, step=self.step, enabled=self.dist.is_main and self.cfg.metrics.progress_bar)
         while self.step < stop_step(cfg):
             t0 = time.perf_counter()
             metrics = self.train_step(self.loader.next_step())
             self.step += 1
-            metrics.update(throughput(metrics.pop("tokens"), metrics.pop("flops"), time.perf_counter() - t0,
-                                      device=self.dist.device))
+            metrics.update(
+                throughput(
+                    metrics.pop("tokens"), metrics.pop("flops"), time.perf_counter() - t0, device=self.dist.device
+                )
+            )
             if log_due(self.step, cfg):
                 self.metrics.log(self.step, metrics)
                 if not bar.disable:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
                 elif self.dist.is_main:
-                    keys = ["loss", *(f"loss/head_{k}" for k in range(self.n_future)),
-                            *(f"selected/head_{k}" for k in range(1, self.n_future)), "lr"]
+                    keys = [
+                        "loss",
+                        *(f"loss/head_{k}" for k in range(self.n_future)),
+                        *(f"selected/head_{k}" for k in range(1, self.n_future)),
+                        "lr",
+                    ]
                     print(step_line("rho1", self.step, cfg.max_steps, metrics, keys), flush=True)
             bar.update(1)
             if checkpoint_due(self.step, cfg, self.cfg.checkpoint.save_every):
@@ -165,8 +214,9 @@ class Rho1Recipe:
         # Denominators before any backward: valid pairs N_k and selected pairs sum_mb ceil(ρ N_k^mb).
         valid_counts = [valid_pair_counts(mb["targets"]) for mb in micro_batches]
         local_valid = sum(valid_counts)
-        selected = all_reduce_sum(sum(rho1_selected_counts(c, ratio=rho.ratio, select_head0=rho.select_head0)
-                                      for c in valid_counts))
+        selected = all_reduce_sum(
+            sum(rho1_selected_counts(c, ratio=rho.ratio, select_head0=rho.select_head0) for c in valid_counts)
+        )
         n_valid = all_reduce_sum(local_valid.clone())
         inv = torch.where(selected > 0, 1.0 / (n * selected.clamp(min=1)), torch.zeros_like(selected))
         # sums per head: weighted loss, excess over valid pairs
@@ -180,18 +230,21 @@ class Rho1Recipe:
                 # CE first (reduction "none"): the selection depends on it; the backward recomputes the logits.
                 ce = self.model(tok, targets=targets).ce
             excess = rho1_excess(ce.detach(), ref_ce, valid)
-            select = rho1_select(excess.reshape(-1, n), valid.reshape(-1, n), ratio=rho.ratio,
-                                 select_head0=rho.select_head0).view_as(ce)
+            select = rho1_select(
+                excess.reshape(-1, n), valid.reshape(-1, n), ratio=rho.ratio, select_head0=rho.select_head0
+            ).view_as(ce)
             per_pair = ce * select * inv.to(ce.dtype)
             (per_pair.sum() * self.dist.world_size).backward()
             head_loss += per_pair.detach().sum(dim=(0, 1)).to(head_loss.dtype)
             head_excess += excess.sum(dim=(0, 1)).to(head_excess.dtype)
         all_reduce_sum(head_loss)
         all_reduce_sum(head_excess)
-        metrics = clip_and_step(self.model.parameters(), self.optimizer, self.scheduler,
-                                self.cfg.training.max_grad_norm)
-        metrics["tokens"], metrics["flops"] = step_work(micro_batches, self.model_args, heads=n,
-                                                        scored_pairs=int(local_valid.sum()))
+        metrics = clip_and_step(
+            self.model.parameters(), self.optimizer, self.scheduler, self.cfg.training.max_grad_norm
+        )
+        metrics["tokens"], metrics["flops"] = step_work(
+            micro_batches, self.model_args, heads=n, scored_pairs=int(local_valid.sum())
+        )
         metrics["loss"] = float(head_loss.sum())
         for k in range(n):
             metrics[f"loss/head_{k}"] = float(head_loss[k] * n)
@@ -213,20 +266,27 @@ class Rho1Recipe:
             with self.autocast:
                 ce = self.model(mb["tokens"], targets=targets).ce
             excess = rho1_excess(ce, ref_ce, valid)
-            select = rho1_select(excess.reshape(-1, n), valid.reshape(-1, n), ratio=rho.ratio,
-                                 select_head0=rho.select_head0).view_as(ce)
+            select = rho1_select(
+                excess.reshape(-1, n), valid.reshape(-1, n), ratio=rho.ratio, select_head0=rho.select_head0
+            ).view_as(ce)
             sums.add(selected_ce=ce * select, selected=select, ce=ce, excess=excess, pairs=valid_pairs(targets))
         s = sums.reduce()
-        return {**per_head_means(s["selected_ce"], s["selected"], "loss"), **per_head_means(s["ce"], s["pairs"], "ce"),
-                **per_head_means(s["excess"], s["pairs"], "excess"),
-                **per_head_means(s["selected"], s["pairs"], "selected")}
+        return {
+            **per_head_means(s["selected_ce"], s["selected"], "loss"),
+            **per_head_means(s["ce"], s["pairs"], "ce"),
+            **per_head_means(s["excess"], s["pairs"], "excess"),
+            **per_head_means(s["selected"], s["pairs"], "selected"),
+        }
 
     def log_validation(self) -> None:
         metrics = self.validate()
         self.metrics.log(self.step, metrics)
         if self.dist.is_main:
-            keys = ["val/loss", *(f"val/loss/head_{k}" for k in range(self.n_future)),
-                    *(f"val/selected/head_{k}" for k in range(1, self.n_future))]
+            keys = [
+                "val/loss",
+                *(f"val/loss/head_{k}" for k in range(self.n_future)),
+                *(f"val/selected/head_{k}" for k in range(1, self.n_future)),
+            ]
             print(step_line("rho1 val", self.step, self.cfg.training.max_steps, metrics, keys), flush=True)
         if self.best.improved(metrics):
             self.export(self.out / BEST_DIR)
@@ -235,8 +295,16 @@ class Rho1Recipe:
 
     # ------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> None:
-        save_training_state(self.checkpointer, self.step, self.model, self.optimizer, self.scheduler, self.loader,
-                            s3=self.s3, local_rank=self.dist.local_rank)
+        save_training_state(
+            self.checkpointer,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.loader,
+            s3=self.s3,
+            local_rank=self.dist.local_rank,
+        )
 
     def export(self, folder: Path) -> None:
         """params.json + model.safetensors (+ tokenizer.model) in `folder` (final/ or best/)."""
@@ -254,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = main_config(Rho1RecipeConfig, argv)
     check_inputs_or_exit(cfg)
     run_recipe(Rho1Recipe(cfg))
+
 
 if __name__ == "__main__":
     main()

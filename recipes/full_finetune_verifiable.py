@@ -40,23 +40,42 @@ from wmtp.config.sections import (
     TrainingConfig,
     ValidationConfig,
 )
-from kernels.backend import accumulation_dtype
 from wmtp.data.loader import GlobalBatchLoader
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import all_reduce_sum, barrier, destroy, init_distributed
 from wmtp.distributed.parallelize import build_mesh
+from wmtp.losses import accumulation_dtype
 from wmtp.losses.normalization import global_valid_pair_counts, head_mean_weights
 from wmtp.models import save_mtp
 from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
 from wmtp.training.lr_schedule import build_scheduler
-from wmtp.training.run import (build_optimizer, checkpoint_due, close_run, fetch_from_s3, log_due, open_run,
-                               open_s3, progress_bar, resume_latest, run_recipe, save_training_state, setup_policy,
-                               stop_step)
+from wmtp.training.run import (
+    build_optimizer,
+    checkpoint_due,
+    close_run,
+    fetch_from_s3,
+    log_due,
+    open_run,
+    open_s3,
+    progress_bar,
+    resume_latest,
+    run_recipe,
+    save_training_state,
+    setup_policy,
+    stop_step,
+)
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
 from wmtp.training.validation import BEST_DIR, BestExport, HeadSums, Validation, per_head_means, valid_pairs
 from wmtp.weighting.critic import critic_targets, response_states, value_loss
-from wmtp.weighting.td import (AdvantageNormalizer, all_reduce_td_stats, empty_td_stats, merge_td_stats,
-                               td_head_weights, td_stats, td_weights_with_stats)
+from wmtp.weighting.td import (
+    AdvantageNormalizer,
+    all_reduce_td_stats,
+    empty_td_stats,
+    merge_td_stats,
+    td_head_weights,
+    td_stats,
+    td_weights_with_stats,
+)
 
 
 def _default_data() -> DataConfig:
@@ -98,33 +117,59 @@ class VerifiableRecipe:
         if not cfg.critic.value_head and self.dist.is_main:
             print("[verifiable] no critic.value_head given: the value head starts at zero", flush=True)
         # Built on the meta device and sharded first; rank 0 alone reads the checkpoint and value head.
-        self.model = setup_policy(cfg.model, cfg.distributed, self.dist, mesh=mesh,
-                                  vocab_size=self.tokenizer.vocab_size, param_dtype=param_dtype,
-                                  value_head=True, value_head_path=cfg.critic.value_head)
+        self.model = setup_policy(
+            cfg.model,
+            cfg.distributed,
+            self.dist,
+            mesh=mesh,
+            vocab_size=self.tokenizer.vocab_size,
+            param_dtype=param_dtype,
+            value_head=True,
+            value_head_path=cfg.critic.value_head,
+        )
         self.n_future = self.model.n_future
         self.model_args = self.model.args
         self.normalizer = AdvantageNormalizer(momentum=cfg.td.ema_momentum, device=self.dist.device)
 
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optimizer)
-        self.scheduler = build_scheduler(self.optimizer, warmup_steps=cfg.lr_scheduler.warmup_steps,
-                                         total_steps=cfg.training.max_steps,
-                                         min_lr_ratio=cfg.lr_scheduler.min_lr_ratio)
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            warmup_steps=cfg.lr_scheduler.warmup_steps,
+            total_steps=cfg.training.max_steps,
+            min_lr_ratio=cfg.lr_scheduler.min_lr_ratio,
+        )
         self.loader = GlobalBatchLoader(
-            cfg.data, self.tokenizer, max_seq_len=cfg.model.max_seq_len, n_future=self.n_future,
-            micro_batch_size=cfg.training.micro_batch_size, grad_accum_steps=cfg.training.grad_accum_steps,
-            rank=self.dist.rank, world_size=self.dist.world_size, total_steps=cfg.training.max_steps,
-            device=self.dist.device)
-        self.validation = Validation(cfg.validation, self.tokenizer, info=self.dist, max_seq_len=cfg.model.max_seq_len,
-                                     n_future=self.n_future, micro_batch_size=cfg.training.micro_batch_size,
-                                     max_steps=cfg.training.max_steps)
+            cfg.data,
+            self.tokenizer,
+            max_seq_len=cfg.model.max_seq_len,
+            n_future=self.n_future,
+            micro_batch_size=cfg.training.micro_batch_size,
+            grad_accum_steps=cfg.training.grad_accum_steps,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            total_steps=cfg.training.max_steps,
+            device=self.dist.device,
+        )
+        self.validation = Validation(
+            cfg.validation,
+            self.tokenizer,
+            info=self.dist,
+            max_seq_len=cfg.model.max_seq_len,
+            n_future=self.n_future,
+            micro_batch_size=cfg.training.micro_batch_size,
+            max_steps=cfg.training.max_steps,
+        )
         self.best = BestExport(cfg.checkpoint.keep_best, self.out)
 
         self.checkpointer = Checkpointer(self.out, keep_last=cfg.checkpoint.keep_last, is_main=self.dist.is_main)
         self.s3 = open_s3(cfg.s3, self.out, self.dist)
         if cfg.checkpoint.resume:
             fetch_from_s3(self.s3, self.checkpointer, self.dist)
-        state = (resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
-                 if cfg.checkpoint.resume else None)
+        state = (
+            resume_latest(self.checkpointer, self.model, self.optimizer, self.scheduler, self.loader)
+            if cfg.checkpoint.resume
+            else None
+        )
         if state is not None:
             self.step = state["step"]
             self.normalizer.load_state_dict({k: torch.tensor(v) for k, v in state["normalizer"].items()})
@@ -134,21 +179,32 @@ class VerifiableRecipe:
     # ------------------------------------------------------------------ train
     def train(self) -> None:
         cfg = self.cfg.training
-        bar = progress_bar("verifiable", cfg, step=self.step,
-                           enabled=self.dist.is_main and self.cfg.metrics.progress_bar)
+        bar = progress_bar(
+            "verifiable", cfg, step=self.step, enabled=self.dist.is_main and self.cfg.metrics.progress_bar
+        )
         while self.step < stop_step(cfg):
             t0 = time.perf_counter()
             metrics = self.train_step(self.loader.next_step())
             self.step += 1
-            metrics.update(throughput(metrics.pop("tokens"), metrics.pop("flops"), time.perf_counter() - t0,
-                                      device=self.dist.device))
+            metrics.update(
+                throughput(
+                    metrics.pop("tokens"), metrics.pop("flops"), time.perf_counter() - t0, device=self.dist.device
+                )
+            )
             if log_due(self.step, cfg):
                 self.metrics.log(self.step, metrics)
                 if not bar.disable:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", w=f"{metrics['weight/mean']:.3f}")
                 elif self.dist.is_main:
-                    keys = ["loss", "value_loss", *(f"loss/head_{k}" for k in range(self.n_future)),
-                            "td/mean", "weight/mean", "weight/clipped_share", "lr"]
+                    keys = [
+                        "loss",
+                        "value_loss",
+                        *(f"loss/head_{k}" for k in range(self.n_future)),
+                        "td/mean",
+                        "weight/mean",
+                        "weight/clipped_share",
+                        "lr",
+                    ]
                     print(step_line("verifiable", self.step, cfg.max_steps, metrics, keys), flush=True)
             bar.update(1)
             if checkpoint_due(self.step, cfg, self.cfg.checkpoint.save_every):
@@ -184,24 +240,39 @@ class VerifiableRecipe:
                 # Called by the model between the trunk and the heads' loss: TD weights from this
                 # forward's detached values, known before the loss (gradients in the forward, 6NHV).
                 step_td["td"] = td_weights_with_stats(
-                    values.detach(), rewards, mask, beta=td.beta, w_min=td.w_min, w_max=td.w_max, gamma=td.gamma,
-                    lam=td.lam, normalizer=self.normalizer if td.normalize else None)
+                    values.detach(),
+                    rewards,
+                    mask,
+                    beta=td.beta,
+                    w_min=td.w_min,
+                    w_max=td.w_max,
+                    gamma=td.gamma,
+                    lam=td.lam,
+                    normalizer=self.normalizer if td.normalize else None,
+                )
                 step_td["head_w"] = td_head_weights(step_td["td"].weights, n)  # w_{t+1+k}
                 return step_td["head_w"] * mean_w
 
             with self.autocast:
-                out = self.model(mb["tokens"], targets=targets, with_values=True, pair_weights=pair_weights,
-                                 reduction="sum")
+                out = self.model(
+                    mb["tokens"], targets=targets, with_values=True, pair_weights=pair_weights, reduction="sum"
+                )
             v_targets = critic_targets(out.values.detach(), rewards, mask, lam=value_lam)
-            v_sum, _ = value_loss(out.values, v_targets, response_states(mask), kind=crit.loss,
-                                  huber_delta=crit.huber_delta)
+            v_sum, _ = value_loss(
+                out.values, v_targets, response_states(mask), kind=crit.loss, huber_delta=crit.huber_delta
+            )
             v_loss = v_sum / n_states.clamp(min=1)
             loss = out.loss + td.value_coef * v_loss
             # FSDP averages gradients over ranks; each rank holds a partial sum of one global loss.
             (loss * self.dist.world_size).backward()
             head_w = step_td["head_w"]
-            head_sums += torch.stack([(out.ce * head_w * mean_w).sum(dim=(0, 1)), (out.ce * mean_w).sum(dim=(0, 1)),
-                                      (head_w * mean_w).sum(dim=(0, 1))]).to(acc)
+            head_sums += torch.stack(
+                [
+                    (out.ce * head_w * mean_w).sum(dim=(0, 1)),
+                    (out.ce * mean_w).sum(dim=(0, 1)),
+                    (head_w * mean_w).sum(dim=(0, 1)),
+                ]
+            ).to(acc)
             value_sum += v_loss.detach().to(acc)
             stats = merge_td_stats(stats, step_td["td"].stats)
         all_reduce_sum(head_sums)
@@ -209,13 +280,19 @@ class VerifiableRecipe:
         all_reduce_td_stats(stats)
         if td.normalize:
             self.normalizer.update(stats)
-        metrics = clip_and_step(self.model.parameters(), self.optimizer, self.scheduler,
-                                self.cfg.training.max_grad_norm)
-        metrics["tokens"], metrics["flops"] = step_work(micro_batches, self.model_args, heads=n,
-                                                        scored_pairs=int(local_counts.sum()))
+        metrics = clip_and_step(
+            self.model.parameters(), self.optimizer, self.scheduler, self.cfg.training.max_grad_norm
+        )
+        metrics["tokens"], metrics["flops"] = step_work(
+            micro_batches, self.model_args, heads=n, scored_pairs=int(local_counts.sum())
+        )
         policy_loss = float(head_sums[0].sum())
-        metrics.update(loss=policy_loss + td.value_coef * float(value_sum), policy_loss=policy_loss,
-                       value_loss=float(value_sum), **td_stats(stats))
+        metrics.update(
+            loss=policy_loss + td.value_coef * float(value_sum),
+            policy_loss=policy_loss,
+            value_loss=float(value_sum),
+            **td_stats(stats),
+        )
         for k in range(n):
             # Each sum carries 1/(n N_k): times n it is head k's mean over its valid pairs.
             metrics[f"loss/head_{k}"] = float(head_sums[0, k] * n)
@@ -235,18 +312,30 @@ class VerifiableRecipe:
             rewards, mask = mb["is_correct"].float(), mb["mask"]
             with self.autocast:
                 out = self.model(mb["tokens"], targets=mb["targets"], with_values=True)
-            weights = td_weights_with_stats(out.values, rewards, mask, beta=td.beta, w_min=td.w_min, w_max=td.w_max,
-                                            gamma=td.gamma, lam=td.lam,
-                                            normalizer=self.normalizer if td.normalize else None).weights
+            weights = td_weights_with_stats(
+                out.values,
+                rewards,
+                mask,
+                beta=td.beta,
+                w_min=td.w_min,
+                w_max=td.w_max,
+                gamma=td.gamma,
+                lam=td.lam,
+                normalizer=self.normalizer if td.normalize else None,
+            ).weights
             head_w = td_head_weights(weights, n) * valid_pairs(mb["targets"])
             sums.add(weighted=out.ce * head_w, ce=out.ce, weight=head_w, pairs=valid_pairs(mb["targets"]))
             v_targets = critic_targets(out.values, rewards, mask, lam=1.0 if crit.target == "mc" else crit.lam)
-            v_sum, v_states = value_loss(out.values, v_targets, response_states(mask), kind=crit.loss,
-                                         huber_delta=crit.huber_delta)
+            v_sum, v_states = value_loss(
+                out.values, v_targets, response_states(mask), kind=crit.loss, huber_delta=crit.huber_delta
+            )
             value.add(sum=v_sum.reshape(1), states=v_states.reshape(1))
         s, v = sums.reduce(), value.reduce()
-        metrics = {**per_head_means(s["weighted"], s["pairs"], "policy_loss"),
-                   **per_head_means(s["ce"], s["pairs"], "ce"), **per_head_means(s["weight"], s["pairs"], "weight")}
+        metrics = {
+            **per_head_means(s["weighted"], s["pairs"], "policy_loss"),
+            **per_head_means(s["ce"], s["pairs"], "ce"),
+            **per_head_means(s["weight"], s["pairs"], "weight"),
+        }
         metrics["val/value_loss"] = float(v["sum"][0] / v["states"][0].clamp(min=1))
         metrics["val/loss"] = metrics["val/policy_loss"] + td.value_coef * metrics["val/value_loss"]
         return metrics
@@ -255,8 +344,13 @@ class VerifiableRecipe:
         metrics = self.validate()
         self.metrics.log(self.step, metrics)
         if self.dist.is_main:
-            keys = ["val/loss", "val/policy_loss", "val/value_loss",
-                    *(f"val/ce/head_{k}" for k in range(self.n_future)), "val/weight"]
+            keys = [
+                "val/loss",
+                "val/policy_loss",
+                "val/value_loss",
+                *(f"val/ce/head_{k}" for k in range(self.n_future)),
+                "val/weight",
+            ]
             print(step_line("verifiable val", self.step, self.cfg.training.max_steps, metrics, keys), flush=True)
         if self.best.improved(metrics):
             self.export(self.out / BEST_DIR)
@@ -265,9 +359,17 @@ class VerifiableRecipe:
 
     # ------------------------------------------------------------- checkpoint
     def save_checkpoint(self) -> None:
-        save_training_state(self.checkpointer, self.step, self.model, self.optimizer, self.scheduler, self.loader,
-                            s3=self.s3, local_rank=self.dist.local_rank,
-                            normalizer={k: v.tolist() for k, v in self.normalizer.state_dict().items()})
+        save_training_state(
+            self.checkpointer,
+            self.step,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.loader,
+            s3=self.s3,
+            local_rank=self.dist.local_rank,
+            normalizer={k: v.tolist() for k, v in self.normalizer.state_dict().items()},
+        )
 
     def export(self, folder: Path) -> None:
         """params.json + model.safetensors (value_head.weight included) + tokenizer.model in `folder`
@@ -286,6 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = main_config(VerifiableRecipeConfig, argv)
     check_inputs_or_exit(cfg)
     run_recipe(VerifiableRecipe(cfg))
+
 
 if __name__ == "__main__":
     main()

@@ -56,20 +56,26 @@ def main(argv: list[str] | None = None) -> dict:
         bad_lines = check_files(checker, args.train)
     except (ProblemFileError, OSError, ValueError) as exc:
         sys.exit(f"error: {exc}")
-    report = {**checker.report(), "train_files": [str(p) for p in args.train], "bad_lines": bad_lines,
-              "seconds": round(time.perf_counter() - t0, 1)}
+    report = {
+        **checker.report(),
+        "train_files": [str(p) for p in args.train],
+        "bad_lines": bad_lines,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
     if args.drop_to is not None:
         args.drop_to.mkdir(parents=True, exist_ok=True)
         contaminated = {o["task_id"] for o in report["overlaps"]}
         report["dropped"] = {str(p): drop_contaminated(p, args.drop_to / p.name, contaminated) for p in args.train}
     args.report.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.report, json.dumps(report, indent=1) + "\n")
-    print(f"[contamination] {report['train_problems']} training problems ({report['train_rows']} rows) against "
-          f"{report['eval_problems']} evaluation problems, {args.n}-grams: {report['contaminated_problems']} "
-          f"contaminated ({report['contaminated_rows']} rows), {len(report['eval_problems_hit'])} evaluation "
-          f"problems hit; {bad_lines} lines that are not rows; {report['seconds']}s")
+    print(
+        f"[contamination] {report['train_problems']} training problems ({report['train_rows']} rows) against "
+        f"{report['eval_problems']} evaluation problems, {args.n}-grams: {report['contaminated_problems']} "
+        f"contaminated ({report['contaminated_rows']} rows), {len(report['eval_problems_hit'])} evaluation "
+        f"problems hit; {bad_lines} lines that are not rows; {report['seconds']}s"
+    )
     for o in report["overlaps"][:EXAMPLES_SHOWN]:
-        print(f"  {o['task_id']}: {o['shared']} shared with {', '.join(o['eval_task_ids'][:5])}: \"{o['example']}\"")
+        print(f'  {o["task_id"]}: {o["shared"]} shared with {", ".join(o["eval_task_ids"][:5])}: "{o["example"]}"')
     for path, counts in report.get("dropped", {}).items():
         print(f"  {path}: kept {counts['kept']} rows, dropped {counts['dropped']} -> {args.drop_to}")
     print(f"[contamination] {args.report}")

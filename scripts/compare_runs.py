@@ -13,8 +13,9 @@ import argparse
 import json
 import math
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -55,15 +56,22 @@ def fmt(value: float | None) -> str:
 
 def table(runs: list[Path]) -> list[str]:
     data = [(run, recipe_of(run), final_losses(run), evaluations(run)) for run in runs]
-    heads = sorted({k for _, _, losses, _ in data for k in losses if k.startswith("loss/head_")},
-                   key=lambda k: int(k.rsplit("_", 1)[1]))
+    heads = sorted(
+        {k for _, _, losses, _ in data for k in losses if k.startswith("loss/head_")},
+        key=lambda k: int(k.rsplit("_", 1)[1]),
+    )
     evals = sorted({(name, metric) for *_, ev in data for name, metrics in ev.items() for metric in metrics})
     header = ["run", "recipe", "loss", *(h.replace("loss/", "") for h in heads), *(f"{n} {m}" for n, m in evals)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 2 + "---:|" * (len(header) - 2)]
     for run, recipe, losses, ev in data:
         loss = losses.get("loss", losses.get("value_loss"))
-        cells = [run.name, recipe, fmt(loss), *(fmt(losses.get(h)) for h in heads),
-                 *(fmt(ev.get(n, {}).get(m)) for n, m in evals)]
+        cells = [
+            run.name,
+            recipe,
+            fmt(loss),
+            *(fmt(losses.get(h)) for h in heads),
+            *(fmt(ev.get(n, {}).get(m)) for n, m in evals),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -39,15 +39,25 @@ from wmtp.data.loader import load_index  # noqa: E402
 from wmtp.distributed.env import barrier, destroy, init_distributed  # noqa: E402
 from wmtp.eval.generate import generate  # noqa: E402
 from wmtp.eval.judge import judge  # noqa: E402
-from wmtp.eval.labelling import (LABELLED_FILE, SKIP_PROMPT_TOO_LONG, LabellingSet, LabelStore,  # noqa: E402
-                                 labelled_rows)
+from wmtp.eval.labelling import LABELLED_FILE, SKIP_PROMPT_TOO_LONG, LabellingSet, LabelStore, labelled_rows  # noqa: E402
 from wmtp.eval.policy import load_policy, resolve_policy  # noqa: E402
 from wmtp.eval.problems import build_prompt, stop_sequences, truncate_at_stop  # noqa: E402
 
 JUDGE_PROBLEMS = 8
 """Problems whose samples are judged together (and then written): keeps the sandbox workers busy."""
-SETTINGS = ("data", "policy", "samples", "temperature", "top_p", "max_new_tokens", "seed", "max_tests",
-            "time_scale", "timeout_s", "memory_mb")
+SETTINGS = (
+    "data",
+    "policy",
+    "samples",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "seed",
+    "max_tests",
+    "time_scale",
+    "timeout_s",
+    "memory_mb",
+)
 """Arguments a resumed run must share with the run that started the folder."""
 
 
@@ -65,10 +75,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-problems", type=int, default=0, help="label only the first N problems (0: all)")
     parser.add_argument("--max-tests", type=int, default=0, help="CodeContests: run at most N tests (0: all)")
     parser.add_argument("--time-scale", type=float, default=1.0, help="CodeContests: times the problem's time limit")
-    parser.add_argument("--timeout-s", type=float, default=10.0,
-                        help="limit of a test program, and of CodeContests tests of problems without one")
-    parser.add_argument("--memory-mb", type=int, default=2048,
-                        help="address space of a test program, and of problems without a memory limit")
+    parser.add_argument(
+        "--timeout-s",
+        type=float,
+        default=10.0,
+        help="limit of a test program, and of CodeContests tests of problems without one",
+    )
+    parser.add_argument(
+        "--memory-mb",
+        type=int,
+        default=2048,
+        help="address space of a test program, and of problems without a memory limit",
+    )
     parser.add_argument("--workers", type=int, default=0, help="programs run at once per rank (0: cores / ranks)")
     parser.add_argument("--max-seq-len", type=int, default=2048, help="the model's positions (RoPE table / 2)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
@@ -104,25 +122,29 @@ def label(args: argparse.Namespace) -> dict | None:
     store.check_settings(settings, write=False)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and info.device.type == "cuda")
     source = resolve_policy(args.policy, args.tokenizer)
-    model, tokenizer = load_policy(source, info=info, dtype=torch.bfloat16 if bf16 else torch.float32,
-                                   max_seq_len=args.max_seq_len)
+    model, tokenizer = load_policy(
+        source, info=info, dtype=torch.bfloat16 if bf16 else torch.float32, max_seq_len=args.max_seq_len
+    )
     index = load_index(args.data, tokenizer, rank=info.rank)
     problems = LabellingSet(index, max_problems=args.max_problems, max_tests=args.max_tests)
     skipped = dict(problems.skipped)
     done = store.done()
     barrier()  # every rank has read what is done before any rank appends
     todo = [p for p in problems.items if p.task_id not in done]
-    mine = todo[info.rank::info.world_size]
+    mine = todo[info.rank :: info.world_size]
     workers = args.workers or max(1, (os.cpu_count() or 1) // info.local_world_size)
     if info.is_main:
-        print(f"[label] {len(problems.items)} problems in {args.data} ({len(done)} already labelled, "
-              f"skipped {sum(skipped.values())}: {skipped or 'none'}); {len(todo)} to label on "
-              f"{info.world_size} rank(s), {args.samples} samples each, policy {source.describe()}", flush=True)
+        print(
+            f"[label] {len(problems.items)} problems in {args.data} ({len(done)} already labelled, "
+            f"skipped {sum(skipped.values())}: {skipped or 'none'}); {len(todo)} to label on "
+            f"{info.world_size} rank(s), {args.samples} samples each, policy {source.describe()}",
+            flush=True,
+        )
     limit = model.args.max_seq_len * 2  # the RoPE table
     store.open()
     try:
         for start in range(0, len(mine), JUDGE_PROBLEMS):
-            group = mine[start:start + JUDGE_PROBLEMS]
+            group = mine[start : start + JUDGE_PROBLEMS]
             judged, generated = [], []
             for item in group:
                 problem = problems.problem(item)
@@ -131,19 +153,32 @@ def label(args: argparse.Namespace) -> dict | None:
                     store.add(item.task_id, [], skipped=SKIP_PROMPT_TOO_LONG)
                     continue
                 judged.append((item, problem))
-                out = generate(model, [prompt] * args.samples, max_new_tokens=args.max_new_tokens,
-                               eos_id=tokenizer.eos_id, temperature=args.temperature, top_p=args.top_p,
-                               seed=args.seed + item.position)
+                out = generate(
+                    model,
+                    [prompt] * args.samples,
+                    max_new_tokens=args.max_new_tokens,
+                    eos_id=tokenizer.eos_id,
+                    temperature=args.temperature,
+                    top_p=args.top_p,
+                    seed=args.seed + item.position,
+                )
                 stops = stop_sequences(problem)
-                generated.append(([truncate_at_stop(tokenizer.decode(t), stops) for t in out.tokens],
-                                  [len(t) for t in out.tokens]))
-            verdicts = judge([(problem, c) for (_, problem), (texts, _) in zip(judged, generated) for c in texts],
-                             workers=workers, timeout_s=args.timeout_s, memory_mb=args.memory_mb,
-                             time_scale=args.time_scale)
+                generated.append(
+                    ([truncate_at_stop(tokenizer.decode(t), stops) for t in out.tokens], [len(t) for t in out.tokens])
+                )
+            verdicts = judge(
+                [(problem, c) for (_, problem), (texts, _) in zip(judged, generated) for c in texts],
+                workers=workers,
+                timeout_s=args.timeout_s,
+                memory_mb=args.memory_mb,
+                time_scale=args.time_scale,
+            )
             for i, ((item, _), (texts, lengths)) in enumerate(zip(judged, generated)):
-                mine_verdicts = verdicts[i * args.samples:(i + 1) * args.samples]
-                store.add(item.task_id, labelled_rows(item, texts, mine_verdicts, policy=source.describe(),
-                                                              new_tokens=lengths))
+                mine_verdicts = verdicts[i * args.samples : (i + 1) * args.samples]
+                store.add(
+                    item.task_id,
+                    labelled_rows(item, texts, mine_verdicts, policy=source.describe(), new_tokens=lengths),
+                )
             if info.is_main:
                 print(f"[label] rank 0: {min(start + JUDGE_PROBLEMS, len(mine))}/{len(mine)} problems", flush=True)
     finally:
@@ -155,14 +190,22 @@ def label(args: argparse.Namespace) -> dict | None:
         statuses = counts["statuses"]
         for reason, n in counts["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + n
-        stats = {"problems": len(problems.items) + sum(problems.skipped.values()),
-                 "labelled_problems": counts["problems"], "skipped": skipped, "rows": counts["rows"],
-                 "correct": counts["correct"],
-                 "incorrect": counts["rows"] - counts["correct"], "statuses": statuses,
-                 "seconds_this_run": round(time.perf_counter() - t0, 1)}
+        stats = {
+            "problems": len(problems.items) + sum(problems.skipped.values()),
+            "labelled_problems": counts["problems"],
+            "skipped": skipped,
+            "rows": counts["rows"],
+            "correct": counts["correct"],
+            "incorrect": counts["rows"] - counts["correct"],
+            "statuses": statuses,
+            "seconds_this_run": round(time.perf_counter() - t0, 1),
+        }
         (args.out / "stats.json").write_text(json.dumps(stats, indent=1) + "\n")
-        print(f"[label] {args.out / LABELLED_FILE}: {counts['problems']} problems, {counts['rows']} rows, "
-              f"{counts['correct']} correct; statuses {statuses}", flush=True)
+        print(
+            f"[label] {args.out / LABELLED_FILE}: {counts['problems']} problems, {counts['rows']} rows, "
+            f"{counts['correct']} correct; statuses {statuses}",
+            flush=True,
+        )
     destroy()
     return stats
 

@@ -31,8 +31,17 @@ from wmtp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 from wmtp.models import ModelArgs, MTPTransformer
 
 DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TINY_MODEL = dict(dim=64, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=-1, multiple_of=32,
-                  norm_eps=1e-5, rope_theta=10000.0, n_future_tokens=4)
+TINY_MODEL = dict(
+    dim=64,
+    n_layers=6,
+    n_heads=4,
+    n_kv_heads=2,
+    vocab_size=-1,
+    multiple_of=32,
+    norm_eps=1e-5,
+    rope_theta=10000.0,
+    n_future_tokens=4,
+)
 TINY_VOCAB = 1024
 TOY_EVAL_PROBLEMS = 40
 TOY_EVAL_SEED_OFFSET = 2
@@ -43,10 +52,13 @@ def build_rows(source: str, shared: Path, max_problems: int | None, seed: int) -
     if source == "auto":
         source = "mbpp" if (shared / "mbpp_train.json").is_file() else "synthetic"
     if source == "mbpp":
-        train, stats = mbpp_rows(shared / "mbpp_train.json", with_incorrect=True, max_problems=max_problems,
-                                 seed=seed)
-        valid, _ = mbpp_rows(shared / "mbpp_validation.json", with_incorrect=True,
-                             max_problems=None if max_problems is None else max(8, max_problems // 4), seed=seed)
+        train, stats = mbpp_rows(shared / "mbpp_train.json", with_incorrect=True, max_problems=max_problems, seed=seed)
+        valid, _ = mbpp_rows(
+            shared / "mbpp_validation.json",
+            with_incorrect=True,
+            max_problems=None if max_problems is None else max(8, max_problems // 4),
+            seed=seed,
+        )
         print(f"[tiny] MBPP: {stats}")
         return train, valid, source
     n = max_problems or 300
@@ -75,10 +87,18 @@ def make_reference(folder: Path, tokenizer: SentencePieceTokenizer, seed: int) -
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=192,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=2048, bos_token_id=tokenizer.bos_id,
-                         eos_token_id=tokenizer.eos_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+        tie_word_embeddings=False,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     (folder / "tokenizer.model").write_bytes(tokenizer.path.read_bytes())
 
@@ -110,8 +130,10 @@ def main() -> None:
         if not args.no_reference:
             make_reference(tmp / "reference", tokenizer, args.seed)
     n_bad = sum(not r["is_correct"] for r in train)
-    print(f"[tiny] {args.out}: source {source}, train {len(train)} rows ({n_bad} incorrect), "
-          f"valid {len(valid)} rows, vocab {tokenizer.vocab_size}, {time.perf_counter() - t0:.1f}s")
+    print(
+        f"[tiny] {args.out}: source {source}, train {len(train)} rows ({n_bad} incorrect), "
+        f"valid {len(valid)} rows, vocab {tokenizer.vocab_size}, {time.perf_counter() - t0:.1f}s"
+    )
 
 
 if __name__ == "__main__":

@@ -24,9 +24,12 @@ MULTI_DEFAULT = "runs_report.png"
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"PNG to write (default: RUN_DIR/{REPORT_NAME} for one run, "
-                             f"./{MULTI_DEFAULT} for several)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"PNG to write (default: RUN_DIR/{REPORT_NAME} for one run, ./{MULTI_DEFAULT} for several)",
+    )
     args = parser.parse_args(argv)
     missing = [str(r) for r in args.runs if not (r / "metrics.jsonl").is_file()]
     if missing:

@@ -24,8 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wmtp.data.codecontests import (DEFAULT_TOKEN_LIMIT, SPLITS, SchemaError, convert,  # noqa: E402
-                                    format_table)
+from wmtp.data.codecontests import DEFAULT_TOKEN_LIMIT, SPLITS, SchemaError, convert, format_table  # noqa: E402
 from wmtp.data.tokenizer import SentencePieceTokenizer  # noqa: E402
 
 
@@ -33,8 +32,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--src", type=Path, required=True, help="folder of the published parquet shards")
     parser.add_argument("--out", type=Path, required=True, help="folder to write")
-    parser.add_argument("--tokenizer", type=Path, default=None,
-                        help="tokenizer.model (or its folder) for the token limit; none: no length filter")
+    parser.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="tokenizer.model (or its folder) for the token limit; none: no length filter",
+    )
     parser.add_argument("--token-limit", type=int, default=DEFAULT_TOKEN_LIMIT)
     parser.add_argument("--splits", default=",".join(SPLITS), help=f"comma-separated subset of {','.join(SPLITS)}")
     parser.add_argument("--threads", type=int, default=-1, help="tokeniser threads (-1: all cores)")
@@ -52,9 +55,16 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     try:
         tokenizer = SentencePieceTokenizer(args.tokenizer) if args.tokenizer is not None else None
-        report = convert(args.src, args.out, tokenizer=tokenizer, token_limit=args.token_limit, splits=splits,
-                         overwrite=args.force, progress=False if args.no_progress else None,
-                         num_threads=args.threads)
+        report = convert(
+            args.src,
+            args.out,
+            tokenizer=tokenizer,
+            token_limit=args.token_limit,
+            splits=splits,
+            overwrite=args.force,
+            progress=False if args.no_progress else None,
+            num_threads=args.threads,
+        )
     except (SchemaError, FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")
     print(format_table(report))

@@ -34,8 +34,12 @@ def _write_jsonl(path: Path, rows: list[dict]) -> dict[str, int]:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     correct = sum(r["is_correct"] for r in rows)
-    return {"rows": len(rows), "problems": len({r["task_id"] for r in rows}), "correct": correct,
-            "incorrect": len(rows) - correct}
+    return {
+        "rows": len(rows),
+        "problems": len({r["task_id"] for r in rows}),
+        "correct": correct,
+        "incorrect": len(rows) - correct,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,8 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mbpp", type=Path, nargs="*", default=[], help="MBPP file(s): mbpp.jsonl or split JSONs")
     parser.add_argument("--humaneval", type=Path, default=None, help="HumanEval.jsonl(.gz)")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--incorrect-per-problem", type=int, default=0,
-                        help="incorrect MBPP rows per problem (mutants that fail its tests; 0: none)")
+    parser.add_argument(
+        "--incorrect-per-problem",
+        type=int,
+        default=0,
+        help="incorrect MBPP rows per problem (mutants that fail its tests; 0: none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the mutants' order")
     parser.add_argument("--workers", type=int, default=2, help="sandbox programs run at once")
     parser.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -72,9 +80,13 @@ def main(argv: list[str] | None = None) -> None:
             chosen = [p for p in problems if mbpp_split(p.task_id) == split]
             if not chosen:
                 continue
-            rows, stats = mbpp_rows(chosen, with_incorrect=args.incorrect_per_problem > 0,
-                                    incorrect_per_problem=max(1, args.incorrect_per_problem), seed=args.seed,
-                                    workers=args.workers)
+            rows, stats = mbpp_rows(
+                chosen,
+                with_incorrect=args.incorrect_per_problem > 0,
+                incorrect_per_problem=max(1, args.incorrect_per_problem),
+                seed=args.seed,
+                workers=args.workers,
+            )
             report[f"mbpp_{split}.jsonl"] = {**_write_jsonl(tmp / f"mbpp_{split}.jsonl", rows), "build": stats}
         if he_rows:
             report["humaneval_test.jsonl"] = _write_jsonl(tmp / "humaneval_test.jsonl", he_rows)

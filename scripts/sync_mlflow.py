@@ -31,8 +31,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{run}: not synced: {type(exc).__name__}: {exc}", file=sys.stderr)
             failed += 1
             continue
-        print(f"{run}: sent {counts['values']} metric values, {counts['params']} params, "
-              f"{counts['artifacts']} artifacts ({counts['skipped']} values MLflow had already)")
+        print(
+            f"{run}: sent {counts['values']} metric values, {counts['params']} params, "
+            f"{counts['artifacts']} artifacts ({counts['skipped']} values MLflow had already)"
+        )
     sys.exit(1 if failed else 0)
 
 

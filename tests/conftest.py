@@ -24,8 +24,14 @@ def needs_cuda(test):
 
 def run_script(args: list[str], *, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
     """Run `python <args>` from the repository root, capturing output."""
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env={**os.environ, **TEST_ENV},
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, *args],
+        cwd=ROOT,
+        env={**os.environ, **TEST_ENV},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
     return proc
@@ -34,11 +40,19 @@ def run_script(args: list[str], *, timeout: float = 600, check: bool = True) -> 
 def recipe_args(tiny: Path, out: Path, config: str, **overrides) -> list[str]:
     """Command line of a recipe on the tiny artifacts: small, fast, MLflow off unless overridden."""
     args = {
-        "model.path": tiny / "mtp_model", "tokenizer.path": tiny / "tokenizer.model",
-        "data.train_path": tiny / "data" / "train.jsonl", "training.output_dir": out,
-        "training.max_steps": 30, "training.micro_batch_size": 4, "training.log_every": 1,
-        "checkpoint.save_every": 0, "metrics.mlflow": "false", "metrics.progress_bar": "false", "metrics.report": "false",
-        "optimizer.lr": 3e-3, "lr_scheduler.warmup_steps": 3,
+        "model.path": tiny / "mtp_model",
+        "tokenizer.path": tiny / "tokenizer.model",
+        "data.train_path": tiny / "data" / "train.jsonl",
+        "training.output_dir": out,
+        "training.max_steps": 30,
+        "training.micro_batch_size": 4,
+        "training.log_every": 1,
+        "checkpoint.save_every": 0,
+        "metrics.mlflow": "false",
+        "metrics.progress_bar": "false",
+        "metrics.report": "false",
+        "optimizer.lr": 3e-3,
+        "lr_scheduler.warmup_steps": 3,
     }
     args.update(overrides)
     return ["--config", str(ROOT / "configs" / config)] + [x for k, v in args.items() for x in (f"--{k}", str(v))]
@@ -47,8 +61,14 @@ def recipe_args(tiny: Path, out: Path, config: str, **overrides) -> list[str]:
 def torchrun(script: str, args: list[str], *, nproc: int = 2) -> subprocess.CompletedProcess:
     """Run a recipe under torchrun (gloo on CPU), one thread per process."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **TEST_ENV, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **TEST_ENV, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 

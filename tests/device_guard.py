@@ -26,10 +26,32 @@ from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECT_DIRS = tuple(str(ROOT / name) + "/" for name in ("wmtp", "kernels", "recipes", "tests"))
-FACTORIES = {torch.zeros, torch.ones, torch.empty, torch.full, torch.tensor, torch.as_tensor, torch.arange,
-             torch.linspace, torch.eye, torch.rand, torch.randn, torch.randint, torch.from_numpy}
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor",
-               "all_to_all_single", "reduce", "gather", "scatter")
+FACTORIES = {
+    torch.zeros,
+    torch.ones,
+    torch.empty,
+    torch.full,
+    torch.tensor,
+    torch.as_tensor,
+    torch.arange,
+    torch.linspace,
+    torch.eye,
+    torch.rand,
+    torch.randn,
+    torch.randint,
+    torch.from_numpy,
+}
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "broadcast",
+    "reduce_scatter_tensor",
+    "all_to_all_single",
+    "reduce",
+    "gather",
+    "scatter",
+)
 MOVES = {torch.Tensor.to, torch.Tensor.cuda}
 
 
@@ -76,15 +98,19 @@ def _guarded(name: str, collective):
     def call(*args, **kwargs):
         for t in _tensors(list(args) + list(kwargs.values())):
             if isinstance(t, HostTensor):
-                raise RuntimeError(f"device guard: torch.distributed.{name} got a host tensor {tuple(t.shape)} "
-                                   f"{t.dtype}; a NCCL process group refuses it")
+                raise RuntimeError(
+                    f"device guard: torch.distributed.{name} got a host tensor {tuple(t.shape)} "
+                    f"{t.dtype}; a NCCL process group refuses it"
+                )
         return collective(*args, **kwargs)
+
     return call
 
 
 def _refuse_reads(name: str):
     def read(*args, **kwargs):
         raise RuntimeError(f"device guard: rank {dist.get_rank()} called {name}: only rank 0 reads checkpoints")
+
     return read
 
 

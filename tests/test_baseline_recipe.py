@@ -65,21 +65,30 @@ def test_stop_after_10_and_resume_reproduces_steps_11_to_20_exactly(uninterrupte
 
 def test_batch_4_equals_batch_2_with_accumulation_2(uninterrupted, tiny, tmp_path):
     _, full = uninterrupted
-    rows = train(tiny, tmp_path / "accum", **{"training.micro_batch_size": 2, "training.grad_accum_steps": 2,
-                                              "training.max_steps": 30, "training.stop_at_step": 6})
-    torch.testing.assert_close(torch.tensor(losses(rows)), torch.tensor(losses(full, range(1, 7))),
-                               rtol=1e-5, atol=0)
+    rows = train(
+        tiny,
+        tmp_path / "accum",
+        **{
+            "training.micro_batch_size": 2,
+            "training.grad_accum_steps": 2,
+            "training.max_steps": 30,
+            "training.stop_at_step": 6,
+        },
+    )
+    torch.testing.assert_close(torch.tensor(losses(rows)), torch.tensor(losses(full, range(1, 7))), rtol=1e-5, atol=0)
 
 
 def test_torchrun_two_processes_fsdp2_match_one_process(uninterrupted, tiny, tmp_path):
     _, full = uninterrupted
     out = tmp_path / "fsdp"
-    torchrun("recipes/full_finetune_baseline.py",
-             base_args(tiny, out, **{"training.micro_batch_size": 2, "training.stop_at_step": 6,
-                                     "checkpoint.save_every": 3}))
+    torchrun(
+        "recipes/full_finetune_baseline.py",
+        base_args(
+            tiny, out, **{"training.micro_batch_size": 2, "training.stop_at_step": 6, "checkpoint.save_every": 3}
+        ),
+    )
     rows = [r for r in read_metrics(out) if "loss" in r]
-    torch.testing.assert_close(torch.tensor(losses(rows)), torch.tensor(losses(full, range(1, 7))),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(losses(rows)), torch.tensor(losses(full, range(1, 7))), rtol=1e-5, atol=0)
     # Sharded checkpoint: one DCP shard file per rank, completed atomically.
     ckpt = out / "checkpoints" / "step_000006"
     assert len(list(ckpt.glob("*.distcp"))) == 2 and not list(out.glob("checkpoints/*.tmp"))
@@ -101,8 +110,12 @@ def test_malformed_rows_are_skipped_and_counted(tiny, tmp_path):
     lines[3:3] = ["{not json", json.dumps(row)]
     data.write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
-    proc = run_script(["recipes/full_finetune_baseline.py",
-                       *base_args(tiny, out, **{"data.train_path": data, "training.max_steps": 2})])
+    proc = run_script(
+        [
+            "recipes/full_finetune_baseline.py",
+            *base_args(tiny, out, **{"data.train_path": data, "training.max_steps": 2}),
+        ]
+    )
     assert "2 bad rows skipped" in proc.stdout
     step0 = read_metrics(out)[0]
     assert sum(v for k, v in step0.items() if k.startswith("data/skipped")) == 2
@@ -111,8 +124,11 @@ def test_malformed_rows_are_skipped_and_counted(tiny, tmp_path):
 def test_activation_checkpointing_gives_the_same_losses(uninterrupted, tiny, tmp_path):
     _, full = uninterrupted
     out = tmp_path / "ac"
-    rows = train(tiny, out, **{"distributed.activation_checkpointing": "every_n", "distributed.ac_every_n": 2,
-                               "training.max_steps": 3})
+    rows = train(
+        tiny,
+        out,
+        **{"distributed.activation_checkpointing": "every_n", "distributed.ac_every_n": 2, "training.max_steps": 3},
+    )
     # Same first step (the LR schedule differs afterwards: max_steps changed).
     assert losses(rows)[0] == pytest.approx(losses(full)[0], rel=1e-6)
     assert set(load_mtp(out / "final").state_dict()) == set(load_mtp(tiny / "mtp_model").state_dict())

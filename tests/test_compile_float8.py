@@ -16,8 +16,15 @@ COMPILE_RTOL = 1e-6
 losses differ by rounding only (measured: at most 1.5e-9 relative over four steps on a 2-core AMD
 EPYC). 1e-6 leaves room for other CPUs' vector widths and none for a wrong graph (a wrong mask or
 RoPE moves the loss by 1e-3 or more)."""
-BLOCK_LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
-                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+BLOCK_LINEARS = (
+    "attention.wq",
+    "attention.wk",
+    "attention.wv",
+    "attention.wo",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+)
 
 
 def losses(out) -> list[float]:
@@ -29,9 +36,14 @@ def test_compiled_blocks_give_the_eager_losses(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     common = {"training.max_steps": COMPILE_STEPS, "training.micro_batch_size": 2}
     load_recipe("full_finetune_baseline").main(recipe_args(tiny, tmp_path / "eager", "baseline_tiny.toml", **common))
-    run_script(["recipes/full_finetune_baseline.py",
-                *recipe_args(tiny, tmp_path / "compiled", "baseline_tiny.toml", **common,
-                             **{"distributed.compile": "true"})])
+    run_script(
+        [
+            "recipes/full_finetune_baseline.py",
+            *recipe_args(
+                tiny, tmp_path / "compiled", "baseline_tiny.toml", **common, **{"distributed.compile": "true"}
+            ),
+        ]
+    )
     eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
     assert len(compiled) == COMPILE_STEPS
     torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=COMPILE_RTOL, atol=0)
@@ -62,8 +74,13 @@ def test_float8_converts_exactly_the_block_linears_of_float8_shape():
 @pytest.mark.slow
 def test_float8_without_a_float8_gpu_stops_at_setup_with_a_clear_message(tiny, tmp_path):
     out = tmp_path / "run"
-    proc = run_script(["recipes/full_finetune_baseline.py",
-                       *recipe_args(tiny, out, "baseline_tiny.toml", **{"distributed.float8": "true"})], check=False)
+    proc = run_script(
+        [
+            "recipes/full_finetune_baseline.py",
+            *recipe_args(tiny, out, "baseline_tiny.toml", **{"distributed.float8": "true"}),
+        ],
+        check=False,
+    )
     assert proc.returncode != 0
     assert "distributed.float8 = true needs a CUDA GPU with compute capability >= 8.9" in proc.stderr
     assert "set distributed.float8 = false" in proc.stderr

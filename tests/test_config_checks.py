@@ -11,22 +11,38 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from tests.conftest import load_recipe, recipe_args
 from wmtp.config.inputs import InputError, check_inputs, check_inputs_or_exit, input_problems
 from wmtp.config.loader import ConfigError, parse_config
-from wmtp.config.sections import (CheckpointConfig, CriticConfig, DataConfig, DistributedConfig, EvalConfig,
-                                  LRSchedulerConfig, MetricsConfig, ModelConfig, OptimizerConfig, ReferenceConfig,
-                                  Rho1Config, S3Config, TDConfig, TokenizerConfig, TrainingConfig, ValidationConfig)
+from wmtp.config.sections import (
+    CheckpointConfig,
+    CriticConfig,
+    DataConfig,
+    DistributedConfig,
+    EvalConfig,
+    LRSchedulerConfig,
+    MetricsConfig,
+    ModelConfig,
+    OptimizerConfig,
+    ReferenceConfig,
+    Rho1Config,
+    S3Config,
+    TDConfig,
+    TokenizerConfig,
+    TrainingConfig,
+    ValidationConfig,
+)
 
 
 @dataclasses.dataclass
 class AllSections:
     """Every section the recipes compose, in one config (the loader treats each the same way)."""
+
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = dataclasses.field(default_factory=TokenizerConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
@@ -139,13 +155,20 @@ def test_the_table_covers_every_documented_range():
     import inspect
 
     import wmtp.config.sections as sections
+
     documented = set()
     for node in ast.parse(inspect.getsource(sections)).body:
-        section = next((f.name for f in dataclasses.fields(AllSections)
-                        if isinstance(node, ast.ClassDef) and f.type == node.name), None)
+        section = next(
+            (f.name for f in dataclasses.fields(AllSections) if isinstance(node, ast.ClassDef) and f.type == node.name),
+            None,
+        )
         for ann, doc in zip(node.body, node.body[1:]) if section else ():
-            if (isinstance(ann, ast.AnnAssign) and re.search(r"\b(int|float)\b", ast.unparse(ann.annotation))
-                    and isinstance(doc, ast.Expr) and re.search(r"(>=?|<=?) \S|in [\[(]", str(doc.value.value))):
+            if (
+                isinstance(ann, ast.AnnAssign)
+                and re.search(r"\b(int|float)\b", ast.unparse(ann.annotation))
+                and isinstance(doc, ast.Expr)
+                and re.search(r"(>=?|<=?) \S|in [\[(]", str(doc.value.value))
+            ):
                 documented.add(f"{section}.{ann.target.id}")
     tested = {key for key, *_ in RANGES}
     # The curriculum's lists are checked together, with the curriculum sampler: their own test.
@@ -195,12 +218,16 @@ CURRICULUM = [
     (("data.curriculum_bin_edges", "[]"), "data.curriculum_bin_edges must be non-empty"),
     (("data.curriculum_schedule", "[]"), "data.curriculum_schedule must have at least one row"),
     (("data.curriculum_schedule", "[[0.0, 1.0, 0.0]]"), "row 0 must be [progress, one weight per bin]"),
-    (("data.curriculum_schedule", "[[1.01, 1.0, 0.0, 0.0]]"),
-     "data.curriculum_schedule[0][0] (progress) must be in [0, 1], got 1.01"),
+    (
+        ("data.curriculum_schedule", "[[1.01, 1.0, 0.0, 0.0]]"),
+        "data.curriculum_schedule[0][0] (progress) must be in [0, 1], got 1.01",
+    ),
     (("data.curriculum_schedule", "[[0.0, 0.0, 0.0, 0.0]]"), "row 0 weights must be finite and >= 0, not all 0"),
     (("data.curriculum_schedule", "[[0.0, 1.0, -1.0, 0.0]]"), "row 0 weights must be finite and >= 0"),
-    (("data.curriculum_schedule", "[[0.5, 1.0, 0.0, 0.0], [0.5, 0.0, 1.0, 0.0]]"),
-     "progress points must strictly increase, got [0.5, 0.5]"),
+    (
+        ("data.curriculum_schedule", "[[0.5, 1.0, 0.0, 0.0], [0.5, 0.0, 1.0, 0.0]]"),
+        "progress points must strictly increase, got [0.5, 0.5]",
+    ),
 ]
 
 
@@ -210,8 +237,14 @@ def test_curriculum_checks_apply_with_the_curriculum_sampler_only(pair, rule):
     assert message.startswith("[data]: data.curriculum_") and rule in message, message
     parse_config(AllSections, cli(pair))  # another sampler ignores them
     # The boundaries: progress 0 and 1, one bin, a zero weight beside a positive one.
-    cfg = parse_config(AllSections, cli(("data.sampler", "curriculum"), ("data.curriculum_bin_edges", "[0]"),
-                                        ("data.curriculum_schedule", "[[0.0, 1.0], [1.0, 1.0]]")))
+    cfg = parse_config(
+        AllSections,
+        cli(
+            ("data.sampler", "curriculum"),
+            ("data.curriculum_bin_edges", "[0]"),
+            ("data.curriculum_schedule", "[[0.0, 1.0], [1.0, 1.0]]"),
+        ),
+    )
     assert cfg.data.curriculum_schedule == [[0.0, 1.0], [1.0, 1.0]]
 
 
@@ -225,12 +258,15 @@ def test_speculative_decoding_needs_greedy_decoding():
 # A recipe's entry point: exit 2, `error: ...`, before any heavy work
 
 
-@pytest.mark.parametrize("key,value,rule", [
-    ("training.max_steps", "0", "training.max_steps must be >= 1, got 0"),
-    ("optimizer.lr", "-0.001", "optimizer.lr must be > 0, got -0.001"),
-    ("training.micro_batch_size", "0", "training.micro_batch_size must be >= 1, got 0"),
-    ("training.log_every", "0", "training.log_every must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "key,value,rule",
+    [
+        ("training.max_steps", "0", "training.max_steps must be >= 1, got 0"),
+        ("optimizer.lr", "-0.001", "optimizer.lr must be > 0, got -0.001"),
+        ("training.micro_batch_size", "0", "training.micro_batch_size must be >= 1, got 0"),
+        ("training.log_every", "0", "training.log_every must be >= 1, got 0"),
+    ],
+)
 def test_recipe_main_exits_2_naming_the_key(key, value, rule, tiny, tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as info:
@@ -250,11 +286,16 @@ def inputs(tiny, tmp_path_factory) -> dict[str, Path]:
     """Good inputs (the tiny artifacts, and the model also as safetensors) and damaged copies."""
     from wmtp.models import load_mtp
     from wmtp.models.checkpoint import save_mtp
+
     root = tmp_path_factory.mktemp("inputs")
     model = load_mtp(tiny / "mtp_model")
     st = save_mtp(root / "st_model", model.args, model.state_dict())
-    paths = {"pth_model": tiny / "mtp_model", "st_model": st, "tokenizer": tiny / "tokenizer.model",
-             "data": tiny / "data" / "train.jsonl"}
+    paths = {
+        "pth_model": tiny / "mtp_model",
+        "st_model": st,
+        "tokenizer": tiny / "tokenizer.model",
+        "data": tiny / "data" / "train.jsonl",
+    }
     for name in ("pth_model", "st_model"):
         damaged = root / f"truncated_{name}"
         damaged.mkdir()
@@ -272,16 +313,26 @@ def inputs(tiny, tmp_path_factory) -> dict[str, Path]:
     (root / "empty.jsonl").write_bytes(b"")
     truncated_tok = root / "truncated.model"
     truncated_tok.write_bytes(paths["tokenizer"].read_bytes()[:1000])
-    paths.update(empty_model=root / "empty_model", no_params=no_params, empty_tokenizer=root / "empty.model",
-                 empty_data=root / "empty.jsonl", truncated_tokenizer=truncated_tok, missing=root / "missing")
+    paths.update(
+        empty_model=root / "empty_model",
+        no_params=no_params,
+        empty_tokenizer=root / "empty.model",
+        empty_data=root / "empty.jsonl",
+        truncated_tokenizer=truncated_tok,
+        missing=root / "missing",
+    )
     return paths
 
 
 def config(p: dict[str, Path], **paths) -> AllSections:
     """A baseline-like config (model, tokenizer, data, validation) on `p`'s good inputs unless given."""
     cfg = load_recipe("full_finetune_baseline").BaselineConfig()
-    chosen = {"model.path": p["pth_model"], "tokenizer.path": p["tokenizer"], "data.train_path": p["data"],
-              **{k.replace("__", "."): v for k, v in paths.items()}}
+    chosen = {
+        "model.path": p["pth_model"],
+        "tokenizer.path": p["tokenizer"],
+        "data.train_path": p["data"],
+        **{k.replace("__", "."): v for k, v in paths.items()},
+    }
     for dotted, value in chosen.items():
         section, key = dotted.split(".")
         setattr(getattr(cfg, section), key, str(value))
@@ -293,25 +344,44 @@ def test_good_inputs_pass(inputs):
     assert input_problems(config(inputs, model__path=inputs["st_model"], validation__path=inputs["data"])) == []
 
 
-@pytest.mark.parametrize("case", ["model missing", "model empty", "no params.json", "tokenizer empty",
-                                  "safetensors truncated", "pth truncated", "data empty", "validation missing",
-                                  "tokenizer folder without one"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "model missing",
+        "model empty",
+        "no params.json",
+        "tokenizer empty",
+        "safetensors truncated",
+        "pth truncated",
+        "data empty",
+        "validation missing",
+        "tokenizer folder without one",
+    ],
+)
 def test_each_input_problem_is_named_by_key_and_path(case, inputs):
     p = inputs
     overrides, expected = {
         "model missing": ({"model__path": p["missing"]}, f"model.path: {p['missing']} does not exist"),
         "model empty": ({"model__path": p["empty_model"]}, f"model.path: {p['empty_model']} is empty"),
         "no params.json": ({"model__path": p["no_params"]}, f"model.path: no params.json in {p['no_params']}"),
-        "tokenizer empty": ({"tokenizer__path": p["empty_tokenizer"]},
-                            f"tokenizer.path: {p['empty_tokenizer']} is empty"),
-        "safetensors truncated": ({"model__path": p["truncated_st_model"]},
-                                  f"model.path: {p['truncated_st_model_file']} is truncated ("),
-        "pth truncated": ({"model__path": p["truncated_pth_model"]},
-                          f"model.path: {p['truncated_pth_model_file']} is truncated (its zip directory is missing)"),
+        "tokenizer empty": (
+            {"tokenizer__path": p["empty_tokenizer"]},
+            f"tokenizer.path: {p['empty_tokenizer']} is empty",
+        ),
+        "safetensors truncated": (
+            {"model__path": p["truncated_st_model"]},
+            f"model.path: {p['truncated_st_model_file']} is truncated (",
+        ),
+        "pth truncated": (
+            {"model__path": p["truncated_pth_model"]},
+            f"model.path: {p['truncated_pth_model_file']} is truncated (its zip directory is missing)",
+        ),
         "data empty": ({"data__train_path": p["empty_data"]}, f"data.train_path: {p['empty_data']} is empty"),
         "validation missing": ({"validation__path": p["missing"]}, f"validation.path: {p['missing']} does not exist"),
-        "tokenizer folder without one": ({"tokenizer__path": p["empty_model"]},
-                                         f"tokenizer.path: no tokenizer.model in {p['empty_model']}"),
+        "tokenizer folder without one": (
+            {"tokenizer__path": p["empty_model"]},
+            f"tokenizer.path: no tokenizer.model in {p['empty_model']}",
+        ),
     }[case]
     problems = input_problems(config(p, **overrides))
     assert len(problems) == 1 and problems[0].startswith(expected), problems
@@ -319,14 +389,23 @@ def test_each_input_problem_is_named_by_key_and_path(case, inputs):
 
 def test_every_problem_is_reported_at_once(inputs, capsys):
     p = inputs
-    cfg = config(p, model__path=p["truncated_st_model"], tokenizer__path=p["empty_tokenizer"],
-                 data__train_path=p["empty_data"], validation__path=p["missing"])
+    cfg = config(
+        p,
+        model__path=p["truncated_st_model"],
+        tokenizer__path=p["empty_tokenizer"],
+        data__train_path=p["empty_data"],
+        validation__path=p["missing"],
+    )
     with pytest.raises(InputError) as info:
         check_inputs(cfg)
     lines = str(info.value).splitlines()
     assert lines[0] == "4 input file problems:"
-    assert [ln.split(":")[0].strip() for ln in lines[1:]] == ["model.path", "tokenizer.path", "data.train_path",
-                                                              "validation.path"]
+    assert [ln.split(":")[0].strip() for ln in lines[1:]] == [
+        "model.path",
+        "tokenizer.path",
+        "data.train_path",
+        "validation.path",
+    ]
     assert all(len(ln) < len(str(p["truncated_st_model_file"])) + 120 for ln in lines), lines
     with pytest.raises(SystemExit) as exit_info:
         check_inputs_or_exit(cfg)
@@ -336,8 +415,12 @@ def test_every_problem_is_reported_at_once(inputs, capsys):
 
 def test_recipe_main_exits_2_on_a_missing_input(inputs, tiny, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = recipe_args(tiny, out, "baseline_tiny.toml", **{"data.train_path": inputs["empty_data"],
-                                                           "validation.path": inputs["missing"]})
+    argv = recipe_args(
+        tiny,
+        out,
+        "baseline_tiny.toml",
+        **{"data.train_path": inputs["empty_data"], "validation.path": inputs["missing"]},
+    )
     with pytest.raises(SystemExit) as info:
         load_recipe("full_finetune_baseline").main(argv)
     assert info.value.code == 2
@@ -351,6 +434,7 @@ def test_recipe_main_exits_2_on_a_missing_input(inputs, tiny, tmp_path, capsys):
 def test_loading_a_truncated_weights_file_or_tokenizer_names_its_path(inputs):
     from wmtp.models import load_mtp
     from wmtp.models.checkpoint import read_value_head
+
     for name in ("truncated_st_model", "truncated_pth_model"):
         file = inputs[f"{name}_file"]
         with pytest.raises(ValueError) as info:
@@ -362,14 +446,17 @@ def test_loading_a_truncated_weights_file_or_tokenizer_names_its_path(inputs):
         read_value_head(inputs["truncated_st_model_file"], dim=8)
     assert str(inputs["truncated_st_model_file"]) in str(info.value)
     message = tokenizer_error(inputs["truncated_tokenizer"])
-    assert message.startswith(f"tokenizer {inputs['truncated_tokenizer']} (1000 bytes) does not load, truncated or "
-                              f"not a sentencepiece model? (RuntimeError: "), message
+    assert message.startswith(
+        f"tokenizer {inputs['truncated_tokenizer']} (1000 bytes) does not load, truncated or "
+        f"not a sentencepiece model? (RuntimeError: "
+    ), message
     assert len(message) < len(str(inputs["truncated_tokenizer"])) * 2 + 200, message  # the loader repeats it
     assert tokenizer_error(inputs["empty_tokenizer"]) == f"tokenizer {inputs['empty_tokenizer']} is empty (0 bytes)"
 
 
 def tokenizer_error(path: Path) -> str:
     from wmtp.data.tokenizer import SentencePieceTokenizer
+
     with pytest.raises(ValueError) as info:
         SentencePieceTokenizer(path)
     return str(info.value)

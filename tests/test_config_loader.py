@@ -109,23 +109,33 @@ def test_file_overrides_defaults_and_cli_overrides_file(tmp_path):
 
 
 @pytest.mark.parametrize("form", ["space", "equals"])
-@pytest.mark.parametrize("key, raw, expected", [
-    ("lr", "2e-5", 2e-5),
-    ("lr", "3", 3.0),
-    ("steps", "-4", -4),
-    ("compile", "true", True), ("compile", "YES", True), ("compile", "1", True),
-    ("compile", "false", False), ("compile", "no", False), ("compile", "0", False),
-    ("precision", "bf16", "bf16"),
-    ("stop_at", "12", 12), ("stop_at", "none", None),
-    ("clip", "null", None), ("clip", "0.5", 0.5),
-    ("run_name", "a b=c", "a b=c"), ("run_name", "None", None),
-    ("betas", "[0.8, 1]", [0.8, 1.0]),
-    ("edges", "[1, 2, 3]", [1, 2, 3]),
-    ("tags", '["x", "y"]', ["x", "y"]),
-    ("tags", "[]", []),
-    ("schedule", "[[0, 1.0], [0.5, 0.25]]", [[0.0, 1.0], [0.5, 0.25]]),
-    ("phases", "[[0, [1, 0]], [0.5, [0.5, 0.5]]]", [(0.0, [1.0, 0.0]), (0.5, [0.5, 0.5])]),
-])
+@pytest.mark.parametrize(
+    "key, raw, expected",
+    [
+        ("lr", "2e-5", 2e-5),
+        ("lr", "3", 3.0),
+        ("steps", "-4", -4),
+        ("compile", "true", True),
+        ("compile", "YES", True),
+        ("compile", "1", True),
+        ("compile", "false", False),
+        ("compile", "no", False),
+        ("compile", "0", False),
+        ("precision", "bf16", "bf16"),
+        ("stop_at", "12", 12),
+        ("stop_at", "none", None),
+        ("clip", "null", None),
+        ("clip", "0.5", 0.5),
+        ("run_name", "a b=c", "a b=c"),
+        ("run_name", "None", None),
+        ("betas", "[0.8, 1]", [0.8, 1.0]),
+        ("edges", "[1, 2, 3]", [1, 2, 3]),
+        ("tags", '["x", "y"]', ["x", "y"]),
+        ("tags", "[]", []),
+        ("schedule", "[[0, 1.0], [0.5, 0.25]]", [[0.0, 1.0], [0.5, 0.25]]),
+        ("phases", "[[0, [1, 0]], [0.5, [0.5, 0.5]]]", [(0.0, [1.0, 0.0]), (0.5, [0.5, 0.5])]),
+    ],
+)
 def test_cli_values_are_parsed_by_field_type(form, key, raw, expected):
     argv = [f"--train.{key}", raw] if form == "space" else [f"--train.{key}={raw}"]
     value = getattr(parse_config(Cfg, argv).train, key)
@@ -141,7 +151,9 @@ def test_str_fields_take_values_verbatim_even_if_they_look_like_other_types():
 
 
 def test_file_values_of_every_type(tmp_path):
-    path = write(tmp_path, """
+    path = write(
+        tmp_path,
+        """
 [train]
 lr = 1              # an int is fine for a float field
 steps = 3
@@ -155,56 +167,74 @@ edges = [2, 4, 8]
 tags = ["a", "b"]
 schedule = [[0.0, 1], [1, 0.0]]
 phases = [[0, [1, 2]], [1.0, []]]
-""")
+""",
+    )
     train = parse_config(Cfg, ["--config", path]).train
-    assert train == TrainSection(lr=1.0, steps=3, compile=True, precision="bf16", stop_at=5, clip=None,
-                                 run_name="r1", betas=[0.5, 1.0], edges=[2, 4, 8], tags=["a", "b"],
-                                 schedule=[[0.0, 1.0], [1.0, 0.0]], phases=[(0.0, [1.0, 2.0]), (1.0, [])])
+    assert train == TrainSection(
+        lr=1.0,
+        steps=3,
+        compile=True,
+        precision="bf16",
+        stop_at=5,
+        clip=None,
+        run_name="r1",
+        betas=[0.5, 1.0],
+        edges=[2, 4, 8],
+        tags=["a", "b"],
+        schedule=[[0.0, 1.0], [1.0, 0.0]],
+        phases=[(0.0, [1.0, 2.0]), (1.0, [])],
+    )
     assert type(train.lr) is float and type(train.schedule[0][1]) is float
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("[trian]\nlr = 1.0\n", "unknown section 'trian'; did you mean 'train'?"),
-    ("[train]\nlrr = 1.0\n", "unknown key 'train.lrr'; did you mean 'train.lr'?"),
-    ("[model]\nlr = 1.0\n", "unknown key 'model.lr'; did you mean 'train.lr'?"),
-    ("train = 3\n", "train: expected a table [train], got 3 (integer)"),
-    ('[train]\nlr = "fast"\n', 'train.lr: expected float, got "fast" (string)'),
-    ("[train]\nsteps = 1.5\n", "train.steps: expected int, got 1.5 (float)"),
-    ("[train]\nsteps = true\n", "train.steps: expected int, got true (boolean)"),
-    ("[train]\ncompile = 1\n", "train.compile: expected bool, got 1 (integer)"),
-    ("[train]\nstop_at = 1.0\n", "train.stop_at: expected int | None, got 1.0 (float)"),
-    ('[train]\nprecision = "fp16"\n', 'train.precision: expected "fp32" | "bf16", got "fp16" (string)'),
-    ("[train]\nbetas = 0.9\n", "train.betas: expected list[float], got 0.9 (float)"),
-    ('[train]\nedges = [1, "2"]\n', 'train.edges[1]: expected int, got "2" (string)'),
-    ('[train]\nschedule = [[0.0, 1.0], [1.0, "x"]]\n', 'train.schedule[1][1]: expected float, got "x" (string)'),
-    ("[train]\nphases = [[0.0]]\n", "train.phases[0]: expected tuple[float, list[float]], got [0.0] (array)"),
-    ("[train]\nrun_name = 1979-05-27\n", "train.run_name: expected str | None, got 1979-05-27 (date)"),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("[trian]\nlr = 1.0\n", "unknown section 'trian'; did you mean 'train'?"),
+        ("[train]\nlrr = 1.0\n", "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+        ("[model]\nlr = 1.0\n", "unknown key 'model.lr'; did you mean 'train.lr'?"),
+        ("train = 3\n", "train: expected a table [train], got 3 (integer)"),
+        ('[train]\nlr = "fast"\n', 'train.lr: expected float, got "fast" (string)'),
+        ("[train]\nsteps = 1.5\n", "train.steps: expected int, got 1.5 (float)"),
+        ("[train]\nsteps = true\n", "train.steps: expected int, got true (boolean)"),
+        ("[train]\ncompile = 1\n", "train.compile: expected bool, got 1 (integer)"),
+        ("[train]\nstop_at = 1.0\n", "train.stop_at: expected int | None, got 1.0 (float)"),
+        ('[train]\nprecision = "fp16"\n', 'train.precision: expected "fp32" | "bf16", got "fp16" (string)'),
+        ("[train]\nbetas = 0.9\n", "train.betas: expected list[float], got 0.9 (float)"),
+        ('[train]\nedges = [1, "2"]\n', 'train.edges[1]: expected int, got "2" (string)'),
+        ('[train]\nschedule = [[0.0, 1.0], [1.0, "x"]]\n', 'train.schedule[1][1]: expected float, got "x" (string)'),
+        ("[train]\nphases = [[0.0]]\n", "train.phases[0]: expected tuple[float, list[float]], got [0.0] (array)"),
+        ("[train]\nrun_name = 1979-05-27\n", "train.run_name: expected str | None, got 1979-05-27 (date)"),
+    ],
+)
 def test_file_errors_name_the_file_key_type_and_value(tmp_path, text, expected):
     path = write(tmp_path, text)
     assert error_of(["--config", path]) == f"{path}: {expected}"
 
 
-@pytest.mark.parametrize("argv, expected", [
-    (["--trian.lr", "1"], "unknown section 'trian'; did you mean 'train'?"),
-    (["--train.lrr", "1"], "unknown key 'train.lrr'; did you mean 'train.lr'?"),
-    (["--model.steps=1"], "unknown key 'model.steps'; did you mean 'train.steps'?"),
-    (["--train.lr", "fast"], "train.lr: expected float, got 'fast'"),
-    (["--train.steps", "1.5"], "train.steps: expected int, got '1.5'"),
-    (["--train.compile", "maybe"], "train.compile: expected bool (true/false/1/0/yes/no), got 'maybe'"),
-    (["--train.clip", "off"], "train.clip: expected float | None, got 'off'"),
-    (["--train.precision", "fp16"], "train.precision: expected \"fp32\" | \"bf16\", got 'fp16'"),
-    (["--train.edges", "[1, 2"], "train.edges: expected list[int] (a TOML array such as [1, 2]), got '[1, 2'"),
-    (["--train.edges", "3"], "train.edges: expected list[int] (a TOML array such as [1, 2]), got '3'"),
-    (["--train.edges", "[1, 2.5]"], "train.edges[1]: expected int, got 2.5 (float)"),
-    (["--train.schedule", "[[0, true]]"], "train.schedule[0][1]: expected float, got true (boolean)"),
-    (["--train.lr"], "--train.lr expects a value"),
-    (["--train.lr", "--dry-run"], "--train.lr expects a value"),
-    (["--config"], "--config expects a value"),
-    (["--config", "a.toml", "--config", "b.toml"], "--config given twice ('a.toml', 'b.toml')"),
-    (["run.toml"], "unexpected argument 'run.toml'"),
-    (["--lr", "1"], "unknown option '--lr'"),
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--trian.lr", "1"], "unknown section 'trian'; did you mean 'train'?"),
+        (["--train.lrr", "1"], "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+        (["--model.steps=1"], "unknown key 'model.steps'; did you mean 'train.steps'?"),
+        (["--train.lr", "fast"], "train.lr: expected float, got 'fast'"),
+        (["--train.steps", "1.5"], "train.steps: expected int, got '1.5'"),
+        (["--train.compile", "maybe"], "train.compile: expected bool (true/false/1/0/yes/no), got 'maybe'"),
+        (["--train.clip", "off"], "train.clip: expected float | None, got 'off'"),
+        (["--train.precision", "fp16"], 'train.precision: expected "fp32" | "bf16", got \'fp16\''),
+        (["--train.edges", "[1, 2"], "train.edges: expected list[int] (a TOML array such as [1, 2]), got '[1, 2'"),
+        (["--train.edges", "3"], "train.edges: expected list[int] (a TOML array such as [1, 2]), got '3'"),
+        (["--train.edges", "[1, 2.5]"], "train.edges[1]: expected int, got 2.5 (float)"),
+        (["--train.schedule", "[[0, true]]"], "train.schedule[0][1]: expected float, got true (boolean)"),
+        (["--train.lr"], "--train.lr expects a value"),
+        (["--train.lr", "--dry-run"], "--train.lr expects a value"),
+        (["--config"], "--config expects a value"),
+        (["--config", "a.toml", "--config", "b.toml"], "--config given twice ('a.toml', 'b.toml')"),
+        (["run.toml"], "unexpected argument 'run.toml'"),
+        (["--lr", "1"], "unknown option '--lr'"),
+    ],
+)
 def test_cli_errors_name_the_command_line_key_type_and_value(argv, expected):
     message = error_of(argv)
     assert message.startswith(f"command line: {expected}"), message
@@ -226,16 +256,25 @@ def test_section_validation_becomes_a_config_error():
 
 
 def test_dry_run_prints_a_toml_that_round_trips(tmp_path, capsys):
-    argv = ["--train.clip", "none", "--train.run_name", 'say "hi"\\\n\tbye é', "--train.lr", "1e-16",
-            "--train.phases", "[[0.5, [1, 2]]]"]
+    argv = [
+        "--train.clip",
+        "none",
+        "--train.run_name",
+        'say "hi"\\\n\tbye é',
+        "--train.lr",
+        "1e-16",
+        "--train.phases",
+        "[[0.5, [1, 2]]]",
+    ]
     expected = parse_config(Cfg, argv)
     with pytest.raises(SystemExit) as info:
         parse_config(Cfg, [*argv, "--dry-run"])
     assert info.value.code == 0
     out = capsys.readouterr().out
 
-    none_as_text = {s: {k: "none" if v is None else v for k, v in kv.items()}
-                    for s, kv in config_to_dict(expected).items()}
+    none_as_text = {
+        s: {k: "none" if v is None else v for k, v in kv.items()} for s, kv in config_to_dict(expected).items()
+    }
     assert tomllib.loads(out) == none_as_text
     assert "# Peak learning rate.\n#\n# Decays to zero.\nlr = 1e-16\n" in out
     assert "# The network.\n[model]\n# Model name.\nname = " in out

@@ -28,15 +28,27 @@ from tests.conftest import load_recipe, recipe_args, torchrun
 from wmtp.atomic import WriteError, atomic_write_text
 from wmtp.models.args import ModelArgs
 from wmtp.models.checkpoint import save_mtp
-from wmtp.training.checkpointer import (DAMAGED_NOTE, Checkpointer, CheckpointMismatchError, CheckpointSaveError,
-                                        DamagedCheckpoint, NoLoadableCheckpointError, check_shard_files,
-                                        read_trainer_state)
+from wmtp.training.checkpointer import (
+    DAMAGED_NOTE,
+    Checkpointer,
+    CheckpointMismatchError,
+    CheckpointSaveError,
+    DamagedCheckpoint,
+    NoLoadableCheckpointError,
+    check_shard_files,
+    read_trainer_state,
+)
 from wmtp.training.metrics import read_metrics
 
 pytestmark = pytest.mark.slow
 
-RUN = {"training.max_steps": 6, "training.micro_batch_size": 2, "checkpoint.save_every": 2,
-       "checkpoint.keep_last": 0, "checkpoint.export_final": "false"}
+RUN = {
+    "training.max_steps": 6,
+    "training.micro_batch_size": 2,
+    "checkpoint.save_every": 2,
+    "checkpoint.keep_last": 0,
+    "checkpoint.export_final": "false",
+}
 SHARD = "__0_0.distcp"
 
 
@@ -80,6 +92,7 @@ def corrupt_stored_object(ckpt: Path) -> None:
     """Overwrite the bytes of one pickled (non-tensor) item in place: the lengths stay right, so only
     DCP's read itself can find it."""
     from torch.distributed.checkpoint import FileSystemReader
+
     metadata = FileSystemReader(str(ckpt)).read_metadata()
     info = next(v for k, v in metadata.storage_data.items() if k.fqn == "optim.param_groups.0.lr")
     with open(ckpt / info.relative_path, "r+b") as f:
@@ -172,8 +185,11 @@ def test_a_second_damaged_copy_of_a_step_is_moved_beside_the_first(tmp_path):
 def test_trainer_state_checks_name_the_problem(tmp_path):
     ckpt = tmp_path / "step_000004"
     ckpt.mkdir()
-    cases = {"[1, 2]": "holds a list, not an object", '{"step": 4}': "lacks 'loader'",
-             '{"step": 5, "loader": {}}': "says step 5, the folder is step 4"}
+    cases = {
+        "[1, 2]": "holds a list, not an object",
+        '{"step": 4}': "lacks 'loader'",
+        '{"step": 5, "loader": {}}': "says step 5, the folder is step 4",
+    }
     for text, reason in cases.items():
         (ckpt / "trainer_state.json").write_text(text)
         with pytest.raises(DamagedCheckpoint, match=reason):
@@ -215,13 +231,18 @@ def fresh(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
 def small_tmpfs(where: Path, size: str):
     where.mkdir()
     try:
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                              capture_output=True, text=True, timeout=30)
+        proc = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError) as exc:
         pytest.skip(f"cannot mount a tmpfs to fill ({exc}); the /dev/full test covers ENOSPC")
     if proc.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs to fill (needs root: {proc.stderr.strip()}); "
-                    f"the /dev/full test covers ENOSPC")
+        pytest.skip(
+            f"cannot mount a tmpfs to fill (needs root: {proc.stderr.strip()}); the /dev/full test covers ENOSPC"
+        )
     try:
         yield where
     finally:
@@ -251,8 +272,10 @@ def assert_save_failed_cleanly(exc: CheckpointSaveError, ckpt: Checkpointer, ste
 
 
 def snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    return {**{k: v.clone() for k, v in model.state_dict().items()},
-            "exp_avg": opt.state_dict()["state"][0]["exp_avg"].clone()}
+    return {
+        **{k: v.clone() for k, v in model.state_dict().items()},
+        "exp_avg": opt.state_dict()["state"][0]["exp_avg"].clone(),
+    }
 
 
 def assert_loads(ckpt: Checkpointer, saved: dict[str, torch.Tensor]) -> None:
@@ -314,6 +337,7 @@ def redirect_writes(suffix: str, dev_full: Path):
 
     def open_(self, mode="r", *args, **kwargs):
         return real_open(dev_full if self.name.endswith(suffix) and "w" in mode else self, mode, *args, **kwargs)
+
     return open_
 
 
@@ -366,8 +390,11 @@ def test_a_checkpoint_of_another_model_is_an_error_and_left_in_place(tmp_path):
     """Not damage: a changed config. Moving it aside (or falling back) would hide the mistake."""
     ckpt, *_ = saved_once(tmp_path / "run")
     other = nn.Sequential(nn.Linear(256, 128))
-    with pytest.raises(CheckpointMismatchError, match=r"step_000001 does not fit this model/optimizer \(was the "
-                                                      r"config changed\?\): .*; it was left in place"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match=r"step_000001 does not fit this model/optimizer \(was the "
+        r"config changed\?\): .*; it was left in place",
+    ):
         ckpt.load_latest(other, torch.optim.AdamW(other.parameters()))
     assert ckpt.complete_steps() == [1]
 
@@ -376,8 +403,9 @@ def test_under_torchrun_all_ranks_fall_back_together(tiny, tmp_path):
     """Two ranks (FSDP2, a shard file each): rank 1's shard of the newest checkpoint is cut short;
     both ranks report, agree and resume from the previous checkpoint, reproducing the losses."""
     out = tmp_path / "fsdp"
-    args = recipe_args(tiny, out, "baseline_tiny.toml", **{**RUN, "training.max_steps": 4,
-                                                           "training.micro_batch_size": 1})
+    args = recipe_args(
+        tiny, out, "baseline_tiny.toml", **{**RUN, "training.max_steps": 4, "training.micro_batch_size": 1}
+    )
     torchrun("recipes/full_finetune_baseline.py", args)
     first = {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
     newest = step_dir(out, 4)

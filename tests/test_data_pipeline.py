@@ -20,8 +20,34 @@ from wmtp.data.template import format_prompt, tokenize_row
 from wmtp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
 
 VOCAB = 400
-WORDS = ["def", "return", "for", "in", "range", "if", "else", "print", "x", "y", "n", "+", "-", "(", ")",
-         ":", "==", "0", "1", "42", "input()", "int", "list", "sum", "é", "→"]
+WORDS = [
+    "def",
+    "return",
+    "for",
+    "in",
+    "range",
+    "if",
+    "else",
+    "print",
+    "x",
+    "y",
+    "n",
+    "+",
+    "-",
+    "(",
+    ")",
+    ":",
+    "==",
+    "0",
+    "1",
+    "42",
+    "input()",
+    "int",
+    "list",
+    "sum",
+    "é",
+    "→",
+]
 
 
 def random_row(rng: random.Random, problem: int, *, n_words: int | None = None) -> dict:
@@ -30,7 +56,11 @@ def random_row(rng: random.Random, problem: int, *, n_words: int | None = None) 
         instruction=f"Problem {problem}: " + " ".join(rng.choices(WORDS, k=rng.randint(3, 30))),
         input_text=rng.choice(["", "3\n1 2 3"]),
         output="\n".join(" ".join(rng.choices(WORDS, k=8)) for _ in range(max(1, words // 8))),
-        task_id=f"cc/{problem}", is_correct=rng.random() < 0.5, source="test", difficulty=rng.randint(0, 12))
+        task_id=f"cc/{problem}",
+        is_correct=rng.random() < 0.5,
+        source="test",
+        difficulty=rng.randint(0, 12),
+    )
 
 
 def write_jsonl(path: Path, lines: list[str]) -> Path:
@@ -41,8 +71,9 @@ def write_jsonl(path: Path, lines: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory) -> SentencePieceTokenizer:
     rng = random.Random(0)
-    texts = [format_prompt(r["instruction"], r["input"]) + r["output"]
-             for r in (random_row(rng, p) for p in range(200))]
+    texts = [
+        format_prompt(r["instruction"], r["input"]) + r["output"] for r in (random_row(rng, p) for p in range(200))
+    ]
     return SentencePieceTokenizer(train_sentencepiece(texts, tmp_path_factory.mktemp("tok"), vocab_size=VOCAB))
 
 
@@ -62,11 +93,19 @@ def synthetic_index(n: int, *, seed: int = 0, path: str = "data/train.jsonl") ->
     rows["token_length"] = rng.integers(10, 600, n)
     rows["difficulty"] = rng.integers(0, 15, n)
     rows["is_correct"] = rng.random(n) < 0.3
-    return RowIndex(path=Path(path), rows=rows, problems=[f"p{i}" for i in range(n // 4 + 1)], skipped={},
-                    skipped_lines={}, source_size=0, source_mtime_ns=0)
+    return RowIndex(
+        path=Path(path),
+        rows=rows,
+        problems=[f"p{i}" for i in range(n // 4 + 1)],
+        skipped={},
+        skipped_lines={},
+        source_size=0,
+        source_mtime_ns=0,
+    )
 
 
 # ---------------------------------------------------------------- index
+
 
 def test_index_reads_back_rows_and_lengths(rows_file, tokenizer):
     path, rows = rows_file
@@ -86,16 +125,31 @@ def test_bad_rows_skipped_and_counted(tmp_path, tokenizer):
     good = [random_row(rng, p) for p in range(5)]
     missing = {k: v for k, v in random_row(rng, 9).items() if k != "output"}
     wrong_type = {**random_row(rng, 9), "is_correct": "yes"}
-    lines = [json.dumps(good[0]), "{not json", "", json.dumps(good[1]), json.dumps(missing), "   ",
-             json.dumps(good[2]), json.dumps(wrong_type), '{"truncated": ', json.dumps(good[3]), "[1, 2]",
-             json.dumps(good[4])]
+    lines = [
+        json.dumps(good[0]),
+        "{not json",
+        "",
+        json.dumps(good[1]),
+        json.dumps(missing),
+        "   ",
+        json.dumps(good[2]),
+        json.dumps(wrong_type),
+        '{"truncated": ',
+        json.dumps(good[3]),
+        "[1, 2]",
+        json.dumps(good[4]),
+    ]
     path = write_jsonl(tmp_path / "bad.jsonl", lines)
     with open(path, "ab") as f:
         f.write(b"\xff\xfe not utf-8\n")
     index = build_index(path, tokenizer)
     assert index.read_rows(range(len(index))) == good
-    assert index.skipped == {"malformed JSON": 3, "missing field 'output'": 1,
-                             "field 'is_correct' is not a bool": 1, "row is not an object": 1}
+    assert index.skipped == {
+        "malformed JSON": 3,
+        "missing field 'output'": 1,
+        "field 'is_correct' is not a bool": 1,
+        "row is not an object": 1,
+    }
     assert index.skipped_lines["malformed JSON"] == [2, 9, 13]
     assert index.skipped_lines["missing field 'output'"] == [5]
     assert "malformed JSON: 3 (lines 2, 9, 13)" in index.skip_summary()
@@ -127,8 +181,7 @@ def test_index_reused_when_fresh_and_rebuilt_when_stale(rows_file, tokenizer, mo
     assert len(rebuilt) == len(rows) + 1 and rebuilt.read_rows([len(rows)]) == [extra]
 
     # Same size and content but another tokenizer: the token lengths are stale too.
-    other = SentencePieceTokenizer(train_sentencepiece([r["output"] for r in rows], tmp_path / "tok2",
-                                                       vocab_size=300))
+    other = SentencePieceTokenizer(train_sentencepiece([r["output"] for r in rows], tmp_path / "tok2", vocab_size=300))
     relengthed = load_or_build_index(path, other)
     assert relengthed.rows["token_length"][0] == len(tokenize_row(other, rows[0])[0])
 
@@ -180,7 +233,7 @@ def test_saved_index_is_compact_and_reads_back_exactly(tmp_path):
     rng = np.random.default_rng(7)
     rows = np.zeros(n, dtype=INDEX_DTYPE)
     rows["offset"] = np.cumsum(rng.integers(1, 5000, n))
-    rows["offset"][n // 2:] += 5 << 30  # a 5 GiB step
+    rows["offset"][n // 2 :] += 5 << 30  # a 5 GiB step
     rows["token_length"] = rng.integers(2, TOKEN_LENGTH_MAX + 1, n)
     rows["difficulty"] = rng.integers(0, 128, n)
     rows["is_correct"] = rng.random(n) < 0.5
@@ -197,7 +250,11 @@ def test_index_of_a_real_sized_file_is_9_bytes_per_row(rows_file, tokenizer):
     npz, _ = index_paths(path)
     with np.load(npz) as saved:
         assert {k: saved[k].dtype.itemsize for k in saved.files} == {
-            "offset_step": 4, "problem": 2, "length_correct": 2, "difficulty": 1}
+            "offset_step": 4,
+            "problem": 2,
+            "length_correct": 2,
+            "difficulty": 1,
+        }
 
 
 def test_saturated_length_is_always_too_long(tmp_path, tokenizer):
@@ -219,13 +276,19 @@ def test_empty_file_gives_empty_index(tmp_path, tokenizer):
 
 # ---------------------------------------------------------------- samplers
 
+
 def make_samplers(index: RowIndex, seed: int) -> dict:
     return {
         "correct_only": CorrectOnlySampler(index, seed=seed, max_seq_len=400),
         "balanced": BalancedSampler(index, seed=seed, max_seq_len=400),
-        "curriculum": CurriculumSampler(index, seed=seed, max_seq_len=400, bin_edges=[0, 5, 10],
-                                        schedule=[(0.0, [1.0, 0.0, 0.0]), (0.5, [0.3, 0.7, 0.0]),
-                                                  (1.0, [0.2, 0.3, 0.5])], total_samples=900),
+        "curriculum": CurriculumSampler(
+            index,
+            seed=seed,
+            max_seq_len=400,
+            bin_edges=[0, 5, 10],
+            schedule=[(0.0, [1.0, 0.0, 0.0]), (0.5, [0.3, 0.7, 0.0]), (1.0, [0.2, 0.3, 0.5])],
+            total_samples=900,
+        ),
     }
 
 
@@ -262,8 +325,8 @@ def test_correct_only_epochs_and_too_long():
     assert sampler.too_long == np.count_nonzero(correct & (lengths > 400)) > 0
     ids = sampler.next_ids(2 * len(pool))
     assert np.all(correct[ids]) and np.all(lengths[ids] <= 400)
-    assert sorted(ids[: len(pool)]) == sorted(pool) == sorted(ids[len(pool):])  # whole shuffled epochs
-    assert not np.array_equal(ids[: len(pool)], ids[len(pool):])
+    assert sorted(ids[: len(pool)]) == sorted(pool) == sorted(ids[len(pool) :])  # whole shuffled epochs
+    assert not np.array_equal(ids[: len(pool)], ids[len(pool) :])
 
 
 def test_balanced_pairs():
@@ -289,8 +352,9 @@ def test_curriculum_follows_schedule():
     index = synthetic_index(3000)
     total = 3000
     schedule = [(0.0, [1.0, 0.0, 0.0]), (0.2, [1.0, 0.0, 0.0]), (1.0, [0.0, 0.0, 1.0])]
-    sampler = CurriculumSampler(index, seed=3, max_seq_len=600, bin_edges=[0, 5, 10], schedule=schedule,
-                                total_samples=total)
+    sampler = CurriculumSampler(
+        index, seed=3, max_seq_len=600, bin_edges=[0, 5, 10], schedule=schedule, total_samples=total
+    )
     difficulty = index.rows["difficulty"]
     early = sampler.next_ids(600)  # progress < 0.2: only the first bin
     assert np.all(difficulty[early] < 5)
@@ -305,11 +369,13 @@ def test_curriculum_follows_schedule():
     assert np.allclose(sampler.bin_weights(0.6), [0.5, 0.0, 0.5])
 
     with pytest.raises(ValueError, match="no weight to any non-empty"):
-        CurriculumSampler(index, seed=0, max_seq_len=600, bin_edges=[0, 100], schedule=[(0.0, [0.0, 1.0])],
-                          total_samples=10)
+        CurriculumSampler(
+            index, seed=0, max_seq_len=600, bin_edges=[0, 100], schedule=[(0.0, [0.0, 1.0])], total_samples=10
+        )
     with pytest.raises(ValueError, match="2 weights for 3 bins"):
-        CurriculumSampler(index, seed=0, max_seq_len=600, bin_edges=[0, 5, 10], schedule=[(0.0, [1.0, 0.0])],
-                          total_samples=10)
+        CurriculumSampler(
+            index, seed=0, max_seq_len=600, bin_edges=[0, 5, 10], schedule=[(0.0, [1.0, 0.0])], total_samples=10
+        )
 
 
 def test_split_global_batch():
@@ -317,8 +383,10 @@ def test_split_global_batch():
     for world in (1, 2):
         for accum in (1, 2):
             batch = ids[: 3 * accum * world]
-            parts = [split_global_batch(batch, rank=r, world_size=world, micro_batch_size=3, grad_accum=accum)
-                     for r in range(world)]
+            parts = [
+                split_global_batch(batch, rank=r, world_size=world, micro_batch_size=3, grad_accum=accum)
+                for r in range(world)
+            ]
             assert all(len(p) == accum and all(len(m) == 3 for m in p) for p in parts)
             assert np.array_equal(np.concatenate([m for p in parts for m in p]), batch)
     with pytest.raises(ValueError, match="expected micro_batch_size x grad_accum x world_size"):
@@ -329,6 +397,7 @@ def test_split_global_batch():
 
 # ---------------------------------------------------------------- collate and targets
 
+
 def test_encode_rows_matches_tokenize_row(rows_file, tokenizer):
     _, rows = rows_file
     assert encode_rows(tokenizer, rows[:20]) == [tokenize_row(tokenizer, r) for r in rows[:20]]
@@ -338,15 +407,16 @@ def test_collate_pads_right():
     examples = [([1, 5, 6, 7, 2], [0, 0, 1, 1, 1]), ([1, 8, 2], [0, 1, 1])]
     batch = collate(examples, pad_id=0, pad_to_multiple=4)
     assert batch["tokens"].tolist() == [[1, 5, 6, 7, 2, 0, 0, 0], [1, 8, 2, 0, 0, 0, 0, 0]]
-    I = IGNORE_INDEX
-    assert batch["labels"].tolist() == [[I, I, 6, 7, 2, I, I, I], [I, 8, 2, I, I, I, I, I]]
+    ig = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[ig, ig, 6, 7, 2, ig, ig, ig], [ig, 8, 2, ig, ig, ig, ig, ig]]
     assert batch["mask"].dtype == torch.bool and batch["mask"].sum().item() == 5
     assert batch["lengths"].tolist() == [5, 3]
     assert collate(examples, pad_id=0)["tokens"].shape == (2, 5)
 
 
-def naive_targets(tokens: list[list[int]], mask: list[list[int]], lengths: list[int], width: int,
-                  n: int) -> list[list[list[int]]]:
+def naive_targets(
+    tokens: list[list[int]], mask: list[list[int]], lengths: list[int], width: int, n: int
+) -> list[list[list[int]]]:
     out = [[[IGNORE_INDEX] * n for _ in range(width)] for _ in tokens]
     for b in range(len(tokens)):
         for t in range(width):
@@ -367,8 +437,9 @@ def test_mtp_targets_match_naive_loop(n_future):
         examples.append((tokens, [0] * (1 + prompt) + [1] * (response + 1)))
     batch = collate(examples, pad_id=0, pad_to_multiple=8)
     width = batch["tokens"].shape[1]
-    expected = naive_targets([e[0] for e in examples], [e[1] for e in examples], [len(e[0]) for e in examples],
-                             width, n_future)
+    expected = naive_targets(
+        [e[0] for e in examples], [e[1] for e in examples], [len(e[0]) for e in examples], width, n_future
+    )
     targets = mtp_targets(batch["labels"], n_future)
     assert targets.shape == (5, width, n_future)
     assert targets.tolist() == expected

@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels.backend as backend
+import wmtp.kernels.backend as backend
 from tests.conftest import load_recipe, recipe_args
 from wmtp.distributed.parallelize import shard
 from wmtp.models import ModelArgs, MTPTransformer, load_mtp
@@ -25,8 +25,11 @@ class NoFloat64OnDevice(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if (isinstance(t, torch.Tensor) and t.dtype == torch.float64
-                    and t.device.type in backend.NO_FLOAT64_DEVICE_TYPES):
+            if (
+                isinstance(t, torch.Tensor)
+                and t.dtype == torch.float64
+                and t.device.type in backend.NO_FLOAT64_DEVICE_TYPES
+            ):
                 raise AssertionError(f"{func} made a float64 tensor on {t.device}")
         return out
 
@@ -43,11 +46,23 @@ def test_no_recipe_makes_a_float64_tensor_where_the_device_has_none(tiny, tmp_pa
     """As MPS would see it: the CPU is declared a device without float64, and a whole run (setup,
     steps with TD statistics and Rho-1 counts, held-out evaluation, export) must not make one."""
     monkeypatch.setattr(backend, "NO_FLOAT64_DEVICE_TYPES", {"mps", "cpu"})
-    extra = {"baseline": {}, "critic": {"validation.every": 1, "validation.max_rows": 0},
-             "verifiable": {"critic.value_head": "none", "td.normalize": "true"},
-             "rho1": {"reference.path": tiny / "reference"}}[name]
-    args = recipe_args(tiny, tmp_path, f"{name}_tiny.toml", **{
-        "training.max_steps": 2, "validation.path": tiny / "data" / "valid.jsonl", "validation.max_rows": 8, **extra})
+    extra = {
+        "baseline": {},
+        "critic": {"validation.every": 1, "validation.max_rows": 0},
+        "verifiable": {"critic.value_head": "none", "td.normalize": "true"},
+        "rho1": {"reference.path": tiny / "reference"},
+    }[name]
+    args = recipe_args(
+        tiny,
+        tmp_path,
+        f"{name}_tiny.toml",
+        **{
+            "training.max_steps": 2,
+            "validation.path": tiny / "data" / "valid.jsonl",
+            "validation.max_rows": 8,
+            **extra,
+        },
+    )
     with NoFloat64OnDevice():
         load_recipe(f"full_finetune_{name}").main(args)
 

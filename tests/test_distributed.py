@@ -62,14 +62,26 @@ def test_every_recipe_step_is_nccl_safe_and_loads_once_bit_for_bit(tiny, tmp_pat
     """Each recipe's steps under the device guard (no host tensor reaches a collective, rank 1 reads
     no checkpoint); the sharded parameters after setup equal a single-process load bit for bit."""
     # Every recipe validates too (held-out sums all-reduced); the critic every 2 steps over every row.
-    common = {"training.max_steps": 3, "training.micro_batch_size": 2, "validation.path": tiny / "data" / "valid.jsonl",
-              "validation.max_rows": 8}
-    extra = {"baseline": {}, "critic": {"validation.every": 2, "validation.max_rows": 0},
-             "verifiable": {"critic.value_head": tmp_path / "critic" / "final" / "value_head.safetensors"},
-             "rho1": {"reference.path": tiny / "reference"}}
-    runs = [{"recipe": f"full_finetune_{name}", "check_load": name in ("baseline", "verifiable"),
-             "argv": recipe_args(tiny, tmp_path / name, f"{name}_tiny.toml", **{**common, **overrides})}
-            for name, overrides in extra.items()]
+    common = {
+        "training.max_steps": 3,
+        "training.micro_batch_size": 2,
+        "validation.path": tiny / "data" / "valid.jsonl",
+        "validation.max_rows": 8,
+    }
+    extra = {
+        "baseline": {},
+        "critic": {"validation.every": 2, "validation.max_rows": 0},
+        "verifiable": {"critic.value_head": tmp_path / "critic" / "final" / "value_head.safetensors"},
+        "rho1": {"reference.path": tiny / "reference"},
+    }
+    runs = [
+        {
+            "recipe": f"full_finetune_{name}",
+            "check_load": name in ("baseline", "verifiable"),
+            "argv": recipe_args(tiny, tmp_path / name, f"{name}_tiny.toml", **{**common, **overrides}),
+        }
+        for name, overrides in extra.items()
+    ]
     results, _ = run_worker({"guard": True, "runs": runs}, tmp_path)
     assert [r.get("bitwise_equal") for r in results[0]["runs"]] == [True, None, True, None]
     for name in extra:
@@ -81,8 +93,11 @@ def test_every_recipe_step_is_nccl_safe_and_loads_once_bit_for_bit(tiny, tmp_pat
 
 def test_torchrun_with_one_process_joins_the_process_group(single, tiny, tmp_path):
     out = tmp_path / "one"
-    proc = torchrun("recipes/full_finetune_baseline.py",
-                    baseline_args(tiny, out, **{"training.micro_batch_size": 4, "checkpoint.save_every": 3}), nproc=1)
+    proc = torchrun(
+        "recipes/full_finetune_baseline.py",
+        baseline_args(tiny, out, **{"training.micro_batch_size": 4, "checkpoint.save_every": 3}),
+        nproc=1,
+    )
     assert "[dist] FSDP2 over 1 rank(s)" in proc.stdout
     torch.testing.assert_close(losses(out), single, rtol=1e-5, atol=0)
     assert len(list((out / "checkpoints" / "step_000006").glob("*.distcp"))) == 1
@@ -97,12 +112,23 @@ def free_port() -> int:
 def test_two_torchrun_agents_on_loopback_match_one_process(single, tiny, tmp_path):
     """--nnodes=2 --nproc_per_node=1 with a c10d rendezvous: two "nodes" on 127.0.0.1."""
     out = tmp_path / "nodes"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d",
-           f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=wmtp-test", "recipes/full_finetune_baseline.py",
-           *baseline_args(tiny, out, **{"training.micro_batch_size": 2})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=2",
+        "--nproc_per_node=1",
+        "--rdzv-backend=c10d",
+        f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+        "--rdzv-id=wmtp-test",
+        "recipes/full_finetune_baseline.py",
+        *baseline_args(tiny, out, **{"training.micro_batch_size": 2}),
+    ]
     env = {**os.environ, **TEST_ENV, "OMP_NUM_THREADS": "1"}
-    agents = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-              for _ in range(2)]
+    agents = [
+        subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
     logs = [agent.communicate(timeout=AGENT_TIMEOUT_S)[0] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0], "\n".join(log[-3000:] for log in logs)
     assert any("[dist] FSDP2 over 2 rank(s)" in log for log in logs)
@@ -111,9 +137,13 @@ def test_two_torchrun_agents_on_loopback_match_one_process(single, tiny, tmp_pat
 
 def test_hsdp_2x2_on_four_processes_matches_one_process(single, tiny, tmp_path):
     out = tmp_path / "hsdp"
-    proc = torchrun("recipes/full_finetune_baseline.py",
-                    baseline_args(tiny, out, **{"training.micro_batch_size": 1, "distributed.hsdp_replicas": 2,
-                                                "checkpoint.save_every": 3}), nproc=4)
+    proc = torchrun(
+        "recipes/full_finetune_baseline.py",
+        baseline_args(
+            tiny, out, **{"training.micro_batch_size": 1, "distributed.hsdp_replicas": 2, "checkpoint.save_every": 3}
+        ),
+        nproc=4,
+    )
     assert "[dist] HSDP 2 replicas x 2 shards" in proc.stdout
     torch.testing.assert_close(losses(out), single, rtol=1e-5, atol=0)
     # Resume from the HSDP checkpoint at step 3 (the run folder as it was then) reproduces steps 4-6.
@@ -123,18 +153,33 @@ def test_hsdp_2x2_on_four_processes_matches_one_process(single, tiny, tmp_path):
     later = [c for c in (resumed / "checkpoints").iterdir() if c.name != "step_000003"]
     assert [c.name for c in later] == ["step_000006"]
     shutil.rmtree(later[0])
-    proc = torchrun("recipes/full_finetune_baseline.py",
-                    baseline_args(tiny, resumed, **{"training.micro_batch_size": 1, "distributed.hsdp_replicas": 2}),
-                    nproc=4)
+    proc = torchrun(
+        "recipes/full_finetune_baseline.py",
+        baseline_args(tiny, resumed, **{"training.micro_batch_size": 1, "distributed.hsdp_replicas": 2}),
+        nproc=4,
+    )
     assert "resumed from" in proc.stdout and "(step 3)" in proc.stdout
     assert losses(resumed).tolist() == losses(out).tolist()
 
 
 def test_hsdp_replicas_must_divide_the_world_size(tiny, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "recipes/full_finetune_baseline.py", *baseline_args(tiny, tmp_path, **{"distributed.hsdp_replicas": 3})]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **TEST_ENV, "OMP_NUM_THREADS": "1"},
-                          capture_output=True, text=True, timeout=AGENT_TIMEOUT_S)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "recipes/full_finetune_baseline.py",
+        *baseline_args(tiny, tmp_path, **{"distributed.hsdp_replicas": 3}),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, **TEST_ENV, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=AGENT_TIMEOUT_S,
+    )
     assert proc.returncode != 0
     assert "distributed.hsdp_replicas (3) must be >= 1 and divide the world size (2)" in proc.stderr
 

@@ -11,12 +11,25 @@ from pathlib import Path
 import pytest
 
 from wmtp.data.template import format_prompt
-from wmtp.eval.sandbox import run_programs
 from wmtp.eval.problems import (
-    ALPACA, HUMANEVAL, MBPP, RAW, Problem, ProblemFileError, build_program, build_prompt,
-    completion_to_program, extract_code, load_humaneval, load_mbpp, load_problems, reference_program,
-    stop_sequences, truncate_at_stop,
+    ALPACA,
+    HUMANEVAL,
+    MBPP,
+    RAW,
+    Problem,
+    ProblemFileError,
+    build_program,
+    build_prompt,
+    completion_to_program,
+    extract_code,
+    load_humaneval,
+    load_mbpp,
+    load_problems,
+    reference_program,
+    stop_sequences,
+    truncate_at_stop,
 )
+from wmtp.eval.sandbox import run_programs
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 HUMANEVAL_PATH = SHARED_DATA / "HumanEval.jsonl.gz"
@@ -24,7 +37,8 @@ MBPP_TEST_PATH = SHARED_DATA / "mbpp_test.json"
 MBPP_TRAIN_PATH = SHARED_DATA / "mbpp_train.json"
 needs_shared_data = pytest.mark.skipif(
     not all(path.is_file() for path in (HUMANEVAL_PATH, MBPP_TEST_PATH, MBPP_TRAIN_PATH)),
-    reason=f"public eval data not found in {SHARED_DATA} (the 'shared/data' folder beside the repository)")
+    reason=f"public eval data not found in {SHARED_DATA} (the 'shared/data' folder beside the repository)",
+)
 
 RUN_TIMEOUT_S = 30.0
 """Per program; references finish in well under a second (mbpp/123, seconds, is not among those run)."""
@@ -35,18 +49,28 @@ MBPP_RUN_COUNT = 10
 
 HE_RECORD = {
     "task_id": "Toy/0",
-    "prompt": "\n\ndef add(a: int, b: int) -> int:\n    \"\"\"Sum of a and b.\n    >>> add(1, 2)\n    3\n    \"\"\"\n",
+    "prompt": '\n\ndef add(a: int, b: int) -> int:\n    """Sum of a and b.\n    >>> add(1, 2)\n    3\n    """\n',
     "entry_point": "add",
     "canonical_solution": "    return a + b\n",
     "test": "\n\ndef check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n",
 }
 MBPP_RECORDS = [
-    {"task_id": 11, "text": "Write a function to add two numbers.", "code": "def add(a, b):\r\n    return a + b",
-     "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"], "test_setup_code": "",
-     "challenge_test_list": []},
-    {"task_id": 12, "text": "Write a function to get a box's size.",
-     "code": "def size(box):\n    return box.n", "test_list": ["assert size(b) == 3"],
-     "test_setup_code": "class Box:\n    n = 3\nb = Box()", "challenge_test_list": []},
+    {
+        "task_id": 11,
+        "text": "Write a function to add two numbers.",
+        "code": "def add(a, b):\r\n    return a + b",
+        "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0"],
+        "test_setup_code": "",
+        "challenge_test_list": [],
+    },
+    {
+        "task_id": 12,
+        "text": "Write a function to get a box's size.",
+        "code": "def size(box):\n    return box.n",
+        "test_list": ["assert size(b) == 3"],
+        "test_setup_code": "class Box:\n    n = 3\nb = Box()",
+        "challenge_test_list": [],
+    },
 ]
 
 
@@ -72,6 +96,7 @@ def mbpp_test() -> list[Problem]:
 
 
 # ---------------------------------------------------------------- loaders
+
 
 @needs_shared_data
 def test_load_public_humaneval(humaneval: dict[str, Problem]) -> None:
@@ -107,8 +132,14 @@ def test_humaneval_jsonl_and_gz_load_the_same(tmp_path: Path) -> None:
     plain = load_humaneval(write_jsonl(tmp_path / "he.jsonl", [HE_RECORD, other]))
     packed = load_problems("humaneval", write_jsonl(tmp_path / "he.jsonl.gz", [HE_RECORD, other], gz=True))
     assert plain == packed
-    assert plain[0] == Problem(task_id="Toy/0", dataset=HUMANEVAL, reference=HE_RECORD["canonical_solution"],
-                               prompt=HE_RECORD["prompt"], entry_point="add", test=HE_RECORD["test"])
+    assert plain[0] == Problem(
+        task_id="Toy/0",
+        dataset=HUMANEVAL,
+        reference=HE_RECORD["canonical_solution"],
+        prompt=HE_RECORD["prompt"],
+        entry_point="add",
+        test=HE_RECORD["test"],
+    )
 
 
 def test_mbpp_json_list_and_jsonl_load_the_same(tmp_path: Path) -> None:
@@ -117,9 +148,13 @@ def test_mbpp_json_list_and_jsonl_load_the_same(tmp_path: Path) -> None:
     as_lines = write_jsonl(tmp_path / "mbpp.jsonl", MBPP_RECORDS)
     problems = load_mbpp(as_list, task_ids=None)
     assert problems == load_mbpp(as_lines, task_ids=[11, 12])
-    assert problems[0] == Problem(task_id="mbpp/11", dataset=MBPP, reference="def add(a, b):\n    return a + b",
-                                  text="Write a function to add two numbers.",
-                                  test_list=("assert add(1, 2) == 3", "assert add(0, 0) == 0"))
+    assert problems[0] == Problem(
+        task_id="mbpp/11",
+        dataset=MBPP,
+        reference="def add(a, b):\n    return a + b",
+        text="Write a function to add two numbers.",
+        test_list=("assert add(1, 2) == 3", "assert add(0, 0) == 0"),
+    )
     assert problems[1].test_setup_code == "class Box:\n    n = 3\nb = Box()"
 
 
@@ -129,15 +164,20 @@ def _humaneval_lines(tmp_path: Path, second_line: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("second_line, words", [
-    (json.dumps({k: v for k, v in HE_RECORD.items() if k != "test"} | {"task_id": "Toy/1"}),
-     ["line 2", "missing key 'test'"]),
-    (json.dumps(HE_RECORD | {"task_id": "Toy/1", "prompt": 3}), ["line 2", "key 'prompt' is not a string"]),
-    (json.dumps(HE_RECORD | {"task_id": "Toy/1", "entry_point": "not a name"}), ["line 2", "'entry_point'"]),
-    ('{"task_id": "Toy/1", "prompt": ', ["line 2", "malformed JSON"]),
-    ("[1, 2]", ["line 2", "not a JSON object"]),
-    (json.dumps(HE_RECORD), ["'Toy/0' appears more than once"]),
-])
+@pytest.mark.parametrize(
+    "second_line, words",
+    [
+        (
+            json.dumps({k: v for k, v in HE_RECORD.items() if k != "test"} | {"task_id": "Toy/1"}),
+            ["line 2", "missing key 'test'"],
+        ),
+        (json.dumps(HE_RECORD | {"task_id": "Toy/1", "prompt": 3}), ["line 2", "key 'prompt' is not a string"]),
+        (json.dumps(HE_RECORD | {"task_id": "Toy/1", "entry_point": "not a name"}), ["line 2", "'entry_point'"]),
+        ('{"task_id": "Toy/1", "prompt": ', ["line 2", "malformed JSON"]),
+        ("[1, 2]", ["line 2", "not a JSON object"]),
+        (json.dumps(HE_RECORD), ["'Toy/0' appears more than once"]),
+    ],
+)
 def test_humaneval_bad_input_is_named(tmp_path: Path, second_line: str, words: list[str]) -> None:
     path = _humaneval_lines(tmp_path, second_line)
     with pytest.raises(ProblemFileError) as info:
@@ -159,15 +199,18 @@ def test_corrupt_gzip_and_unicode_line_separator(tmp_path: Path) -> None:
     assert load_humaneval(path)[0].prompt == odd["prompt"]
 
 
-@pytest.mark.parametrize("bad, words", [
-    ({"code": None}, ["key 'code' is not a string"]),
-    ({"task_id": "12"}, ["key 'task_id' is not an int"]),
-    ({"task_id": True}, ["key 'task_id' is not an int"]),
-    ({"test_list": "assert size(b) == 3"}, ["key 'test_list' is not a list"]),
-    ({"test_list": []}, ["'test_list' is not a non-empty list of strings"]),
-    ({"test_setup_code": ["x = 1"]}, ["key 'test_setup_code' is not a string"]),
-    ({"task_id": 11}, ["'mbpp/11' appears more than once"]),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({"code": None}, ["key 'code' is not a string"]),
+        ({"task_id": "12"}, ["key 'task_id' is not an int"]),
+        ({"task_id": True}, ["key 'task_id' is not an int"]),
+        ({"test_list": "assert size(b) == 3"}, ["key 'test_list' is not a list"]),
+        ({"test_list": []}, ["'test_list' is not a non-empty list of strings"]),
+        ({"test_setup_code": ["x = 1"]}, ["key 'test_setup_code' is not a string"]),
+        ({"task_id": 11}, ["'mbpp/11' appears more than once"]),
+    ],
+)
 @pytest.mark.parametrize("fmt", ["list", "jsonl"])
 def test_mbpp_bad_input_is_named(tmp_path: Path, bad: dict, words: list[str], fmt: str) -> None:
     records = [MBPP_RECORDS[0], MBPP_RECORDS[1] | bad]
@@ -205,16 +248,27 @@ def test_mbpp_missing_key_malformed_and_empty(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- prompts and stops
 
+
 def toy_humaneval() -> Problem:
-    return Problem(task_id="Toy/0", dataset=HUMANEVAL, reference=HE_RECORD["canonical_solution"],
-                   prompt=HE_RECORD["prompt"], entry_point="add", test=HE_RECORD["test"])
+    return Problem(
+        task_id="Toy/0",
+        dataset=HUMANEVAL,
+        reference=HE_RECORD["canonical_solution"],
+        prompt=HE_RECORD["prompt"],
+        entry_point="add",
+        test=HE_RECORD["test"],
+    )
 
 
 def toy_mbpp() -> Problem:
-    return Problem(task_id="mbpp/12", dataset=MBPP, reference="def size(box):\n    return box.n",
-                   text="Write a function to get a box's size.",
-                   test_list=("assert size(b) == 3", "assert size(c) == 3"),
-                   test_setup_code="class Box:\n    n = 3\nb = c = Box()")
+    return Problem(
+        task_id="mbpp/12",
+        dataset=MBPP,
+        reference="def size(box):\n    return box.n",
+        text="Write a function to get a box's size.",
+        test_list=("assert size(b) == 3", "assert size(c) == 3"),
+        test_setup_code="class Box:\n    n = 3\nb = c = Box()",
+    )
 
 
 def test_humaneval_prompts_exact() -> None:
@@ -223,8 +277,9 @@ def test_humaneval_prompts_exact() -> None:
     assert build_prompt(problem, ALPACA) == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nComplete the following Python function:\n"
-        "def add(a: int, b: int) -> int:\n    \"\"\"Sum of a and b.\n    >>> add(1, 2)\n    3\n    \"\"\"\n\n"
-        "### Response:\n")
+        'def add(a: int, b: int) -> int:\n    """Sum of a and b.\n    >>> add(1, 2)\n    3\n    """\n\n'
+        "### Response:\n"
+    )
 
 
 def test_mbpp_prompts_exact() -> None:
@@ -233,7 +288,8 @@ def test_mbpp_prompts_exact() -> None:
     assert build_prompt(problem) == (
         "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nWrite a function to get a box's size.\nYour code should pass these tests:\n"
-        "assert size(b) == 3\nassert size(c) == 3\n\n### Response:\n")
+        "assert size(b) == 3\nassert size(c) == 3\n\n### Response:\n"
+    )
     with pytest.raises(ValueError, match="unknown prompt template 'chatml'"):
         build_prompt(problem, "chatml")
 
@@ -253,8 +309,11 @@ def test_mbpp_alpaca_prompt_is_the_training_rows_prompt(mbpp_test: list[Problem]
 def test_stop_sequences() -> None:
     assert stop_sequences(toy_humaneval(), RAW) == ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
     assert stop_sequences("mbpp", RAW) == ["\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```"]
-    assert stop_sequences("humaneval", ALPACA) == stop_sequences(toy_mbpp(), ALPACA) == [
-        "\n### Instruction:", "\n### Input:", "\n### Response:"]
+    assert (
+        stop_sequences("humaneval", ALPACA)
+        == stop_sequences(toy_mbpp(), ALPACA)
+        == ["\n### Instruction:", "\n### Input:", "\n### Response:"]
+    )
     with pytest.raises(ValueError, match="unknown dataset 'apps'"):
         stop_sequences("apps", RAW)
 
@@ -273,15 +332,18 @@ def test_truncate_at_stop() -> None:
         truncate_at_stop("abc", ["\ndef", ""])
 
 
-@pytest.mark.parametrize("response, code", [
-    ("def f():\n    return 1\n", "def f():\n    return 1\n"),
-    ("```python\ndef f():\n    return 1\n```\n", "def f():\n    return 1\n"),
-    ("Here it is:\n\n```\ndef f():\n    return 1\n```\nIt returns 1.", "def f():\n    return 1\n"),
-    ("```py\nx = 1\n```\nand a test:\n```python\nassert x == 1\n```", "x = 1\n"),
-    ("Sure:\n```python\ndef f():\n    return 1\n", "def f():\n    return 1\n"),   # unterminated
-    ("def f():\n    return 1\n```", "def f():\n    return 1\n"),                    # stray closing fence
-    ("```python", ""),
-])
+@pytest.mark.parametrize(
+    "response, code",
+    [
+        ("def f():\n    return 1\n", "def f():\n    return 1\n"),
+        ("```python\ndef f():\n    return 1\n```\n", "def f():\n    return 1\n"),
+        ("Here it is:\n\n```\ndef f():\n    return 1\n```\nIt returns 1.", "def f():\n    return 1\n"),
+        ("```py\nx = 1\n```\nand a test:\n```python\nassert x == 1\n```", "x = 1\n"),
+        ("Sure:\n```python\ndef f():\n    return 1\n", "def f():\n    return 1\n"),  # unterminated
+        ("def f():\n    return 1\n```", "def f():\n    return 1\n"),  # stray closing fence
+        ("```python", ""),
+    ],
+)
 def test_extract_code(response: str, code: str) -> None:
     assert extract_code(response) == code
 
@@ -293,21 +355,33 @@ def test_programs_exact() -> None:
     assert completion_to_program(he, "    return a + b\n\ndef extra(): pass\n", RAW) == reference_program(he)
     response = "```python\ndef add(a, b):\n    return a + b\n```\n### Instruction:\nmore"
     assert completion_to_program(he, response, ALPACA) == (
-        HE_RECORD["prompt"] + "\ndef add(a, b):\n    return a + b\n" + "\n" + check)
-    assert reference_program(mb) == ("def size(box):\n    return box.n\nclass Box:\n    n = 3\nb = c = Box()\n"
-                                     "assert size(b) == 3\nassert size(c) == 3\n")
-    assert completion_to_program(mb, "def size(box):\n    return box.n\nassert size(b) == 3", RAW) == \
-        build_program(mb, "def size(box):\n    return box.n")
+        HE_RECORD["prompt"] + "\ndef add(a, b):\n    return a + b\n" + "\n" + check
+    )
+    assert reference_program(mb) == (
+        "def size(box):\n    return box.n\nclass Box:\n    n = 3\nb = c = Box()\n"
+        "assert size(b) == 3\nassert size(c) == 3\n"
+    )
+    assert completion_to_program(mb, "def size(box):\n    return box.n\nassert size(b) == 3", RAW) == build_program(
+        mb, "def size(box):\n    return box.n"
+    )
 
 
 # ---------------------------------------------------------------- programs that run
 
+
 def test_alpaca_humaneval_response_forms_run() -> None:
-    prompt = ("from typing import List\n\n\ndef double(x: int) -> int:\n    return 2 * x\n\n\n"
-              "def quad(xs: List[int]) -> List[int]:\n    \"\"\"Each times four.\"\"\"\n")
-    problem = Problem(task_id="Toy/1", dataset=HUMANEVAL, reference="    return [double(double(x)) for x in xs]\n",
-                      prompt=prompt, entry_point="quad",
-                      test="def check(candidate):\n    assert candidate([1, 2]) == [4, 8]\n")
+    prompt = (
+        "from typing import List\n\n\ndef double(x: int) -> int:\n    return 2 * x\n\n\n"
+        'def quad(xs: List[int]) -> List[int]:\n    """Each times four."""\n'
+    )
+    problem = Problem(
+        task_id="Toy/1",
+        dataset=HUMANEVAL,
+        reference="    return [double(double(x)) for x in xs]\n",
+        prompt=prompt,
+        entry_point="quad",
+        test="def check(candidate):\n    assert candidate([1, 2]) == [4, 8]\n",
+    )
     responses = [
         # A whole function without the prompt's import or helper: both come from the prompt.
         "```python\ndef quad(xs: List[int]) -> List[int]:\n    return [double(double(x)) for x in xs]\n```",
@@ -324,9 +398,11 @@ def test_humaneval_reference_passes_and_bug_fails(humaneval: dict[str, Problem])
     programs, expected = [], []
     for task_id in HUMANEVAL_RUN_IDS:
         p = humaneval[task_id]
-        programs += [reference_program(p),
-                     completion_to_program(p, p.prompt + p.reference, ALPACA),   # a whole re-defined function
-                     build_program(p, "    return None\n")]                     # the deliberate bug
+        programs += [
+            reference_program(p),
+            completion_to_program(p, p.prompt + p.reference, ALPACA),  # a whole re-defined function
+            build_program(p, "    return None\n"),
+        ]  # the deliberate bug
         expected += [True, True, False]
     assert run_all(programs) == expected
 
@@ -342,7 +418,10 @@ def test_mbpp_reference_passes_and_bug_fails(mbpp_test: list[Problem]) -> None:
     programs, expected = [], []
     for p in mbpp_test[:MBPP_RUN_COUNT]:
         broken = f"{p.reference}\n\ndef {_function_under_test(p)}(*args, **kwargs):\n    return None\n"
-        programs += [reference_program(p), completion_to_program(p, f"```python\n{p.reference}\n```", ALPACA),
-                     build_program(p, broken)]
+        programs += [
+            reference_program(p),
+            completion_to_program(p, f"```python\n{p.reference}\n```", ALPACA),
+            build_program(p, broken),
+        ]
         expected += [True, True, False]
     assert run_all(programs) == expected

@@ -40,10 +40,25 @@ def samples_of(out: Path) -> list[dict]:
 @needs_humaneval
 def test_humaneval_canonical_solutions_all_pass_and_bugged_ones_all_fail(tmp_path):
     problems = load_humaneval(HUMANEVAL)
-    rows = [row for p in problems for row in ({"task_id": p.task_id, "completion": p.reference},
-                                              {"task_id": p.task_id, "completion": BUG + p.reference})]
-    results = evaluate(tmp_path, "--eval.dataset", "humaneval", "--eval.problems", str(HUMANEVAL),
-                       "--eval.template", "raw", "--eval.samples", str(write_samples(tmp_path / "in.jsonl", rows)))
+    rows = [
+        row
+        for p in problems
+        for row in (
+            {"task_id": p.task_id, "completion": p.reference},
+            {"task_id": p.task_id, "completion": BUG + p.reference},
+        )
+    ]
+    results = evaluate(
+        tmp_path,
+        "--eval.dataset",
+        "humaneval",
+        "--eval.problems",
+        str(HUMANEVAL),
+        "--eval.template",
+        "raw",
+        "--eval.samples",
+        str(write_samples(tmp_path / "in.jsonl", rows)),
+    )
     assert results["problems"] == len(problems) == 164
     samples = samples_of(tmp_path)
     canonical = [s for s in samples if s["sample"] == 0]
@@ -58,20 +73,56 @@ def test_humaneval_canonical_solutions_all_pass_and_bugged_ones_all_fail(tmp_pat
 def test_mbpp_test_split_reference_solutions_pass(tmp_path):
     problems = load_mbpp(MBPP_TEST)
     rows = [{"task_id": int(p.task_id.split("/")[1]), "completion": p.reference} for p in problems]
-    results = evaluate(tmp_path, "--eval.dataset", "mbpp", "--eval.problems", str(MBPP_TEST), "--eval.template", "raw",
-                       "--eval.timeout_s", str(SLOW_REFERENCE_TIMEOUT_S),
-                       "--eval.samples", str(write_samples(tmp_path / "in.jsonl", rows)))
+    results = evaluate(
+        tmp_path,
+        "--eval.dataset",
+        "mbpp",
+        "--eval.problems",
+        str(MBPP_TEST),
+        "--eval.template",
+        "raw",
+        "--eval.timeout_s",
+        str(SLOW_REFERENCE_TIMEOUT_S),
+        "--eval.samples",
+        str(write_samples(tmp_path / "in.jsonl", rows)),
+    )
     failed = {s["task_id"]: s["status"] for s in samples_of(tmp_path) if not s["passed"]}
     assert results["problems"] == 500 and failed == {}, f"MBPP references that fail: {failed}"
 
 
 def toy_args(tiny: Path, out: Path, *extra: str) -> list[str]:
     """Two sampled completions for each of 6 toy problems, in batches of 4 (a batch spans problems)."""
-    return ["--config", str(ROOT / "configs" / "eval_mbpp_tiny.toml"), "--model.path", str(tiny / "mtp_model"),
-            "--tokenizer.path", str(tiny / "tokenizer.model"), "--eval.problems", str(tiny / "data" / "toy_eval.json"),
-            "--eval.task_ids", "[1, 40]", "--eval.limit", "6", "--eval.max_new_tokens", "24",
-            "--eval.batch_size", "4", "--eval.n_samples", "2", "--eval.ks", "[1, 2]", "--eval.temperature", "0.8",
-            "--eval.top_p", "0.95", "--eval.speculative", "false", "--eval.output_dir", str(out), *extra]
+    return [
+        "--config",
+        str(ROOT / "configs" / "eval_mbpp_tiny.toml"),
+        "--model.path",
+        str(tiny / "mtp_model"),
+        "--tokenizer.path",
+        str(tiny / "tokenizer.model"),
+        "--eval.problems",
+        str(tiny / "data" / "toy_eval.json"),
+        "--eval.task_ids",
+        "[1, 40]",
+        "--eval.limit",
+        "6",
+        "--eval.max_new_tokens",
+        "24",
+        "--eval.batch_size",
+        "4",
+        "--eval.n_samples",
+        "2",
+        "--eval.ks",
+        "[1, 2]",
+        "--eval.temperature",
+        "0.8",
+        "--eval.top_p",
+        "0.95",
+        "--eval.speculative",
+        "false",
+        "--eval.output_dir",
+        str(out),
+        *extra,
+    ]
 
 
 def test_a_tiny_model_is_evaluated_and_logged(tiny, tmp_path):
@@ -94,8 +145,9 @@ def test_a_tiny_model_is_evaluated_and_logged(tiny, tmp_path):
 def test_torchrun_two_processes_give_the_one_process_samples(tiny, tmp_path):
     run_script(["recipes/evaluate.py", *toy_args(tiny, tmp_path / "one", "--metrics.mlflow", "false")])
     torchrun("recipes/evaluate.py", toy_args(tiny, tmp_path / "two", "--metrics.mlflow", "false"))
-    one, two = ([{k: v for k, v in s.items() if k != "seconds"} for s in samples_of(tmp_path / run)]
-                for run in ("one", "two"))
+    one, two = (
+        [{k: v for k, v in s.items() if k != "seconds"} for s in samples_of(tmp_path / run)] for run in ("one", "two")
+    )
     assert one == two and len(one) == 12
 
 
@@ -111,9 +163,20 @@ def test_speculative_greedy_evaluation_gives_the_plain_greedy_completions(tiny, 
 def test_a_training_run_folder_is_evaluated_at_its_end(tiny, tmp_path):
     """An unfinished run's newest checkpoint, then the finished run's final/ export."""
     run = tmp_path / "baseline"
-    short = ["--config", str(ROOT / "configs" / "eval_mbpp_tiny.toml"), "--model.path", str(run),
-             "--eval.problems", str(tiny / "data" / "toy_eval.json"), "--eval.task_ids", "[1, 40]",
-             "--eval.limit", "2", "--eval.max_new_tokens", "8"]
+    short = [
+        "--config",
+        str(ROOT / "configs" / "eval_mbpp_tiny.toml"),
+        "--model.path",
+        str(run),
+        "--eval.problems",
+        str(tiny / "data" / "toy_eval.json"),
+        "--eval.task_ids",
+        "[1, 40]",
+        "--eval.limit",
+        "2",
+        "--eval.max_new_tokens",
+        "8",
+    ]
     train = load_recipe("full_finetune_baseline").main
     train(recipe_args(tiny, run, "baseline_tiny.toml", **{"training.max_steps": 4, "training.stop_at_step": 2}))
     assert evaluate(tmp_path / "ckpt", *short)["policy"] == str(run / "checkpoints" / "step_000002")
@@ -123,8 +186,18 @@ def test_a_training_run_folder_is_evaluated_at_its_end(tiny, tmp_path):
 
 def test_score_only_names_a_bad_line_and_an_unknown_task(tiny, tmp_path):
     toy = str(tiny / "data" / "toy_eval.json")
-    common = ["--config", str(ROOT / "configs" / "eval_mbpp_tiny.toml"), "--eval.problems", toy,
-              "--eval.task_ids", "[1, 40]", "--eval.output_dir", str(tmp_path / "out"), "--metrics.mlflow", "false"]
+    common = [
+        "--config",
+        str(ROOT / "configs" / "eval_mbpp_tiny.toml"),
+        "--eval.problems",
+        toy,
+        "--eval.task_ids",
+        "[1, 40]",
+        "--eval.output_dir",
+        str(tmp_path / "out"),
+        "--metrics.mlflow",
+        "false",
+    ]
     bad = write_samples(tmp_path / "bad.jsonl", [{"task_id": 1, "completion": "x = 1"}])
     bad.write_text(bad.read_text() + "{not json\n")
     proc = run_script(["recipes/evaluate.py", *common, "--eval.samples", str(bad)], check=False)

@@ -16,9 +16,11 @@ ARGS = ModelArgs(dim=64, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=1024, m
 def test_step_flops_by_hand():
     block = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 192  # wq, wo; wk, wv; w1, w2, w3 = 49,152
     lengths, pairs = [10, 20], 25
-    forward = (30 * 2 * 6 * block  # every token through 6 blocks
-               + 6 * 4 * 64 * (10 * 10 + 20 * 20)  # QK^T and AV: 4 d L per token and block, per sequence
-               + pairs * 2 * 64 * 1024)  # the output projection, scored pairs only
+    forward = (
+        30 * 2 * 6 * block  # every token through 6 blocks
+        + 6 * 4 * 64 * (10 * 10 + 20 * 20)  # QK^T and AV: 4 d L per token and block, per sequence
+        + pairs * 2 * 64 * 1024
+    )  # the output projection, scored pairs only
     assert step_flops(ARGS, lengths, heads=4, scored_pairs=pairs) == 3 * forward
     trunk_forward = 30 * 2 * 2 * block + 2 * 4 * 64 * (100 + 400)  # the critic: frozen trunk, no heads
     assert step_flops(ARGS, lengths, heads=0, scored_pairs=0, backward=False) == trunk_forward
@@ -30,12 +32,13 @@ def test_step_flops_equal_torchtitans_formula_for_one_full_sequence():
     N counts the real model's matmul parameters (norm weights are no matmul and are left out)."""
     with torch.device("meta"):
         model = MTPTransformer(ARGS)
-    matmul = sum(m.weight.numel() for name, m in model.named_modules()
-                 if isinstance(m, nn.Linear) and name != "output")
+    matmul = sum(m.weight.numel() for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "output")
     seq = 37
     layers = ARGS.n_trunk_layers + ARGS.n_future_tokens
-    per_token = (6 * (matmul + ARGS.n_future_tokens * model.output.weight.numel())
-                 + 12 * layers * ARGS.n_heads * ARGS.head_dim * seq)
+    per_token = (
+        6 * (matmul + ARGS.n_future_tokens * model.output.weight.numel())
+        + 12 * layers * ARGS.n_heads * ARGS.head_dim * seq
+    )
     got = step_flops(ARGS, [seq], heads=ARGS.n_future_tokens, scored_pairs=seq * ARGS.n_future_tokens)
     assert got == per_token * seq
 

@@ -20,12 +20,12 @@ if not HAS_CUDA:
 if importlib.util.find_spec("triton") is None:
     pytest.skip("triton is not installed", allow_module_level=True)
 
-import kernels.fused_mtp_ce as fused  # noqa: E402
-import kernels.fused_mtp_ce_triton as fused_triton  # noqa: E402
-from kernels.fused_mtp_ce import chunked_mtp_ce  # noqa: E402
-from kernels.fused_mtp_ce_triton import RowBlocks, ce_rows, ce_rows_grad  # noqa: E402
+import wmtp.kernels.fused_mtp_ce as fused  # noqa: E402
+import wmtp.kernels.fused_mtp_ce_triton as fused_triton  # noqa: E402
 from tests.conftest import needs_cuda  # noqa: E402
 from wmtp.constants import IGNORE_INDEX  # noqa: E402
+from wmtp.kernels.fused_mtp_ce import chunked_mtp_ce  # noqa: E402
+from wmtp.kernels.fused_mtp_ce_triton import RowBlocks, ce_rows, ce_rows_grad  # noqa: E402
 
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 BACKENDS = ("triton", "torch")
@@ -37,14 +37,23 @@ CHUNK_ROWS = 40
 
 def reference_ce(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-pair CE [N, n] in float64: materialised logits and F.cross_entropy, head by head."""
-    per_head = [F.cross_entropy(hidden[:, k].double() @ weight.double().T, targets[:, k],
-                                ignore_index=IGNORE_INDEX, reduction="none")
-                for k in range(hidden.shape[1])]
+    per_head = [
+        F.cross_entropy(
+            hidden[:, k].double() @ weight.double().T, targets[:, k], ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        for k in range(hidden.shape[1])
+    ]
     return torch.stack(per_head, dim=1)
 
 
-def make_inputs(n_rows: int = 48, n_heads: int = 4, dim: int = 32, vocab: int = 300,
-                dtype: torch.dtype = torch.float32, seed: int = 0):
+def make_inputs(
+    n_rows: int = 48,
+    n_heads: int = 4,
+    dim: int = 32,
+    vocab: int = 300,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+):
     """Random inputs with ignored pairs, a fully ignored row, a head without targets, zero weights."""
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n_rows, n_heads, dim, generator=g)
@@ -67,12 +76,21 @@ def leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
-def check_against_reference(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                            weights: torch.Tensor | None, *, backend: str, reduction: str, tol: float) -> None:
+def check_against_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    weights: torch.Tensor | None,
+    *,
+    backend: str,
+    reduction: str,
+    tol: float,
+) -> None:
     """Values and gradients of chunked_mtp_ce against the float64 reference."""
     h, w = leaves(hidden, weight)
-    out, ce = chunked_mtp_ce(h, w, targets, weights, ignore_index=IGNORE_INDEX, reduction=reduction,
-                             chunk_rows=CHUNK_ROWS, backend=backend)
+    out, ce = chunked_mtp_ce(
+        h, w, targets, weights, ignore_index=IGNORE_INDEX, reduction=reduction, chunk_rows=CHUNK_ROWS, backend=backend
+    )
     hd, wd = leaves(hidden.double(), weight.double())
     ref_ce = reference_ce(hd, wd, targets)
     ref = ref_ce * weights.double() if weights is not None else ref_ce
@@ -94,8 +112,9 @@ def check_against_reference(hidden: torch.Tensor, weight: torch.Tensor, targets:
 
 
 @pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("blocks", [None, RowBlocks(16, 32, 3, 4), RowBlocks(16, 64, 1, 4)],
-                         ids=["heuristic", "split-v", "multi-tile"])
+@pytest.mark.parametrize(
+    "blocks", [None, RowBlocks(16, 32, 3, 4), RowBlocks(16, 64, 1, 4)], ids=["heuristic", "split-v", "multi-tile"]
+)
 @pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "bf16-buffer"])
 def test_row_kernels_match_float64(logits_dtype, blocks, in_place):
     """lse/CE/gradient of a [37, 300] chunk: partial row block, partial last tile, V split 3 ways."""
@@ -129,16 +148,16 @@ def test_row_kernels_match_float64(logits_dtype, blocks, in_place):
 @pytest.mark.parametrize("use_weights", [False, True])
 def test_fp32_matches_reference(backend, reduction, use_weights):
     hidden, weight, targets, weights = make_inputs()
-    check_against_reference(hidden, weight, targets, weights if use_weights else None,
-                            backend=backend, reduction=reduction, tol=FP32_TOL)
+    check_against_reference(
+        hidden, weight, targets, weights if use_weights else None, backend=backend, reduction=reduction, tol=FP32_TOL
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["none", "sum"])
 def test_bf16_inputs_match_reference(backend, reduction):
     hidden, weight, targets, weights = make_inputs(dtype=torch.bfloat16, seed=3)
-    check_against_reference(hidden, weight, targets, weights, backend=backend, reduction=reduction,
-                            tol=BF16_TOL)
+    check_against_reference(hidden, weight, targets, weights, backend=backend, reduction=reduction, tol=BF16_TOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -177,8 +196,7 @@ def test_rho1_weights_from_this_steps_ce(backend):
 def test_autocast_leaves_fp32_inputs_in_fp32(backend, reduction):
     hidden, weight, targets, weights = make_inputs(seed=11)
     with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
-        check_against_reference(hidden, weight, targets, weights, backend=backend, reduction=reduction,
-                                tol=FP32_TOL)
+        check_against_reference(hidden, weight, targets, weights, backend=backend, reduction=reduction, tol=FP32_TOL)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -188,8 +206,9 @@ def test_16bit_operand_matmuls(backend, reduction, weight_dtype, monkeypatch):
     """The CUDA precision policy (16-bit matmul operands, fp32 dW), also exercised on CPU."""
     monkeypatch.setattr(fused, "_tensor_core_matmuls", lambda device: True)
     hidden, weight, targets, weights = make_inputs(dtype=torch.bfloat16, seed=13)
-    check_against_reference(hidden, weight.to(weight_dtype), targets, weights, backend=backend,
-                            reduction=reduction, tol=BF16_TOL)
+    check_against_reference(
+        hidden, weight.to(weight_dtype), targets, weights, backend=backend, reduction=reduction, tol=BF16_TOL
+    )
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "auto"])
@@ -210,8 +229,7 @@ def test_cuda_bf16_7b_like_shape(backend, reduction):
     """LLaMA-2 7B head sizes (D=4096, V=32000) on a few hundred pairs, native kernels."""
     hidden, weight, targets, weights = make_inputs(n_rows=96, dim=4096, vocab=32000, dtype=torch.bfloat16, seed=19)
     weight = weight / 8  # keeps logits in the range of a trained model's
-    check_against_reference(hidden, weight, targets, weights, backend=backend, reduction=reduction,
-                            tol=BF16_TOL)
+    check_against_reference(hidden, weight, targets, weights, backend=backend, reduction=reduction, tol=BF16_TOL)
 
 
 @needs_cuda

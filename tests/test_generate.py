@@ -16,8 +16,9 @@ from wmtp.eval.generate import STOP_EOS, STOP_LENGTH, generate, sample_from_logi
 from wmtp.losses import mtp_cross_entropy
 from wmtp.models import ModelArgs, MTPTransformer
 
-RANDOM_ARGS = ModelArgs(dim=64, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=16,
-                        n_future_tokens=4, max_seq_len=128)
+RANDOM_ARGS = ModelArgs(
+    dim=64, n_layers=6, n_heads=4, n_kv_heads=2, vocab_size=61, multiple_of=16, n_future_tokens=4, max_seq_len=128
+)
 RANDOM_PROMPTS = [[1, 5, 7, 9, 11, 3, 8], [1, 40], [1, 2, 3, 4, 9, 11, 13, 2, 33, 50, 17, 6]]
 BOS, EOS = 1, 2
 """Special ids of the character-level code vocabulary; characters start at CHAR_OFFSET."""
@@ -41,8 +42,9 @@ def code_corpus(n_problems: int = 300, *, seed: int = 0) -> tuple[list[str], str
     return texts, "".join(sorted(set("".join(texts))))
 
 
-def train_code_model(args: ModelArgs, *, steps: int, lr: float = 3e-3, batch_size: int = 16, seq_len: int = 64,
-                     seed: int = 0) -> tuple[MTPTransformer, Callable[[str], list[int]], Callable[[list[int]], str]]:
+def train_code_model(
+    args: ModelArgs, *, steps: int, lr: float = 3e-3, batch_size: int = 16, seq_len: int = 64, seed: int = 0
+) -> tuple[MTPTransformer, Callable[[str], list[int]], Callable[[list[int]], str]]:
     """A tiny MTP model trained on the code corpus, character-level (args.vocab_size is replaced):
     every head's CE (`mtp_cross_entropy`), AdamW, random windows of the BOS/EOS-delimited stream.
     Returns the model (eval mode) and its encode (BOS first) and decode functions."""
@@ -57,16 +59,21 @@ def train_code_model(args: ModelArgs, *, steps: int, lr: float = 3e-3, batch_siz
     n = model.n_future
     for _ in range(steps):
         starts = torch.randint(0, len(stream) - seq_len - n, (batch_size,), generator=gen)
-        window = torch.stack([stream[s:s + seq_len + n] for s in starts.tolist()])
-        targets = torch.stack([window[:, 1 + k:1 + k + seq_len] for k in range(n)], dim=-1)
+        window = torch.stack([stream[s : s + seq_len + n] for s in starts.tolist()])
+        targets = torch.stack([window[:, 1 + k : 1 + k + seq_len] for k in range(n)], dim=-1)
         hidden = model(window[:, :seq_len]).hidden
-        loss = mtp_cross_entropy(hidden.flatten(0, 1), model.output.weight, targets.flatten(0, 1),
-                                 reduction="sum") / targets.numel()
+        loss = (
+            mtp_cross_entropy(hidden.flatten(0, 1), model.output.weight, targets.flatten(0, 1), reduction="sum")
+            / targets.numel()
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    return (model.eval(), lambda text: [BOS, *(ids[c] for c in text)],
-            lambda tokens: "".join(alphabet[t - CHAR_OFFSET] for t in tokens))
+    return (
+        model.eval(),
+        lambda text: [BOS, *(ids[c] for c in text)],
+        lambda tokens: "".join(alphabet[t - CHAR_OFFSET] for t in tokens),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +96,11 @@ def naive_greedy(model: MTPTransformer, prompt: list[int], *, max_new_tokens: in
 
 
 def all_greedy_modes(model: MTPTransformer, prompts: list[list[int]], **kw) -> dict[str, object]:
-    return {"cached": generate(model, prompts, **kw), "uncached": generate(model, prompts, use_cache=False, **kw),
-            "speculative": generate(model, prompts, speculative=True, **kw)}
+    return {
+        "cached": generate(model, prompts, **kw),
+        "uncached": generate(model, prompts, use_cache=False, **kw),
+        "speculative": generate(model, prompts, speculative=True, **kw),
+    }
 
 
 @pytest.mark.parametrize("rows", [[0], [0, 1, 2]], ids=["batch1", "batch3"])
@@ -161,10 +171,10 @@ def test_ragged_cached_decoding_with_rollback_equals_full_forward():
         # Junk drafts first (a block that will be rolled back), then the true tokens from the same start.
         junk = torch.randint(0, RANDOM_ARGS.vocab_size, (3, block), generator=gen)
         model.logits(junk, start_pos=torch.tensor(lens))
-        true = torch.stack([s[n:n + block] for s, n in zip(seqs, lens)])
+        true = torch.stack([s[n : n + block] for s, n in zip(seqs, lens)])
         got = model.logits(true, start_pos=torch.tensor(lens))
         for b, n in enumerate(lens):
-            torch.testing.assert_close(got[b], full[b][n:n + block], rtol=1e-4, atol=1e-4)
+            torch.testing.assert_close(got[b], full[b][n : n + block], rtol=1e-4, atol=1e-4)
         lens = [n + block - b for b, n in enumerate(lens)]  # rows keep 3, 2 and 1 of the block
     model.clear_kv_cache()
 
@@ -188,17 +198,23 @@ def test_sampling_is_seeded_per_row_and_independent_of_the_batch():
     assert generate(model, RANDOM_PROMPTS, seed=3, top_p=1e-6, **kw).tokens == greedy.tokens
 
 
-@pytest.mark.parametrize("temperature, top_p, want", [
-    (1.0, 1.0, [0.5, 0.3, 0.15, 0.05]),
-    (2.0, 1.0, [w / sum([0.5 ** 0.5, 0.3 ** 0.5, 0.15 ** 0.5, 0.05 ** 0.5]) for w in
-                [0.5 ** 0.5, 0.3 ** 0.5, 0.15 ** 0.5, 0.05 ** 0.5]]),
-    (1.0, 0.7, [0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]),   # the nucleus {0, 1} reaches 0.8 >= 0.7
-    (1.0, 0.5, [1.0, 0.0, 0.0, 0.0]),               # token 0 alone reaches 0.5
-])
+@pytest.mark.parametrize(
+    "temperature, top_p, want",
+    [
+        (1.0, 1.0, [0.5, 0.3, 0.15, 0.05]),
+        (
+            2.0,
+            1.0,
+            [w / sum([0.5**0.5, 0.3**0.5, 0.15**0.5, 0.05**0.5]) for w in [0.5**0.5, 0.3**0.5, 0.15**0.5, 0.05**0.5]],
+        ),
+        (1.0, 0.7, [0.5 / 0.8, 0.3 / 0.8, 0.0, 0.0]),  # the nucleus {0, 1} reaches 0.8 >= 0.7
+        (1.0, 0.5, [1.0, 0.0, 0.0, 0.0]),  # token 0 alone reaches 0.5
+    ],
+)
 def test_sampling_frequencies_follow_the_tempered_nucleus(temperature, top_p, want):
     """Stratified uniforms make inverse-CDF frequencies equal the probabilities up to 1/N."""
     n = 4000
-    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])   # shuffled: ids 1, 3, 0, 2 in decreasing order
+    probs = torch.tensor([0.15, 0.5, 0.05, 0.3])  # shuffled: ids 1, 3, 0, 2 in decreasing order
     logits = probs.log().expand(n, -1)
     tokens = sample_from_logits(logits, (torch.arange(n) + 0.5) / n, temperature=temperature, top_p=top_p)
     freq = torch.bincount(tokens, minlength=4).double() / n

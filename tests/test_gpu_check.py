@@ -17,8 +17,14 @@ DRY_RUN_TIMEOUT_S = 900
 
 def test_gpu_check_dry_run_runs_and_checks_every_step(tmp_path):
     env = {**os.environ, **TEST_ENV, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run", str(tmp_path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=DRY_RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--dry-run", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=DRY_RUN_TIMEOUT_S,
+    )
     summary = (tmp_path / "gpu_check.md").read_text()
     assert proc.returncode == 0, summary + (tmp_path / "gpu_check.log").read_text()[-4000:]
     steps = [line for line in summary.splitlines() if line.startswith("- ")]

@@ -9,9 +9,9 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import load_recipe, recipe_args, run_script, torchrun
 from test_codecontests import PUBLISHED_SCHEMA
+
 from wmtp.data.codecontests import convert
 from wmtp.data.rows import validate_row
 from wmtp.eval.judge import NO_TESTS, PASSED, WRONG_ANSWER, judge, outputs_match
@@ -23,30 +23,53 @@ from wmtp.training.metrics import read_metrics
 # ---------------------------------------------------------------- output comparison
 
 
-@pytest.mark.parametrize("expected, actual, same", [
-    ("3\n", "3", True),                             # trailing whitespace
-    ("1 2\n3", "  1\n2 3\n\n", True),               # any whitespace between tokens
-    ("YES", "yes", True), ("Yes\nNo", "YES NO", True),  # lowercased
-    ("YES", "YE S", False), ("abc", "abd", False),
-    ("12345678901234567890", "12345678901234567890", True),
-    ("12345678901234567890", "12345678901234567891", False),  # integers exact, beyond float precision
-    ("007", "7", True), ("-0", "0", True), ("+5", "5", True),  # equal integers
-    ("0.5", "0.500009", True), ("0.5", "0.50002", False),      # floats: absolute 1e-5
-    ("1", "1.000001", True), ("1", "1.0001", False),           # an integer against a float
-    ("1e-6", "0", True), ("2.5E3", "2500", True),
-    ("1000000.0", "1000000.00001", True),
-    ("nan", "nan", True), ("nan", "NaN", True), ("inf", "1e400", False),  # words, not numbers
-    ("1 2", "1 2 3", False), ("", "", True), ("", "0", False), ("0", "", False),
-])
+@pytest.mark.parametrize(
+    "expected, actual, same",
+    [
+        ("3\n", "3", True),  # trailing whitespace
+        ("1 2\n3", "  1\n2 3\n\n", True),  # any whitespace between tokens
+        ("YES", "yes", True),
+        ("Yes\nNo", "YES NO", True),  # lowercased
+        ("YES", "YE S", False),
+        ("abc", "abd", False),
+        ("12345678901234567890", "12345678901234567890", True),
+        ("12345678901234567890", "12345678901234567891", False),  # integers exact, beyond float precision
+        ("007", "7", True),
+        ("-0", "0", True),
+        ("+5", "5", True),  # equal integers
+        ("0.5", "0.500009", True),
+        ("0.5", "0.50002", False),  # floats: absolute 1e-5
+        ("1", "1.000001", True),
+        ("1", "1.0001", False),  # an integer against a float
+        ("1e-6", "0", True),
+        ("2.5E3", "2500", True),
+        ("1000000.0", "1000000.00001", True),
+        ("nan", "nan", True),
+        ("nan", "NaN", True),
+        ("inf", "1e400", False),  # words, not numbers
+        ("1 2", "1 2 3", False),
+        ("", "", True),
+        ("", "0", False),
+        ("0", "", False),
+    ],
+)
 def test_outputs_match_alphacode(expected, actual, same):
     assert outputs_match(expected, actual) is same
 
 
 # ---------------------------------------------------------------- judging
 
+
 def _cc_problem(tests, time_limit_s=2.0) -> Problem:
-    return Problem(task_id="1_A. Sum", dataset=CODECONTESTS, reference="", text="Print a + b.",
-                   io_tests=tuple(tests), time_limit_s=time_limit_s, memory_limit_bytes=256 << 20)
+    return Problem(
+        task_id="1_A. Sum",
+        dataset=CODECONTESTS,
+        reference="",
+        text="Print a + b.",
+        io_tests=tuple(tests),
+        time_limit_s=time_limit_s,
+        memory_limit_bytes=256 << 20,
+    )
 
 
 SUM_TESTS = [("1 2\n", "3\n"), ("5 7\n", "12\n"), ("-4 4\n", "0\n")]
@@ -63,7 +86,11 @@ def test_stdin_stdout_solutions_are_labelled_by_execution():
     }
     verdicts = dict(zip(completions, judge([(problem, c) for c in completions.values()], workers=2)))
     assert verdicts["correct"].passed and verdicts["fenced"].passed
-    assert (verdicts["correct"].status, verdicts["correct"].tests_passed, verdicts["correct"].tests_total) == (PASSED, 3, 3)
+    assert (verdicts["correct"].status, verdicts["correct"].tests_passed, verdicts["correct"].tests_total) == (
+        PASSED,
+        3,
+        3,
+    )
     wrong = verdicts["wrong"]
     assert (wrong.passed, wrong.status, wrong.tests_passed, wrong.tests_run) == (False, WRONG_ANSWER, 1, 2)
     assert wrong.reason == "test 2 of 3: wrong answer"
@@ -72,10 +99,24 @@ def test_stdin_stdout_solutions_are_labelled_by_execution():
     assert slow.reason == "test 1 of 3: time limit exceeded (0.5 s)" and slow.seconds >= 0.5
     assert verdicts["crash"].status == "failed" and "ValueError: no" in verdicts["crash"].reason
 
-    item = LabellingProblem(0, problem.task_id, {"instruction": problem.text, "input": "", "output": "x", "task_id": problem.task_id,
-                                         "is_correct": True, "metadata": {"source": "codeforces", "difficulty": 7,
-                                                                          "has_tests": True, "dataset": CODECONTESTS,
-                                                                          "solution_id": "1_A. Sum/correct/0"}})
+    item = LabellingProblem(
+        0,
+        problem.task_id,
+        {
+            "instruction": problem.text,
+            "input": "",
+            "output": "x",
+            "task_id": problem.task_id,
+            "is_correct": True,
+            "metadata": {
+                "source": "codeforces",
+                "difficulty": 7,
+                "has_tests": True,
+                "dataset": CODECONTESTS,
+                "solution_id": "1_A. Sum/correct/0",
+            },
+        },
+    )
     rows = labelled_rows(item, list(completions.values()), list(verdicts.values()), policy="p", new_tokens=[1] * 5)
     assert all(validate_row(r) is None for r in rows)
     assert [r["is_correct"] for r in rows] == [True, True, False, False, False]
@@ -103,14 +144,26 @@ def test_assert_programs_are_one_test():
 
 # ---------------------------------------------------------------- label_samples.py end to end
 
+
 def _problem_record(i: int, **overrides) -> dict:
     tests = {"input": [f"{i} {j}\n" for j in range(2)], "output": [f"{i + j}\n" for j in range(2)]}
     record = {name: None for name in PUBLISHED_SCHEMA.names}
-    record.update(name=f"{100 + i}_A. Sum {i}", description=f"Read two integers and print their sum (problem {i}).",
-                  public_tests=tests, private_tests={"input": [], "output": []}, generated_tests=tests,
-                  source=2, difficulty=7 + i % 3, solutions={"language": [3], "solution": ["print(sum(map(int, input().split())))"]},
-                  incorrect_solutions={"language": [3], "solution": ["print(0)"]}, cf_rating=800,
-                  time_limit={"seconds": 1, "nanos": 0}, memory_limit_bytes=256 << 20, input_file="", output_file="")
+    record.update(
+        name=f"{100 + i}_A. Sum {i}",
+        description=f"Read two integers and print their sum (problem {i}).",
+        public_tests=tests,
+        private_tests={"input": [], "output": []},
+        generated_tests=tests,
+        source=2,
+        difficulty=7 + i % 3,
+        solutions={"language": [3], "solution": ["print(sum(map(int, input().split())))"]},
+        incorrect_solutions={"language": [3], "solution": ["print(0)"]},
+        cf_rating=800,
+        time_limit={"seconds": 1, "nanos": 0},
+        memory_limit_bytes=256 << 20,
+        input_file="",
+        output_file="",
+    )
     record.update(overrides)
     return record
 
@@ -124,8 +177,12 @@ def _rejudge(row: dict, tests_record: dict) -> bool:
         code = block.split("\n", 1)[1] if "\n" in block and block.split("\n", 1)[1].strip() else code.split("```")[0]
     for column in ("public_tests", "private_tests", "generated_tests"):
         for given, expected in zip(tests_record[column]["input"], tests_record[column]["output"]):
-            result = run_program(code, stdin=given, timeout_s=tests_record["time_limit_s"],
-                                 memory_mb=(tests_record["memory_limit_bytes"] >> 20) + 32)  # as the judge
+            result = run_program(
+                code,
+                stdin=given,
+                timeout_s=tests_record["time_limit_s"],
+                memory_mb=(tests_record["memory_limit_bytes"] >> 20) + 32,
+            )  # as the judge
             if not result.passed or result.stdout.split() != expected.split():
                 return False
     return True
@@ -138,12 +195,32 @@ def test_label_samples_resumes_shards_and_feeds_the_critic(tiny, tmp_path):
     long = " ".join(["integers"] * 5000)  # a prompt longer than the model's positions: skipped, counted
     problems.append(_problem_record(8, description=long))
     (tmp_path / "src").mkdir()
-    pq.write_table(pa.Table.from_pylist(problems, schema=PUBLISHED_SCHEMA),
-                   tmp_path / "src" / "train-00000-of-00001.parquet", row_group_size=2)
+    pq.write_table(
+        pa.Table.from_pylist(problems, schema=PUBLISHED_SCHEMA),
+        tmp_path / "src" / "train-00000-of-00001.parquet",
+        row_group_size=2,
+    )
     convert(tmp_path / "src", tmp_path / "cc", splits=["train"], progress=False)
     data, out = tmp_path / "cc" / "train.jsonl", tmp_path / "labelled"
-    common = ["scripts/label_samples.py", "--policy", str(tiny / "mtp_model"), "--data", str(data), "--out", str(out),
-              "--samples", "2", "--max-new-tokens", "12", "--temperature", "1.0", "--workers", "2", "--max-seq-len", "512"]
+    common = [
+        "scripts/label_samples.py",
+        "--policy",
+        str(tiny / "mtp_model"),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--samples",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "1.0",
+        "--workers",
+        "2",
+        "--max-seq-len",
+        "512",
+    ]
 
     first = run_script([*common, "--max-problems", "3"])
     assert "2 problems in" in first.stdout and "skipped 1" in first.stdout
@@ -172,15 +249,30 @@ def test_label_samples_resumes_shards_and_feeds_the_critic(tiny, tmp_path):
         assert meta["samples_passed"] == sum(r["is_correct"] for r in rows if r["task_id"] == row["task_id"])
     stats = json.loads((out / "stats.json").read_text())
     assert stats["labelled_problems"] == 5 and stats["rows"] == 10
-    assert stats["skipped"] == {"reads or writes a named file": 1, "prompt + max_new_tokens over the model's positions": 1}
+    assert stats["skipped"] == {
+        "reads or writes a named file": 1,
+        "prompt + max_new_tokens over the model's positions": 1,
+    }
     assert stats["correct"] + stats["incorrect"] == 10
 
     refused = run_script([*common, "--temperature", "0.5"], check=False)
     assert refused.returncode != 0 and "temperature: 1.0 then, 0.5 now" in refused.stderr
 
     critic = load_recipe("full_finetune_critic")
-    critic.main(recipe_args(tiny, tmp_path / "critic", "critic_tiny.toml", **{
-        "data.train_path": out / "labelled.jsonl", "data.sampler": "curriculum", "data.curriculum_bin_edges": "[0]",
-        "data.curriculum_schedule": "[[0.0, 1.0]]", "validation.path": "", "training.max_steps": 3,
-        "model.max_seq_len": 512}))
+    critic.main(
+        recipe_args(
+            tiny,
+            tmp_path / "critic",
+            "critic_tiny.toml",
+            **{
+                "data.train_path": out / "labelled.jsonl",
+                "data.sampler": "curriculum",
+                "data.curriculum_bin_edges": "[0]",
+                "data.curriculum_schedule": "[[0.0, 1.0]]",
+                "validation.path": "",
+                "training.max_steps": 3,
+                "model.max_seq_len": 512,
+            },
+        )
+    )
     assert [m["step"] for m in read_metrics(tmp_path / "critic") if "value_loss" in m] == [1, 2, 3]

@@ -3,7 +3,6 @@ training step of each recipe does exactly the vocabulary-matmul FLOPs its path s
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -25,7 +24,7 @@ def tiny_batch(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.
         mask[row, start:end] = True
     labels = torch.where(mask, tokens, IGNORE_INDEX)
     padded = torch.cat([labels, torch.full((3, ARGS.n_future_tokens), IGNORE_INDEX)], dim=1)
-    targets = torch.stack([padded[:, 1 + k: 18 + k] for k in range(ARGS.n_future_tokens)], dim=-1)
+    targets = torch.stack([padded[:, 1 + k : 18 + k] for k in range(ARGS.n_future_tokens)], dim=-1)
     return tokens, targets, mask
 
 
@@ -56,6 +55,7 @@ def test_gradients_in_the_forward_equal_the_recompute_path(kind):
         def weights(values):  # noqa: F811 - TD weights from this forward's values, as the recipe does
             w = td_weights(values.detach(), rewards, mask, beta=0.9, w_min=0.1, w_max=5.0)
             return td_head_weights(w, ARGS.n_future_tokens) * mean_w
+
     ref_loss, ref_grads = loss_and_grads(model, tokens, targets, weights, "none")
     loss, grads = loss_and_grads(model, tokens, targets, weights, "sum")
     torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=0)
@@ -104,9 +104,12 @@ def test_one_training_step_does_the_vocabulary_flops_of_its_path(tiny, tmp_path,
     module = load_recipe(f"full_finetune_{name}")
     config_cls = next(v for k, v in vars(module).items() if k.endswith("Config") and v.__module__ == module.__name__)
     recipe_cls = next(v for v in vars(module).values() if isinstance(v, type) and hasattr(v, "train_step"))
-    cfg = module.main_config(config_cls, recipe_args(tiny, tmp_path, config, **{"training.micro_batch_size": 3,
-                                                                                 "training.grad_accum_steps": 2,
-                                                                                 **overrides}))
+    cfg = module.main_config(
+        config_cls,
+        recipe_args(
+            tiny, tmp_path, config, **{"training.micro_batch_size": 3, "training.grad_accum_steps": 2, **overrides}
+        ),
+    )
     recipe = recipe_cls(cfg)
     recipe.setup()
     try:

@@ -17,8 +17,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, TEST_ENV, recipe_args, run_script
+
 from wmtp.training.metrics import FINISHED, STATE_FILE, read_metrics, sync_folder
 
 MLFLOW_BIN = Path(sys.executable).with_name("mlflow")
@@ -45,15 +45,32 @@ class MlflowServer:
 
     def start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        cmd = [str(MLFLOW_BIN), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-               "--backend-store-uri", f"sqlite:///{self.folder / 'store.db'}",
-               "--artifacts-destination", str(self.folder / "artifacts")]
+        cmd = [
+            str(MLFLOW_BIN),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{self.folder / 'store.db'}",
+            "--artifacts-destination",
+            str(self.folder / "artifacts"),
+        ]
         env = dict(ENV)
         if self.password:
             cmd += ["--app-name", "basic-auth"]
             env.update(MLFLOW_AUTH_ADMIN_PASSWORD=self.password, MLFLOW_FLASK_SERVER_SECRET_KEY="test-only")
-        self.proc = subprocess.Popen(cmd, cwd=self.folder, env=env, stdout=subprocess.DEVNULL,
-                                     stderr=open(self.folder / "server.log", "a"), start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=self.folder,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.folder / "server.log", "a"),
+            start_new_session=True,
+        )
         deadline = time.monotonic() + SERVER_START_S
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (self.folder / "server.log").read_text()[-2000:]
@@ -117,8 +134,14 @@ def args(tiny: Path, out: Path, **overrides) -> list[str]:
 
 
 def launch(tiny: Path, out: Path, **overrides) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args(tiny, out, **overrides)], cwd=ROOT, env={**ENV, **os.environ},
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, *args(tiny, out, **overrides)],
+        cwd=ROOT,
+        env={**ENV, **os.environ},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
 
 
 def logged_step(out: Path) -> int:
@@ -152,8 +175,9 @@ def test_server_down_at_start_costs_seconds_and_sync_sends_each_value_once(serve
     assert seconds_down - seconds_off < 30
     assert proc.stderr.count("unreachable") == 1, proc.stderr
     assert "sync_mlflow.py" in proc.stderr
-    assert [r["loss"] for r in read_metrics(out) if "loss" in r] == [r["loss"] for r in read_metrics(off)
-                                                                    if "loss" in r]
+    assert [r["loss"] for r in read_metrics(out) if "loss" in r] == [
+        r["loss"] for r in read_metrics(off) if "loss" in r
+    ]
 
     server.start()
     synced = run_script(["scripts/sync_mlflow.py", str(out)])
@@ -201,15 +225,16 @@ def test_server_with_credentials_killed_and_restarted_mid_run(auth_server, tiny,
 def test_a_crash_ends_failed_and_sigterm_ends_killed(tiny, tmp_path):
     crash = tmp_path / "crash"
     # A fault injected into the real recipe: the third training step raises.
-    code = ("import sys; sys.path.insert(0, 'recipes'); import full_finetune_baseline as r\n"
-            "step = r.BaselineRecipe.train_step\n"
-            "def failing(self, batch):\n"
-            "    if self.step == 2: raise RuntimeError('injected failure')\n"
-            "    return step(self, batch)\n"
-            "r.BaselineRecipe.train_step = failing\n"
-            f"r.main({args(tiny, crash)[1:]!r})\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+    code = (
+        "import sys; sys.path.insert(0, 'recipes'); import full_finetune_baseline as r\n"
+        "step = r.BaselineRecipe.train_step\n"
+        "def failing(self, batch):\n"
+        "    if self.step == 2: raise RuntimeError('injected failure')\n"
+        "    return step(self, batch)\n"
+        "r.BaselineRecipe.train_step = failing\n"
+        f"r.main({args(tiny, crash)[1:]!r})\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "injected failure" in proc.stderr
     c, state = tracked_run(crash)
     assert c.get_run(state["run_id"]).info.status == "FAILED"

@@ -10,8 +10,18 @@ import torch
 
 from wmtp.models import ModelArgs, load_mtp, save_mtp
 
-PARAMS = dict(dim=48, n_layers=5, n_heads=4, n_kv_heads=2, vocab_size=-1, multiple_of=16,
-              ffn_dim_multiplier=1.3, norm_eps=1e-5, rope_theta=500.0, n_future_tokens=3)
+PARAMS = dict(
+    dim=48,
+    n_layers=5,
+    n_heads=4,
+    n_kv_heads=2,
+    vocab_size=-1,
+    multiple_of=16,
+    ffn_dim_multiplier=1.3,
+    norm_eps=1e-5,
+    rope_theta=500.0,
+    n_future_tokens=3,
+)
 VOCAB = 97
 
 
@@ -31,11 +41,15 @@ def random_meta_state_dict(p: dict, vocab: int, gen: torch.Generator) -> dict[st
 
     def block(prefix: str) -> dict[str, torch.Tensor]:
         return {
-            f"{prefix}.attention.wq.weight": r(dim, dim), f"{prefix}.attention.wk.weight": r(kv, dim),
-            f"{prefix}.attention.wv.weight": r(kv, dim), f"{prefix}.attention.wo.weight": r(dim, dim),
-            f"{prefix}.feed_forward.w1.weight": r(hidden, dim), f"{prefix}.feed_forward.w2.weight": r(dim, hidden),
+            f"{prefix}.attention.wq.weight": r(dim, dim),
+            f"{prefix}.attention.wk.weight": r(kv, dim),
+            f"{prefix}.attention.wv.weight": r(kv, dim),
+            f"{prefix}.attention.wo.weight": r(dim, dim),
+            f"{prefix}.feed_forward.w1.weight": r(hidden, dim),
+            f"{prefix}.feed_forward.w2.weight": r(dim, hidden),
             f"{prefix}.feed_forward.w3.weight": r(hidden, dim),
-            f"{prefix}.attention_norm.weight": 1 + r(dim), f"{prefix}.ffn_norm.weight": 1 + r(dim),
+            f"{prefix}.attention_norm.weight": 1 + r(dim),
+            f"{prefix}.ffn_norm.weight": 1 + r(dim),
         }
 
     sd = {"tok_embeddings.weight": r(vocab, dim), "norm.weight": 1 + r(dim), "output.weight": r(vocab, dim)}
@@ -53,8 +67,9 @@ def naive_logits(sd: dict[str, torch.Tensor], p: dict, tokens: torch.Tensor) -> 
     hd, n_future, eps = dim // n_heads, p["n_future_tokens"], p["norm_eps"]
     bsz, seqlen = tokens.shape
     freqs = 1.0 / (p["rope_theta"] ** (torch.arange(0, hd, 2).double() / hd))
-    freqs_cis = torch.polar(torch.ones(seqlen, hd // 2, dtype=torch.float64),
-                            torch.outer(torch.arange(seqlen).double(), freqs))
+    freqs_cis = torch.polar(
+        torch.ones(seqlen, hd // 2, dtype=torch.float64), torch.outer(torch.arange(seqlen).double(), freqs)
+    )
 
     def rms(x, w):
         return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
@@ -133,7 +148,7 @@ def test_kv_cache_incremental_decoding_matches_full_forward(meta_checkpoint):
     full = model.logits(tokens)
     model.setup_kv_cache(batch_size=2, max_len=16)
     parts = [model.logits(tokens[:, :5], start_pos=0)]
-    parts += [model.logits(tokens[:, t:t + 1], start_pos=t) for t in range(5, 9)]
+    parts += [model.logits(tokens[:, t : t + 1], start_pos=t) for t in range(5, 9)]
     parts.append(model.logits(tokens[:, 9:], start_pos=9))
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
 

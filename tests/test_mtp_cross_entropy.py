@@ -81,7 +81,7 @@ def test_bf16_inputs_within_1e2():
 
 
 def test_chunking_does_not_change_the_result():
-    from kernels.fused_mtp_ce import chunked_mtp_ce
+    from wmtp.kernels.fused_mtp_ce import chunked_mtp_ce
 
     hidden, weight, targets, weights = make_inputs(vocab=257)
     small, _ = chunked_mtp_ce(hidden, weight, targets, weights, reduction="none", chunk_rows=7)

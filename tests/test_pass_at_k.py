@@ -16,18 +16,21 @@ def exact_pass_at_k(n: int, c: int, k: int) -> Fraction:
     return 1 - Fraction(math.comb(n - c, k), math.comb(n, k))
 
 
-@pytest.mark.parametrize("n, c, k, expected", [
-    (5, 2, 1, 0.4),     # c / n
-    (5, 2, 2, 0.7),     # 1 - C(3,2)/C(5,2) = 1 - 3/10
-    (5, 1, 3, 0.6),     # 1 - C(4,3)/C(5,3) = 1 - 4/10
-    (10, 0, 1, 0.0),
-    (10, 0, 10, 0.0),
-    (10, 10, 1, 1.0),
-    (5, 4, 2, 1.0),     # n - c = 1 < k: every pair holds a correct sample
-    (1, 1, 1, 1.0),
-    (1, 0, 1, 0.0),
-    (20, 3, 20, 1.0),
-])
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (5, 2, 1, 0.4),  # c / n
+        (5, 2, 2, 0.7),  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+        (5, 1, 3, 0.6),  # 1 - C(4,3)/C(5,3) = 1 - 4/10
+        (10, 0, 1, 0.0),
+        (10, 0, 10, 0.0),
+        (10, 10, 1, 1.0),
+        (5, 4, 2, 1.0),  # n - c = 1 < k: every pair holds a correct sample
+        (1, 1, 1, 1.0),
+        (1, 0, 1, 0.0),
+        (20, 3, 20, 1.0),
+    ],
+)
 def test_hand_computed_values(n: int, c: int, k: int, expected: float) -> None:
     assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-12)
 
@@ -52,14 +55,17 @@ def test_increases_with_k_and_c() -> None:
     assert pass_at_k(50, 5, 10) < pass_at_k(50, 6, 10)
 
 
-@pytest.mark.parametrize("n, c, k, words", [
-    (5, 2, 6, ["k=6", "n=5"]),
-    (5, 2, 0, ["k=0"]),
-    (5, 2, -1, ["k=-1"]),
-    (5, 6, 1, ["c=6", "n=5"]),
-    (-1, 0, 1, ["n=-1"]),
-    (5, -2, 1, ["c=-2"]),
-])
+@pytest.mark.parametrize(
+    "n, c, k, words",
+    [
+        (5, 2, 6, ["k=6", "n=5"]),
+        (5, 2, 0, ["k=0"]),
+        (5, 2, -1, ["k=-1"]),
+        (5, 6, 1, ["c=6", "n=5"]),
+        (-1, 0, 1, ["n=-1"]),
+        (5, -2, 1, ["c=-2"]),
+    ],
+)
 def test_invalid_values_are_named(n: int, c: int, k: int, words: list[str]) -> None:
     with pytest.raises(ValueError) as info:
         pass_at_k(n, c, k)

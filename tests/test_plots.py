@@ -22,9 +22,9 @@ N_STEPS, VAL_STEPS, HEADS = 10, (5, 10), range(4)
 MECHANICS = {"learning rate": {"lr"}, "throughput": {"tokens_per_s"}, "grad norm": {"grad_norm"}}
 CONFIGS = {
     "baseline": "[training]\nmax_steps = 10\n",
-    "verifiable": "[critic]\nloss = \"mse\"\n[td]\nw_min = 0.1\nw_max = 3.0\n",
+    "verifiable": '[critic]\nloss = "mse"\n[td]\nw_min = 0.1\nw_max = 3.0\n',
     "rho1": "[rho1]\nratio = 0.6\n",
-    "critic": "[critic]\nloss = \"mse\"\n",
+    "critic": '[critic]\nloss = "mse"\n',
 }
 
 
@@ -38,8 +38,16 @@ TD_STATS = {f"{d}/{s}" for d in ("td", "weight") for s in ("mean", "std", "min",
 # it must hold: {title: the keys drawn as lines}.
 TRAIN_KEYS = {
     "baseline": {"loss"} | heads("loss", "pairs"),
-    "verifiable": {"loss", "policy_loss", "value_loss", "weight/clipped_share", "weight/clipped_low_share",
-                   "weight/clipped_high_share"} | TD_STATS | heads("loss", "ce", "weight"),
+    "verifiable": {
+        "loss",
+        "policy_loss",
+        "value_loss",
+        "weight/clipped_share",
+        "weight/clipped_low_share",
+        "weight/clipped_high_share",
+    }
+    | TD_STATS
+    | heads("loss", "ce", "weight"),
     "rho1": {"loss"} | heads("loss", "selected", "excess"),
     "critic": {"value_loss", "value/correct", "value/incorrect", "auroc", "rows"},
 }
@@ -72,8 +80,12 @@ PANELS = {
     },
     "critic": {
         "value loss": {"value_loss", "val/value_loss"},
-        "critic value: correct vs incorrect": {"value/correct", "value/incorrect", "val/value/correct",
-                                               "val/value/incorrect"},
+        "critic value: correct vs incorrect": {
+            "value/correct",
+            "value/incorrect",
+            "val/value/correct",
+            "val/value/incorrect",
+        },
         "critic AUROC": {"auroc", "val/auroc"},
     },
 }
@@ -122,8 +134,10 @@ def test_each_recipe_gets_its_panels_with_the_keys_it_logs(tmp_path, recipe):
     assert path == run / REPORT_NAME
     want = {**PANELS[recipe], **MECHANICS}
     n_rows = math.ceil(len(want) / NCOLS)
-    assert png_size(path) == (round(PANEL_SIZE[0] * min(NCOLS, len(want)) * DPI),
-                              round((PANEL_SIZE[1] * n_rows + 0.7) * DPI))
+    assert png_size(path) == (
+        round(PANEL_SIZE[0] * min(NCOLS, len(want)) * DPI),
+        round((PANEL_SIZE[1] * n_rows + 0.7) * DPI),
+    )
 
     fig = build_report([run])
     lines = panel_lines(fig)
@@ -178,8 +192,10 @@ def test_several_runs_overlay_in_one_figure_a_colour_per_run(tmp_path):
     lines = panel_lines(fig)
     assert set(lines) == set(PANELS["baseline"]) | set(PANELS["verifiable"]) | set(MECHANICS)
     # Same folder name: the runs are told apart by more of their path.
-    assert set(lines["loss per head"]) == ({f"a/run:{k}" for k in PANELS["baseline"]["loss per head"]}
-                                           | {f"b/run:{k}" for k in PANELS["verifiable"]["loss per head"]})
+    assert set(lines["loss per head"]) == (
+        {f"a/run:{k}" for k in PANELS["baseline"]["loss per head"]}
+        | {f"b/run:{k}" for k in PANELS["verifiable"]["loss per head"]}
+    )
     colours = {"a/run": set(), "b/run": set()}
     for ax in fig.axes:
         for ln in ax.get_lines():
@@ -187,15 +203,19 @@ def test_several_runs_overlay_in_one_figure_a_colour_per_run(tmp_path):
                 colours[ln.get_gid().split(":")[0]].add(to_hex(ln.get_color()))
     assert colours == {"a/run": {to_hex("C0")}, "b/run": {to_hex("C1")}}
     headers = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert headers == [f"a/run (baseline, steps 1–{N_STEPS}, 240 train rows)",
-                       f"b/run (verifiable, steps 1–{N_STEPS}, 240 train rows)"]
+    assert headers == [
+        f"a/run (baseline, steps 1–{N_STEPS}, 240 train rows)",
+        f"b/run (verifiable, steps 1–{N_STEPS}, 240 train rows)",
+    ]
     ax = next(ax for ax in fig.axes if ax.get_title() == "loss per head")
     assert "CE | TD-weighted CE" == ax.get_ylabel()
 
 
 def test_non_finite_and_missing_values_leave_points_out(tmp_path):
-    bad = [{"step": 11, "lr": 1e-4, "loss": float("nan"), "auroc": float("inf"), "note": "text"},
-           {"step": 12, "lr": 1e-4, "td/mean": float("nan"), "weight/mean": 0.9}]  # no std/min/max
+    bad = [
+        {"step": 11, "lr": 1e-4, "loss": float("nan"), "auroc": float("inf"), "note": "text"},
+        {"step": 12, "lr": 1e-4, "td/mean": float("nan"), "weight/mean": 0.9},
+    ]  # no std/min/max
     run = write_run(tmp_path / "v", "verifiable", extra_rows=bad)
     lines = panel_lines(build_report([run]))
     assert lines["loss"]["v:loss"] == N_STEPS  # NaN dropped
@@ -228,10 +248,22 @@ def test_maybe_plot_returns_the_path_or_none_with_the_reason(tmp_path, capsys, m
 def run_cli(args: list[str], *, shim: str = "", cwd: Path = ROOT) -> subprocess.CompletedProcess:
     """scripts/plot_run.py ARGS; with `shim`, that code runs first in the same interpreter."""
     script = str(ROOT / "scripts" / "plot_run.py")
-    cmd = [script] if not shim else [
-        "-c", f"import runpy, sys; {shim}; sys.argv[0] = {script!r}; runpy.run_path(sys.argv[0], run_name='__main__')"]
-    return subprocess.run([sys.executable, *cmd, *args], cwd=cwd, capture_output=True, text=True,
-                          env={**os.environ, **TEST_ENV}, timeout=120)
+    cmd = (
+        [script]
+        if not shim
+        else [
+            "-c",
+            f"import runpy, sys; {shim}; sys.argv[0] = {script!r}; runpy.run_path(sys.argv[0], run_name='__main__')",
+        ]
+    )
+    return subprocess.run(
+        [sys.executable, *cmd, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **TEST_ENV},
+        timeout=120,
+    )
 
 
 def test_cli_one_run_several_runs_and_without_matplotlib(tmp_path):
@@ -257,12 +289,26 @@ def test_cli_one_run_several_runs_and_without_matplotlib(tmp_path):
 
 def test_real_baseline_run_with_validation_writes_its_report(tiny, tmp_path):
     out = tmp_path / "run"
-    load_recipe("full_finetune_baseline").main(recipe_args(tiny, out, "baseline_tiny.toml", **{
-        "training.max_steps": 4, "training.micro_batch_size": 2, "validation.path": tiny / "data" / "valid.jsonl",
-        "validation.every": 2, "validation.max_rows": 8, "checkpoint.export_final": "false", "metrics.report": "true"}))
+    load_recipe("full_finetune_baseline").main(
+        recipe_args(
+            tiny,
+            out,
+            "baseline_tiny.toml",
+            **{
+                "training.max_steps": 4,
+                "training.micro_batch_size": 2,
+                "validation.path": tiny / "data" / "valid.jsonl",
+                "validation.every": 2,
+                "validation.max_rows": 8,
+                "checkpoint.export_final": "false",
+                "metrics.report": "true",
+            },
+        )
+    )
     assert png_size(out / REPORT_NAME)  # drawn at the end of the run (metrics.report)
     lines = panel_lines(build_report([out]))
     assert set(lines) == set(PANELS["baseline"]) | set(MECHANICS)
     assert lines["loss"] == {"run:loss": 4, "run:val/loss": 2}
-    assert lines["loss per head"] == {f"run:{k}": 2 if k.startswith("val/") else 4
-                                      for k in PANELS["baseline"]["loss per head"]}
+    assert lines["loss per head"] == {
+        f"run:{k}": 2 if k.startswith("val/") else 4 for k in PANELS["baseline"]["loss per head"]
+    }

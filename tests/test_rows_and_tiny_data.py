@@ -30,16 +30,23 @@ def _passes(rows: list[dict]) -> list[bool]:
 
 
 def _good_row() -> dict:
-    return make_row(instruction="Add one.", output="def f(x):\n    return x + 1", task_id="t/1",
-                    is_correct=True, source="unit", difficulty=1, tests=["assert f(1) == 2"])
+    return make_row(
+        instruction="Add one.",
+        output="def f(x):\n    return x + 1",
+        task_id="t/1",
+        is_correct=True,
+        source="unit",
+        difficulty=1,
+        tests=["assert f(1) == 2"],
+    )
 
 
 # --- rows -------------------------------------------------------------------------------------
 
+
 def test_validate_row_accepts_good_rows() -> None:
     assert validate_row(_good_row()) is None
-    no_tests = make_row(instruction="i", output="o", task_id="t", is_correct=False, source="s",
-                        difficulty=0)
+    no_tests = make_row(instruction="i", output="o", task_id="t", is_correct=False, source="s", difficulty=0)
     assert no_tests["metadata"]["has_tests"] is False
     assert validate_row(no_tests) is None
     humaneval = _good_row()
@@ -59,22 +66,25 @@ def _with(path: tuple[str, ...], value: object) -> dict:
     return row
 
 
-@pytest.mark.parametrize(("row", "reason"), [
-    ([1, 2], "row is not an object"),
-    (_without(("output",)), "missing field 'output'"),
-    (_without(("metadata",)), "missing field 'metadata'"),
-    (_without(("metadata", "source")), "missing field 'metadata.source'"),
-    (_with(("is_correct",), 1), "field 'is_correct' is not a bool"),
-    (_with(("instruction",), None), "field 'instruction' is not a str"),
-    (_with(("metadata",), []), "field 'metadata' is not an object"),
-    (_with(("metadata", "difficulty"), "easy"), "metadata.difficulty is not an int"),
-    (_with(("metadata", "difficulty"), True), "metadata.difficulty is not an int"),
-    (_with(("metadata", "difficulty"), -1), "metadata.difficulty is negative"),
-    (_with(("metadata", "has_tests"), "yes"), "metadata.has_tests is not a bool"),
-    (_with(("metadata", "tests"), "assert f(1) == 2"), "metadata.tests is not a list of str"),
-    (_with(("metadata", "tests"), []), "metadata.has_tests is true but metadata.tests is empty"),
-    (_with(("metadata", "entry_point"), 3), "metadata.entry_point is not a str"),
-])
+@pytest.mark.parametrize(
+    ("row", "reason"),
+    [
+        ([1, 2], "row is not an object"),
+        (_without(("output",)), "missing field 'output'"),
+        (_without(("metadata",)), "missing field 'metadata'"),
+        (_without(("metadata", "source")), "missing field 'metadata.source'"),
+        (_with(("is_correct",), 1), "field 'is_correct' is not a bool"),
+        (_with(("instruction",), None), "field 'instruction' is not a str"),
+        (_with(("metadata",), []), "field 'metadata' is not an object"),
+        (_with(("metadata", "difficulty"), "easy"), "metadata.difficulty is not an int"),
+        (_with(("metadata", "difficulty"), True), "metadata.difficulty is not an int"),
+        (_with(("metadata", "difficulty"), -1), "metadata.difficulty is negative"),
+        (_with(("metadata", "has_tests"), "yes"), "metadata.has_tests is not a bool"),
+        (_with(("metadata", "tests"), "assert f(1) == 2"), "metadata.tests is not a list of str"),
+        (_with(("metadata", "tests"), []), "metadata.has_tests is true but metadata.tests is empty"),
+        (_with(("metadata", "entry_point"), 3), "metadata.entry_point is not a str"),
+    ],
+)
 def test_validate_row_names_the_problem(row: object, reason: str) -> None:
     assert validate_row(copy.deepcopy(row)) == reason
 
@@ -107,13 +117,26 @@ def test_mutants_are_valid_distinct_and_differ() -> None:
 
 def test_mutants_cover_the_documented_kinds() -> None:
     found = "\n".join(mutants(MUTABLE, seed=0, limit=1000))
-    for fragment in ["xs[i] >= k", "xs[i] > k or", "xs[i - 1] != 0", "xs[i] // 2", "xs[i] * 2 - 1",
-                     "range(2, len(xs))", "range(0, len(xs))", "if False", "return None",
-                     "and xs[i - 1] == 0", "out[:4]", "out[:]", "xs[i + 1]"]:
+    for fragment in [
+        "xs[i] >= k",
+        "xs[i] > k or",
+        "xs[i - 1] != 0",
+        "xs[i] // 2",
+        "xs[i] * 2 - 1",
+        "range(2, len(xs))",
+        "range(0, len(xs))",
+        "if False",
+        "return None",
+        "and xs[i - 1] == 0",
+        "out[:4]",
+        "out[:]",
+        "xs[i + 1]",
+    ]:
         assert fragment in found, fragment
 
 
 # --- MBPP -------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def mbpp_train() -> Path:
@@ -123,8 +146,9 @@ def mbpp_train() -> Path:
 
 
 def test_mbpp_rows_correct_pass_and_incorrect_fail(mbpp_train: Path) -> None:
-    rows, stats = mbpp_rows(mbpp_train, with_incorrect=True, max_problems=N_MBPP_PROBLEMS,
-                            incorrect_per_problem=2, seed=0)
+    rows, stats = mbpp_rows(
+        mbpp_train, with_incorrect=True, max_problems=N_MBPP_PROBLEMS, incorrect_per_problem=2, seed=0
+    )
     assert all(validate_row(r) is None for r in rows)
     correct = [r for r in rows if r["is_correct"]]
     incorrect = [r for r in rows if not r["is_correct"]]
@@ -158,6 +182,7 @@ def test_mbpp_difficulty_bins() -> None:
 
 
 # --- synthetic --------------------------------------------------------------------------------
+
 
 def test_synthetic_rows_are_valid_short_and_varied() -> None:
     rows = synthetic_rows(300, seed=0)

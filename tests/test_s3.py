@@ -15,8 +15,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -29,13 +29,19 @@ from wmtp.training.s3 import S3Error, S3Sync, SyncTiming  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MOTO_SERVER = Path(sys.executable).parent / "moto_server"
-AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_CONFIG_FILE": os.devnull,
-           "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_SESSION_TOKEN": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+}
 """Dummy credentials (boto3's environment chain); no ~/.aws file may interfere."""
 PREFIX = "runs/t"
-FAST = SyncTiming(connect_timeout_s=1.0, read_timeout_s=5.0, backoff_s=0.05, max_backoff_s=0.3, poll_s=0.1,
-                  completion_timeout_s=20.0)
+FAST = SyncTiming(
+    connect_timeout_s=1.0, read_timeout_s=5.0, backoff_s=0.05, max_backoff_s=0.3, poll_s=0.1, completion_timeout_s=20.0
+)
 """Short backoff and polling so that the tests take seconds."""
 BIG_SHARD = 9 << 20
 """Above boto3's 8 MiB multipart threshold: one shard goes up (and down) in parts."""
@@ -57,8 +63,9 @@ class MotoServer:
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(self.port)],
-                                         stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(self.port)], stdout=log, stderr=subprocess.STDOUT
+            )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -104,10 +111,18 @@ def later_server(aws_env, tmp_path) -> Iterator[MotoServer]:
 def make_sync(aws_env) -> Iterator:
     made: list[S3Sync] = []
 
-    def make(cfg: S3Config, output_dir: Path, *, rank: int = 0, world_size: int = 1, attempt: str = "launch-1",
-             timing: SyncTiming = FAST) -> S3Sync:
-        made.append(S3Sync(cfg, output_dir=output_dir, rank=rank, world_size=world_size, attempt=attempt,
-                           timing=timing))
+    def make(
+        cfg: S3Config,
+        output_dir: Path,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        attempt: str = "launch-1",
+        timing: SyncTiming = FAST,
+    ) -> S3Sync:
+        made.append(
+            S3Sync(cfg, output_dir=output_dir, rank=rank, world_size=world_size, attempt=attempt, timing=timing)
+        )
         return made[-1]
 
     yield make
@@ -135,8 +150,9 @@ def sha(data: bytes) -> str:
 def fake_checkpoint(folder: Path, *, world_size: int, step: int, big: bool = False) -> dict[str, str]:
     """A DCP-like folder: one shard per rank, .metadata, trainer_state.json; returns name -> sha256."""
     folder.mkdir(parents=True)
-    files = {f"__{r}_0.distcp": os.urandom(BIG_SHARD if big and r == world_size - 1 else 4096 + r)
-             for r in range(world_size)}
+    files = {
+        f"__{r}_0.distcp": os.urandom(BIG_SHARD if big and r == world_size - 1 else 4096 + r) for r in range(world_size)
+    }
     files[".metadata"] = os.urandom(512)
     files["trainer_state.json"] = json.dumps({"step": step}).encode()
     for name, data in files.items():
@@ -151,9 +167,12 @@ def step_prefix(step: int) -> str:
 def remote(url: str, bucket: str, prefix: str) -> dict[str, str]:
     """sha256 of every object under `prefix`, by key relative to it."""
     c = client(url)
-    keys = [o["Key"] for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-            for o in page.get("Contents", [])]
-    return {k[len(prefix):]: sha(c.get_object(Bucket=bucket, Key=k)["Body"].read()) for k in keys}
+    keys = [
+        o["Key"]
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for o in page.get("Contents", [])
+    ]
+    return {k[len(prefix) :]: sha(c.get_object(Bucket=bucket, Key=k)["Body"].read()) for k in keys}
 
 
 def payload(files: dict[str, str]) -> dict[str, str]:
@@ -193,7 +212,9 @@ def test_every_rank_uploads_its_files_and_complete_comes_last(server, make_sync,
     on_s3 = remote(server.url, bucket, step_prefix(10))
     assert payload(on_s3) == sums
     assert {"_COMPLETE", "_ranks/rank_0", "_ranks/rank_1"} <= set(on_s3)
-    manifest = json.loads(client(server.url).get_object(Bucket=bucket, Key=step_prefix(10) + "_COMPLETE")["Body"].read())
+    manifest = json.loads(
+        client(server.url).get_object(Bucket=bucket, Key=step_prefix(10) + "_COMPLETE")["Body"].read()
+    )
     assert {name: entry["sha256"] for name, entry in manifest["files"].items()} == sums
     assert rank0.latest_complete_step() == rank1.latest_complete_step() == 10
     assert not any((tmp_path / s3.STAGING_DIR).iterdir()), "staging is removed after the upload"
@@ -292,8 +313,9 @@ def test_remote_keep_last_k_spares_the_newest_complete_and_final(server, make_sy
     assert sync.latest_complete_step() is None
     final = tmp_path / "final"
     final.mkdir()
-    exported = {name: os.urandom(1000 + i) for i, name in enumerate(("params.json", "model.safetensors",
-                                                                       "tokenizer.model"))}
+    exported = {
+        name: os.urandom(1000 + i) for i, name in enumerate(("params.json", "model.safetensors", "tokenizer.model"))
+    }
     for name, data in exported.items():
         (final / name).write_bytes(data)
     sync.upload_final(final)
@@ -386,8 +408,9 @@ def test_a_dead_endpoint_costs_seconds_and_a_warning(make_sync, tmp_path, caplog
         hung.bind(("127.0.0.1", 0))
         hung.listen(16)
         timing = SyncTiming(connect_timeout_s=0.5, read_timeout_s=0.5, backoff_s=0.05)
-        stuck = make_sync(config(f"http://127.0.0.1:{hung.getsockname()[1]}", "hung", max_retries=2),
-                          tmp_path / "hung", timing=timing)
+        stuck = make_sync(
+            config(f"http://127.0.0.1:{hung.getsockname()[1]}", "hung", max_retries=2), tmp_path / "hung", timing=timing
+        )
         started = time.monotonic()
         stuck.upload_checkpoint(10, ckpt)
         summary = stuck.wait(30)
@@ -397,14 +420,16 @@ def test_a_dead_endpoint_costs_seconds_and_a_warning(make_sync, tmp_path, caplog
 
 def test_off_and_filtered_uploads_are_no_ops(server, make_sync, tmp_path):
     # No bucket: nothing happens, and boto3 is not even imported.
-    code = ("import sys; sys.modules['boto3'] = None\n"
-            "from wmtp.config.sections import S3Config\n"
-            "from wmtp.training.s3 import S3Sync\n"
-            "s = S3Sync(S3Config(), output_dir='/nonexistent', rank=0, world_size=1, attempt='x')\n"
-            "s.upload_checkpoint(1, '/nonexistent'); s.upload_final('/nonexistent')\n"
-            "assert not s.enabled and not s._threads and str(s.wait(0)) == 'nothing to upload'\n"
-            "assert s.latest_complete_step() is None and s.download_latest('/nonexistent') is None\n"
-            "s.close(); print('ok')\n")
+    code = (
+        "import sys; sys.modules['boto3'] = None\n"
+        "from wmtp.config.sections import S3Config\n"
+        "from wmtp.training.s3 import S3Sync\n"
+        "s = S3Sync(S3Config(), output_dir='/nonexistent', rank=0, world_size=1, attempt='x')\n"
+        "s.upload_checkpoint(1, '/nonexistent'); s.upload_final('/nonexistent')\n"
+        "assert not s.enabled and not s._threads and str(s.wait(0)) == 'nothing to upload'\n"
+        "assert s.latest_complete_step() is None and s.download_latest('/nonexistent') is None\n"
+        "s.close(); print('ok')\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
@@ -429,11 +454,25 @@ RECIPE_STEPS = 20
 def s3_recipe_args(tiny: Path, out: Path, url: str, bucket: str, prefix: str, **overrides) -> list[str]:
     from tests.conftest import recipe_args
 
-    return recipe_args(tiny, out, "baseline_tiny.toml", **{
-        "training.max_steps": RECIPE_STEPS, "training.micro_batch_size": 2, "model.max_seq_len": 256,
-        "checkpoint.save_every": 5, "checkpoint.keep_last": 5,
-        "s3.bucket": bucket, "s3.prefix": prefix, "s3.endpoint_url": url, "s3.region": "us-east-1",
-        "s3.max_retries": 3, "s3.wait_s": 60, **overrides})
+    return recipe_args(
+        tiny,
+        out,
+        "baseline_tiny.toml",
+        **{
+            "training.max_steps": RECIPE_STEPS,
+            "training.micro_batch_size": 2,
+            "model.max_seq_len": 256,
+            "checkpoint.save_every": 5,
+            "checkpoint.keep_last": 5,
+            "s3.bucket": bucket,
+            "s3.prefix": prefix,
+            "s3.endpoint_url": url,
+            "s3.region": "us-east-1",
+            "s3.max_retries": 3,
+            "s3.wait_s": 60,
+            **overrides,
+        },
+    )
 
 
 def train_in_process(args: list[str]) -> list[float]:
@@ -470,8 +509,13 @@ def reference(server, tiny, tmp_path_factory):
     started = time.monotonic()
     losses = train_in_process(s3_recipe_args(tiny, out, server.url, bucket, "runs/reference", **{"s3.keep_last": 2}))
     assert sorted(losses) == list(range(1, RECIPE_STEPS + 1))
-    return {"out": out, "losses": losses, "bucket": bucket, "prefix": "runs/reference",
-            "seconds": time.monotonic() - started}
+    return {
+        "out": out,
+        "losses": losses,
+        "bucket": bucket,
+        "prefix": "runs/reference",
+        "seconds": time.monotonic() - started,
+    }
 
 
 @pytest.mark.slow
@@ -482,8 +526,11 @@ def test_recipe_keeps_the_last_two_complete_checkpoints_and_final_on_s3(server, 
     for step in (15, 20):
         assert "_COMPLETE" in steps[step]
         ckpt_prefix = f"{prefix}/checkpoints/step_{step:06d}/"
-        assert payload(remote(server.url, bucket, ckpt_prefix)) == manifest_sums(server.url, bucket, ckpt_prefix) \
+        assert (
+            payload(remote(server.url, bucket, ckpt_prefix))
+            == manifest_sums(server.url, bucket, ckpt_prefix)
             == local_sums(out / "checkpoints" / f"step_{step:06d}")
+        )
     final = remote(server.url, bucket, f"{prefix}/final/")
     assert "_COMPLETE" in final and payload(final) == local_sums(out / "final")
     assert not (out / s3.STAGING_DIR).exists() or not any((out / s3.STAGING_DIR).iterdir())
@@ -505,15 +552,22 @@ def test_recipe_resumes_from_s3_after_the_local_folder_is_lost(server, reference
     assert resumed == {s: reference["losses"][s] for s in range(11, RECIPE_STEPS + 1)}, "bit for bit"
     assert local_sums(out / "checkpoints" / "step_000010") == written, "the download is what was written"
     final = remote(server.url, bucket, f"{prefix}/final/")
-    assert "_COMPLETE" in final and payload(final) == local_sums(out / "final") \
-        == manifest_sums(server.url, bucket, f"{prefix}/final/")
+    assert "_COMPLETE" in final and payload(final) == local_sums(out / "final") == manifest_sums(
+        server.url, bucket, f"{prefix}/final/"
+    )
     assert payload(final) == local_sums(reference["out"] / "final"), "the same model as the uninterrupted run"
 
 
 def newest_steps(url: str, bucket: str, prefix: str) -> list[int]:
     """Steps with a _COMPLETE under `prefix` (via a reader of its own)."""
-    reader = S3Sync(config(url, bucket, prefix=prefix), output_dir="/nonexistent-unused", rank=0, world_size=1,
-                    attempt="reader", timing=FAST)
+    reader = S3Sync(
+        config(url, bucket, prefix=prefix),
+        output_dir="/nonexistent-unused",
+        rank=0,
+        world_size=1,
+        attempt="reader",
+        timing=FAST,
+    )
     try:
         return reader.complete_steps()
     finally:
@@ -527,16 +581,29 @@ def test_recipe_survives_a_server_outage_and_completes_after_it(later_server, re
 
     later_server.start()
     bucket, prefix, out = create_bucket(later_server.url, "outage"), "runs/outage", tmp_path / "run"
-    args = s3_recipe_args(tiny, out, later_server.url, bucket, prefix,
-                          **{"checkpoint.save_every": 2, "s3.max_retries": 6, "s3.keep_last": 20})
+    args = s3_recipe_args(
+        tiny,
+        out,
+        later_server.url,
+        bucket,
+        prefix,
+        **{"checkpoint.save_every": 2, "s3.max_retries": 6, "s3.keep_last": 20},
+    )
     started = time.monotonic()
     with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
-        proc = subprocess.Popen([sys.executable, f"recipes/{RECIPE}.py", *args], cwd=ROOT,
-                                env={**os.environ, **TEST_ENV}, stdout=stdout, stderr=stderr)
+        proc = subprocess.Popen(
+            [sys.executable, f"recipes/{RECIPE}.py", *args],
+            cwd=ROOT,
+            env={**os.environ, **TEST_ENV},
+            stdout=stdout,
+            stderr=stderr,
+        )
     try:
         c = client(later_server.url)
-        while not any(o["Key"].endswith("/_COMPLETE") for o in
-                      c.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/checkpoints/").get("Contents", [])):
+        while not any(
+            o["Key"].endswith("/_COMPLETE")
+            for o in c.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/checkpoints/").get("Contents", [])
+        ):
             assert proc.poll() is None and time.monotonic() - started < 300, (tmp_path / "stderr").read_text()
             time.sleep(0.2)
         later_server.stop()
@@ -564,10 +631,12 @@ def test_recipe_survives_a_server_outage_and_completes_after_it(later_server, re
     on_s3 = steps_under(later_server.url, bucket, prefix)
     for step in complete:
         ckpt_prefix = f"{prefix}/checkpoints/step_{step:06d}/"
-        assert payload(remote(later_server.url, bucket, ckpt_prefix)) == manifest_sums(later_server.url, bucket,
-                                                                                        ckpt_prefix)
+        assert payload(remote(later_server.url, bucket, ckpt_prefix)) == manifest_sums(
+            later_server.url, bucket, ckpt_prefix
+        )
     assert local_sums(out / "checkpoints" / f"step_{RECIPE_STEPS:06d}") == manifest_sums(
-        later_server.url, bucket, f"{prefix}/checkpoints/step_{RECIPE_STEPS:06d}/")
+        later_server.url, bucket, f"{prefix}/checkpoints/step_{RECIPE_STEPS:06d}/"
+    )
     assert set(complete) == {s for s, keys in on_s3.items() if "_COMPLETE" in keys}
     final = remote(later_server.url, bucket, f"{prefix}/final/")
     assert "_COMPLETE" in final and payload(final) == local_sums(out / "final")
@@ -577,8 +646,14 @@ def test_recipe_survives_a_server_outage_and_completes_after_it(later_server, re
     for name in ("__0_0.distcp", ".metadata", "trainer_state.json", "_ranks/rank_0"):
         c.put_object(Bucket=bucket, Key=partial + name, Body=b"{}")
     assert newest_steps(later_server.url, bucket, prefix)[-1] == RECIPE_STEPS
-    reader = S3Sync(config(later_server.url, bucket, prefix=prefix), output_dir=tmp_path / "reader", rank=0,
-                    world_size=1, attempt="reader", timing=FAST)
+    reader = S3Sync(
+        config(later_server.url, bucket, prefix=prefix),
+        output_dir=tmp_path / "reader",
+        rank=0,
+        world_size=1,
+        attempt="reader",
+        timing=FAST,
+    )
     try:
         got = reader.download_latest(tmp_path / "fresh" / "checkpoints")
     finally:
@@ -594,14 +669,41 @@ def launch_nodes(tiny: Path, folders: list[Path], url: str, bucket: str, prefix:
     port = free_port()
     agents = []
     for i, folder in enumerate(folders):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", f"--node_rank={i}",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=wmtp-s3",
-               f"recipes/{RECIPE}.py",
-               *s3_recipe_args(tiny, folder, url, bucket, prefix, **{
-                   "training.micro_batch_size": 1, "checkpoint.save_every": 2, "training.stop_at_step": stop,
-                   "s3.keep_last": 10})]
-        agents.append(subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **TEST_ENV, "OMP_NUM_THREADS": "1"},
-                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=2",
+            "--nproc_per_node=1",
+            f"--node_rank={i}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=wmtp-s3",
+            f"recipes/{RECIPE}.py",
+            *s3_recipe_args(
+                tiny,
+                folder,
+                url,
+                bucket,
+                prefix,
+                **{
+                    "training.micro_batch_size": 1,
+                    "checkpoint.save_every": 2,
+                    "training.stop_at_step": stop,
+                    "s3.keep_last": 10,
+                },
+            ),
+        ]
+        agents.append(
+            subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env={**os.environ, **TEST_ENV, "OMP_NUM_THREADS": "1"},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     logs = [agent.communicate(timeout=400)[0] for agent in agents]
     assert [agent.returncode for agent in agents] == [0, 0], "\n".join(log[-3000:] for log in logs)
     return logs
@@ -640,8 +742,12 @@ def test_two_nodes_with_separate_folders_make_one_complete_checkpoint(server, re
         if (folder / "metrics.jsonl").exists():
             resumed.update({r["step"]: r["loss"] for r in read_metrics(folder) if "loss" in r and r["step"] > 4})
     assert sorted(resumed) == [5, 6]
-    torch.testing.assert_close(torch.tensor([resumed[5], resumed[6]]),
-                               torch.tensor([reference["losses"][5], reference["losses"][6]]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        torch.tensor([resumed[5], resumed[6]]),
+        torch.tensor([reference["losses"][5], reference["losses"][6]]),
+        rtol=1e-5,
+        atol=0,
+    )
     assert "_COMPLETE" in steps_under(server.url, bucket, prefix)[6]
 
 

@@ -15,14 +15,22 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 from wmtp.eval import sandbox
-from wmtp.eval.sandbox import (FILE_SIZE_LIMIT_BYTES, MAX_OUTPUT_BYTES, PROCESS_LIMIT, PROTECTIONS,
-                               STATUSES, run_program, run_programs, sandbox_protections)
+from wmtp.eval.sandbox import (
+    FILE_SIZE_LIMIT_BYTES,
+    MAX_OUTPUT_BYTES,
+    PROCESS_LIMIT,
+    PROTECTIONS,
+    STATUSES,
+    run_program,
+    run_programs,
+    sandbox_protections,
+)
 
 TIMEOUT_S = 1.0
 """Timeout of the hostile programs that run until killed."""
@@ -30,9 +38,7 @@ SLACK_S = 2.0
 """Time beyond a program's timeout that killing it and cleaning up may take on a busy machine."""
 
 INFINITE_LOOP = "while True:\n    pass\n"
-IGNORES_SIGTERM = ("import signal\n"
-                   "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-                   "while True:\n    pass\n")
+IGNORES_SIGTERM = "import signal\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\nwhile True:\n    pass\n"
 MEMORY_BOMB = "blocks = []\nwhile True:\n    blocks.append(bytes(64 << 20))\n"
 """Reserves memory without touching it (bytes(n) is calloc'd), so it stays quick on a busy machine."""
 TOUCHING_MEMORY_BOMB = "blocks = []\nwhile True:\n    blocks.append(bytearray(64 << 20))\n"
@@ -48,8 +54,7 @@ with open("huge", "wb") as f:
         print(os.path.getsize("huge"), flush=True)
         raise
 """
-PRINTS_GIGABYTES = ("import sys\nchunk = 'x' * (1 << 20)\n"
-                    "for _ in range(1 << 12):\n    sys.stdout.write(chunk)\n")
+PRINTS_GIGABYTES = "import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1 << 12):\n    sys.stdout.write(chunk)\n"
 
 
 def kills_its_parent(harness_pid: int) -> str:
@@ -133,6 +138,7 @@ def without_namespaces(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 # --- basics -------------------------------------------------------------------------------------
 
+
 def test_passing_and_failing_programs() -> None:
     ok = run_program("def f(x):\n    return x + 1\n\nassert f(1) == 2\nprint('ok')\n")
     assert (ok.passed, ok.status, ok.returncode, ok.stdout) == (True, "passed", 0, "ok\n")
@@ -149,10 +155,12 @@ def test_passing_and_failing_programs() -> None:
 
 
 def test_runs_isolated_in_a_fresh_directory() -> None:
-    result = run_program("import os, sys\n"
-                         "assert sys.flags.isolated and os.listdir('.') == ['program.py']\n"
-                         "assert not any('site-packages' in p for p in sys.path)\n"
-                         "print(os.getcwd())\n")
+    result = run_program(
+        "import os, sys\n"
+        "assert sys.flags.isolated and os.listdir('.') == ['program.py']\n"
+        "assert not any('site-packages' in p for p in sys.path)\n"
+        "print(os.getcwd())\n"
+    )
     assert result.passed, result.stderr
     workdir = Path(result.stdout.strip())
     assert workdir != Path.cwd() and not workdir.exists()  # removed after the run
@@ -168,8 +176,10 @@ def test_stdin_is_fed_or_empty() -> None:
 def test_stdout_and_stderr_captured_and_truncated() -> None:
     small = run_program("import sys\nprint('out')\nprint('err', file=sys.stderr)\n")
     assert (small.stdout, small.stderr, small.truncated) == ("out\n", "err\n", False)
-    big = run_program("import sys\nsys.stdout.write('a' * 5000 + 'b' * 5000)\n"
-                      "sys.stderr.write('c' * 5000 + 'd' * 5000)\n", max_output_bytes=1000)
+    big = run_program(
+        "import sys\nsys.stdout.write('a' * 5000 + 'b' * 5000)\nsys.stderr.write('c' * 5000 + 'd' * 5000)\n",
+        max_output_bytes=1000,
+    )
     assert big.passed and big.truncated
     assert big.stdout == "a" * 1000  # the head of stdout
     assert big.stderr == "d" * 1000  # the tail of stderr, where the exception would be
@@ -177,8 +187,7 @@ def test_stdout_and_stderr_captured_and_truncated() -> None:
 
 def test_run_programs_keeps_input_order() -> None:
     # Later programs finish first; stdins go to the program at the same index.
-    programs = [f"import sys, time\ntime.sleep({0.3 - 0.1 * i})\nprint({i}, sys.stdin.read())\n"
-                for i in range(3)]
+    programs = [f"import sys, time\ntime.sleep({0.3 - 0.1 * i})\nprint({i}, sys.stdin.read())\n" for i in range(3)]
     results = run_programs(programs, workers=3, stdins=["a", b"b", None])
     assert [r.stdout for r in results] == ["0 a\n", "1 b\n", "2 \n"]
     assert run_programs([]) == []
@@ -191,14 +200,24 @@ def test_protections_are_reported() -> None:
     assert set(protections) == set(PROTECTIONS)
     assert protections["network_namespace"] != protections["socket_block"]
     unshare = shutil.which("unshare")
-    if os.geteuid() == 0 and unshare and subprocess.run(
-            [unshare, "--net", "--pid", "--fork", "--mount-proc", "/bin/true"]).returncode == 0:
-        assert protections == {"network_namespace": True, "socket_block": False, "pid_namespace": True,
-                               "own_uid": True, "process_limit": True, "not_root": True}
+    if (
+        os.geteuid() == 0
+        and unshare
+        and subprocess.run([unshare, "--net", "--pid", "--fork", "--mount-proc", "/bin/true"]).returncode == 0
+    ):
+        assert protections == {
+            "network_namespace": True,
+            "socket_block": False,
+            "pid_namespace": True,
+            "own_uid": True,
+            "process_limit": True,
+            "not_root": True,
+        }
 
 
 def test_missing_protections_are_warned_once_and_replaced(
-        without_namespaces: None, caplog: pytest.LogCaptureFixture, server: socket.socket) -> None:
+    without_namespaces: None, caplog: pytest.LogCaptureFixture, server: socket.socket
+) -> None:
     with caplog.at_level(logging.WARNING, logger=sandbox.__name__):
         blocked = run_program(connects_to(server.getsockname()[1]))
         run_program("pass")
@@ -215,6 +234,7 @@ def test_missing_protections_are_warned_once_and_replaced(
 
 
 # --- hostile programs ------------------------------------------------------------------------------
+
 
 def test_hostile_programs_in_one_batch(server: socket.socket) -> None:
     programs = {
@@ -250,10 +270,12 @@ def test_program_ignoring_sigterm_is_killed_at_the_timeout() -> None:
 
 
 def test_timeout_kills_the_programs_children() -> None:
-    program = ("import os, subprocess, sys\n"
-               "print(os.getuid(), flush=True)\n"
-               "child = subprocess.Popen([sys.executable, '-c', 'while True: pass'])\n"
-               "while True:\n    pass\n")
+    program = (
+        "import os, subprocess, sys\n"
+        "print(os.getuid(), flush=True)\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'while True: pass'])\n"
+        "while True:\n    pass\n"
+    )
     result = run_program(program, timeout_s=TIMEOUT_S)
     assert result.status == "timeout"
     assert _live_processes(uid=_sandbox_uid(result)) == []
@@ -311,8 +333,9 @@ for name, attempt in attempts.items():
     assert result.passed, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == "read precious"  # the file was within reach
-    assert lines[1:] == [f"{name} denied" for name in
-                         ("append", "truncate", "remove", "rename", "chmod", "touch", "create")]
+    assert lines[1:] == [
+        f"{name} denied" for name in ("append", "truncate", "remove", "rename", "chmod", "touch", "create")
+    ]
     assert root_owned_file.read_text() == "precious\n"
     assert root_owned_file.stat().st_mtime == mtime and root_owned_file.stat().st_mode & 0o777 == 0o644
     assert os.listdir(root_owned_file.parent) == ["precious.txt"]
@@ -368,7 +391,9 @@ os.wait()
 
 def test_double_forked_daemon_does_not_outlive_the_program() -> None:
     marker = f"wmtp-daemon-{uuid.uuid4().hex}"
-    program = daemon_program(marker) + f"""\
+    program = (
+        daemon_program(marker)
+        + f"""\
 deadline = time.monotonic() + 5
 while time.monotonic() < deadline:
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -380,6 +405,7 @@ while time.monotonic() < deadline:
             pass
     time.sleep(0.01)
 """
+    )
     start = time.perf_counter()
     result = run_program(program)
     assert result.passed and "daemon running" in result.stdout, result.stderr
@@ -408,8 +434,10 @@ print(children)
     assert result.passed, result.stderr
     assert 0 < int(result.stdout.split()[1]) < PROCESS_LIMIT
     assert _live_processes(uid=_sandbox_uid(result)) == []
-    unbounded = ("import os\nprint(os.getuid(), flush=True)\nwhile True:\n"
-                 "    try:\n        os.fork()\n    except OSError:\n        pass\n")
+    unbounded = (
+        "import os\nprint(os.getuid(), flush=True)\nwhile True:\n"
+        "    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    )
     start = time.perf_counter()
     result = run_program(unbounded, timeout_s=TIMEOUT_S)
     assert result.status == "timeout"

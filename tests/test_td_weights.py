@@ -20,10 +20,22 @@ if not HAS_CUDA:
     os.environ["TRITON_INTERPRET"] = "1"
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
-from kernels.td_weights import (N_STATS, STAT_CLIP_HIGH, STAT_CLIP_LOW, STAT_COUNT, SCAN_CHUNK,  # noqa: E402
-                                _reverse_linear_scan, empty_td_stats, merge_td_stats, td_head_weights,
-                                td_weights_fused, td_weights_reference, td_weights_torch, td_weights_triton)
 from tests.conftest import needs_cuda  # noqa: E402
+from wmtp.kernels.td_weights import (  # noqa: E402
+    N_STATS,
+    SCAN_CHUNK,
+    STAT_CLIP_HIGH,
+    STAT_CLIP_LOW,
+    STAT_COUNT,
+    _reverse_linear_scan,
+    empty_td_stats,
+    merge_td_stats,
+    td_head_weights,
+    td_weights_fused,
+    td_weights_reference,
+    td_weights_torch,
+    td_weights_triton,
+)
 from wmtp.weighting import td_weights  # noqa: E402
 from wmtp.weighting.td import AdvantageNormalizer, all_reduce_td_stats, td_stats, td_weights_with_stats  # noqa: E402
 
@@ -51,8 +63,12 @@ def impl(request):
 
 def run(impl, values, rewards, mask, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, stats) as float64 on the CPU, from inputs given as lists."""
-    out = impl(torch.tensor(values, device=DEVICE), torch.tensor(rewards, device=DEVICE),
-               torch.tensor(mask, device=DEVICE), **kwargs)
+    out = impl(
+        torch.tensor(values, device=DEVICE),
+        torch.tensor(rewards, device=DEVICE),
+        torch.tensor(mask, device=DEVICE),
+        **kwargs,
+    )
     return out.weights.double().cpu(), out.stats.double().cpu()
 
 
@@ -235,10 +251,19 @@ def test_stats_against_direct_computation(impl_name):
     raw = a.div(clamp["beta"]).exp()
     w = raw.clamp(clamp["w_min"], clamp["w_max"])
     low, high = int((raw < clamp["w_min"]).sum()), int((raw > clamp["w_max"]).sum())
-    want = {"td/mean": a.mean(), "td/std": a.std(unbiased=False), "td/min": a.min(), "td/max": a.max(),
-            "weight/mean": w.mean(), "weight/std": w.std(unbiased=False), "weight/min": w.min(),
-            "weight/max": w.max(), "weight/clipped_share": (low + high) / len(deltas),
-            "weight/clipped_low_share": low / len(deltas), "weight/clipped_high_share": high / len(deltas)}
+    want = {
+        "td/mean": a.mean(),
+        "td/std": a.std(unbiased=False),
+        "td/min": a.min(),
+        "td/max": a.max(),
+        "weight/mean": w.mean(),
+        "weight/std": w.std(unbiased=False),
+        "weight/min": w.min(),
+        "weight/max": w.max(),
+        "weight/clipped_share": (low + high) / len(deltas),
+        "weight/clipped_low_share": low / len(deltas),
+        "weight/clipped_high_share": high / len(deltas),
+    }
     logged = td_stats(out.stats)
     assert low > 0 and high > 0
     for key, value in want.items():
@@ -297,8 +322,7 @@ def test_advantage_normalizer():
     assert restored.mean.equal(norm.mean) and restored.std.equal(norm.std)
 
     got = td_weights_with_stats(values, rewards, mask, **DEFAULTS, normalizer=norm)
-    want = td_weights_reference(values, rewards, mask, **DEFAULTS, adv_mean=norm.mean.item(),
-                                adv_std=norm.std.item())
+    want = td_weights_reference(values, rewards, mask, **DEFAULTS, adv_mean=norm.mean.item(), adv_std=norm.std.item())
     assert_agree(got, want, FP32_TOL)
 
 
@@ -312,8 +336,9 @@ def test_public_entry_point_and_dispatch():
     backends = ["torch"] + (["triton"] if HAS_TRITON else [])
     for backend in backends:
         # Non-contiguous values, a float mask and integer rewards are accepted as they are.
-        out = td_weights_fused(values.detach().T.contiguous().T, rewards.long(), mask.float(), **DEFAULTS,
-                               backend=backend)
+        out = td_weights_fused(
+            values.detach().T.contiguous().T, rewards.long(), mask.float(), **DEFAULTS, backend=backend
+        )
         assert_agree(out, want, FP32_TOL)
     assert td_weights_fused(values, rewards, mask, **DEFAULTS).stats.shape == (N_STATS,)
 

@@ -30,18 +30,41 @@ TAB_CODE = [
 LLAMA2_CORPUS = [format_prompt("Sum two ints.") + code for code in CODE[:4] + TAB_CODE] * 20
 
 LLAMA2_SETTINGS = dict(
-    model_type="bpe", add_dummy_prefix=True, byte_fallback=True, split_digits=True,
-    allow_whitespace_only_pieces=True, remove_extra_whitespaces=False, normalization_rule_name="identity",
-    split_by_whitespace=True, character_coverage=1.0, max_sentence_length=1 << 16,
-    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2,
+    model_type="bpe",
+    add_dummy_prefix=True,
+    byte_fallback=True,
+    split_digits=True,
+    allow_whitespace_only_pieces=True,
+    remove_extra_whitespaces=False,
+    normalization_rule_name="identity",
+    split_by_whitespace=True,
+    character_coverage=1.0,
+    max_sentence_length=1 << 16,
+    unk_id=0,
+    bos_id=1,
+    eos_id=2,
+    pad_id=-1,
+    num_threads=1,
+    minloglevel=2,
 )
 """Normaliser and trainer settings of Meta's Llama-2 tokenizer.model (the MTP models' tokenizer)."""
 
 MERGING_WHITESPACE_PIECE = "\n\t"
 """A piece the old "\\n" sentinel merged with a response's leading tab, dropping it."""
 
-RESPONSES = ["\treturn x\n", " x = 1", "  return x", "\nprint(1)", "\n\tpass\n", "\u2581x", "\u2581",
-             "42 is the answer", "é ∑ 🙂 unicode", "", "a \u2581 b\u2581\u2581c"]
+RESPONSES = [
+    "\treturn x\n",
+    " x = 1",
+    "  return x",
+    "\nprint(1)",
+    "\n\tpass\n",
+    "\u2581x",
+    "\u2581",
+    "42 is the answer",
+    "é ∑ 🙂 unicode",
+    "",
+    "a \u2581 b\u2581\u2581c",
+]
 """Responses that start (or go on) with what sentencepiece may merge, strip or read as a space."""
 
 PROMPT = format_prompt("Sum two ints.", "1 2")
@@ -56,8 +79,9 @@ def tok(tmp_path_factory) -> SentencePieceTokenizer:
 def llama_tok(tmp_path_factory) -> SentencePieceTokenizer:
     """A small tokenizer trained with Llama-2's settings; it must have the pieces the tests rely on."""
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(LLAMA2_CORPUS), model_writer=model, vocab_size=400,
-                                   **LLAMA2_SETTINGS)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(LLAMA2_CORPUS), model_writer=model, vocab_size=400, **LLAMA2_SETTINGS
+    )
     path = tmp_path_factory.mktemp("llama2_tok") / TOKENIZER_FILENAME
     path.write_bytes(model.getvalue())
     tokenizer = SentencePieceTokenizer(path)
@@ -70,13 +94,16 @@ def any_tok(request) -> SentencePieceTokenizer:
     return request.getfixturevalue(request.param)
 
 
-@pytest.mark.parametrize("text", [
-    "def f(x):\n\treturn  x ** 2   \n\n",
-    "    indented = True\n",
-    "  leading and trailing spaces  ",
-    "unicode: é ∑ 🙂 and bytes \x01",
-    "",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "def f(x):\n\treturn  x ** 2   \n\n",
+        "    indented = True\n",
+        "  leading and trailing spaces  ",
+        "unicode: é ∑ 🙂 and bytes \x01",
+        "",
+    ],
+)
 def test_code_round_trips_exactly(any_tok, text):
     assert any_tok.decode(any_tok.encode(text)) == text
     assert any_tok.decode(any_tok.encode(text, prefix=True), prefix=True) == text
@@ -103,7 +130,8 @@ def test_special_ids_and_bos_eos(tok):
 def test_encode_batch_matches_encode(any_tok, prefix):
     texts = [PROMPT, *RESPONSES]
     assert any_tok.encode_batch(texts, bos=True, eos=True, prefix=prefix, num_threads=2) == [
-        any_tok.encode(t, bos=True, eos=True, prefix=prefix) for t in texts]
+        any_tok.encode(t, bos=True, eos=True, prefix=prefix) for t in texts
+    ]
 
 
 def test_prompt_starts_with_the_dummy_prefix_as_sentencepiece_encodes_it(llama_tok):
@@ -124,10 +152,17 @@ def test_response_round_trips_alone_and_after_the_prompt(any_tok, response):
 
 def test_dummy_prefix_tokenizer_does_not_prepend_a_space(tmp_path):
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(CODE), model_writer=model, vocab_size=320,
-                                   byte_fallback=True, add_dummy_prefix=True, hard_vocab_limit=False,
-                                   normalization_rule_name="identity", remove_extra_whitespaces=False,
-                                   minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CODE),
+        model_writer=model,
+        vocab_size=320,
+        byte_fallback=True,
+        add_dummy_prefix=True,
+        hard_vocab_limit=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
     (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
     tok = SentencePieceTokenizer(tmp_path)
     text = "return a + b"
@@ -142,8 +177,10 @@ def test_missing_tokenizer_is_named(tmp_path):
 
 
 def test_alpaca_template_exact_text():
-    head = ("Below is an instruction that describes a task. Write a response that appropriately "
-            "completes the request.\n\n### Instruction:\nSum two ints.\n\n")
+    head = (
+        "Below is an instruction that describes a task. Write a response that appropriately "
+        "completes the request.\n\n### Instruction:\nSum two ints.\n\n"
+    )
     assert format_prompt("Sum two ints.") == head + "### Response:\n"
     assert format_prompt("Sum two ints.", "1 2") == head + "### Input:\n1 2\n\n### Response:\n"
 
@@ -151,9 +188,18 @@ def test_alpaca_template_exact_text():
 def alpaca_rows() -> list[dict]:
     """Rows with every response of RESPONSES; some share a problem (one prompt), one prompt has "▁"."""
     instructions = ["Add.", "Sum two ints.", "Print \u2581 twice."]
-    return [make_row(instruction=instructions[i % 3], input_text="1 2" if i % 2 else "", output=output,
-                     task_id=f"t{i % 3}", is_correct=True, source="test", difficulty=1)
-            for i, output in enumerate(RESPONSES)]
+    return [
+        make_row(
+            instruction=instructions[i % 3],
+            input_text="1 2" if i % 2 else "",
+            output=output,
+            task_id=f"t{i % 3}",
+            is_correct=True,
+            source="test",
+            difficulty=1,
+        )
+        for i, output in enumerate(RESPONSES)
+    ]
 
 
 def test_tokenize_row_and_encode_rows_agree_and_mask_the_response_and_eos(any_tok):
@@ -177,6 +223,8 @@ def test_index_token_lengths_equal_collated_lengths(llama_tok, tmp_path):
     index = build_index(path, llama_tok, block_bytes=256)  # several blocks, prompts shared within them
     collated = collate(encode_rows(llama_tok, rows), pad_id=llama_tok.pad_id)["lengths"].tolist()
     plain = spm.SentencePieceProcessor(model_file=str(llama_tok.path))
-    expected = [2 + len(plain.encode(format_prompt(row["instruction"], row["input"])))
-                + len(llama_tok.encode(row["output"])) for row in rows]  # BOS, EOS
+    expected = [
+        2 + len(plain.encode(format_prompt(row["instruction"], row["input"]))) + len(llama_tok.encode(row["output"]))
+        for row in rows
+    ]  # BOS, EOS
     assert index.rows["token_length"].tolist() == collated == expected

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from triton_cuda_compile import variants
 
 if importlib.util.find_spec("triton") is None:
@@ -37,8 +36,9 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     # A fresh cache: every variant is really compiled, and nothing is left in the user's cache.
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton-cache"))
-    proc = subprocess.run([sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env,
-                          timeout=COMPILE_TIMEOUT_S)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT)], capture_output=True, text=True, env=env, timeout=COMPILE_TIMEOUT_S
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

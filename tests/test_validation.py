@@ -24,8 +24,9 @@ N_HEADS = 4
 def naive_head_ce(model_dir: Path, tiny: Path, *, max_rows: int = 0, value_head: bool = False) -> list[float]:
     """Mean CE of each head over the valid pairs of every held-out row, one row at a time."""
     tokenizer = SentencePieceTokenizer(tiny / "tokenizer.model")
-    model = load_mtp(model_dir, dtype=torch.float32, vocab_size=tokenizer.vocab_size, max_seq_len=MAX_SEQ_LEN,
-                     value_head=value_head)
+    model = load_mtp(
+        model_dir, dtype=torch.float32, vocab_size=tokenizer.vocab_size, max_seq_len=MAX_SEQ_LEN, value_head=value_head
+    )
     totals, counts = [0.0] * N_HEADS, [0] * N_HEADS
     rows = [json.loads(line) for line in (tiny / "data" / "valid.jsonl").read_text().splitlines()]
     scored = 0
@@ -52,14 +53,26 @@ def val_rows(out: Path) -> list[dict]:
 
 
 def baseline_args(tiny: Path, out: Path, **overrides) -> list[str]:
-    return recipe_args(tiny, out, "baseline_tiny.toml", **{
-        "training.max_steps": 6, "training.micro_batch_size": 3, "validation.path": tiny / "data" / "valid.jsonl",
-        "validation.every": 2, "model.max_seq_len": MAX_SEQ_LEN, **overrides})
+    return recipe_args(
+        tiny,
+        out,
+        "baseline_tiny.toml",
+        **{
+            "training.max_steps": 6,
+            "training.micro_batch_size": 3,
+            "validation.path": tiny / "data" / "valid.jsonl",
+            "validation.every": 2,
+            "model.max_seq_len": MAX_SEQ_LEN,
+            **overrides,
+        },
+    )
 
 
 def test_baseline_validation_is_each_rows_ce_once_in_one_process_and_under_torchrun(tiny, tmp_path):
     # The same global batches: one process accumulates the two ranks' micro-batches.
-    load_recipe("full_finetune_baseline").main(baseline_args(tiny, tmp_path / "one", **{"training.grad_accum_steps": 2}))
+    load_recipe("full_finetune_baseline").main(
+        baseline_args(tiny, tmp_path / "one", **{"training.grad_accum_steps": 2})
+    )
     torchrun("recipes/full_finetune_baseline.py", baseline_args(tiny, tmp_path / "two"))
     want = naive_head_ce(tmp_path / "one" / "final", tiny)
     for run in ("one", "two"):
@@ -70,12 +83,14 @@ def test_baseline_validation_is_each_rows_ce_once_in_one_process_and_under_torch
             assert last[f"val/loss/head_{k}"] == pytest.approx(want[k], rel=1e-5), (run, k)
         assert last["val/loss"] == pytest.approx(sum(want) / N_HEADS, rel=1e-5)
     assert [r["val/loss"] for r in val_rows(tmp_path / "two")] == pytest.approx(
-        [r["val/loss"] for r in val_rows(tmp_path / "one")], rel=1e-5)
+        [r["val/loss"] for r in val_rows(tmp_path / "one")], rel=1e-5
+    )
 
 
 def test_max_rows_scores_the_first_rows_only(tiny, tmp_path):
-    load_recipe("full_finetune_baseline").main(baseline_args(tiny, tmp_path, **{"validation.max_rows": 5,
-                                                                                 "validation.every": 0}))
+    load_recipe("full_finetune_baseline").main(
+        baseline_args(tiny, tmp_path, **{"validation.max_rows": 5, "validation.every": 0})
+    )
     want = naive_head_ce(tmp_path / "final", tiny, max_rows=5)
     last = val_rows(tmp_path)[-1]
     assert [last[f"val/loss/head_{k}"] for k in range(N_HEADS)] == pytest.approx(want, rel=1e-5)
@@ -83,9 +98,19 @@ def test_max_rows_scores_the_first_rows_only(tiny, tmp_path):
 
 def test_keep_best_exports_the_lowest_validation_loss(tiny, tmp_path):
     # A learning rate high enough that the loss goes up again: the best is not the last step.
-    load_recipe("full_finetune_baseline").main(baseline_args(tiny, tmp_path, **{
-        "checkpoint.keep_best": "val/loss", "validation.every": 1, "training.max_steps": 8, "optimizer.lr": 5e-2,
-        "lr_scheduler.warmup_steps": 0}))
+    load_recipe("full_finetune_baseline").main(
+        baseline_args(
+            tiny,
+            tmp_path,
+            **{
+                "checkpoint.keep_best": "val/loss",
+                "validation.every": 1,
+                "training.max_steps": 8,
+                "optimizer.lr": 5e-2,
+                "lr_scheduler.warmup_steps": 0,
+            },
+        )
+    )
     rows = val_rows(tmp_path)
     best = min(rows, key=lambda r: r["val/loss"])
     record = json.loads((tmp_path / "best" / "best.json").read_text())
@@ -96,13 +121,21 @@ def test_keep_best_exports_the_lowest_validation_loss(tiny, tmp_path):
 
 def test_every_recipe_logs_its_validation_metrics(tiny, tmp_path):
     valid = tiny / "data" / "valid.jsonl"
-    common = {"training.max_steps": 2, "validation.path": valid, "validation.max_rows": 8,
-              "model.max_seq_len": MAX_SEQ_LEN}
+    common = {
+        "training.max_steps": 2,
+        "validation.path": valid,
+        "validation.max_rows": 8,
+        "model.max_seq_len": MAX_SEQ_LEN,
+    }
     cases = {
-        "verifiable": ({"critic.value_head": "none"}, ["val/loss", "val/policy_loss", "val/value_loss",
-                                                       "val/ce/head_3", "val/weight/head_1"]),
-        "rho1": ({"reference.path": tiny / "reference"}, ["val/loss", "val/ce/head_0", "val/excess/head_2",
-                                                          "val/selected/head_1"]),
+        "verifiable": (
+            {"critic.value_head": "none"},
+            ["val/loss", "val/policy_loss", "val/value_loss", "val/ce/head_3", "val/weight/head_1"],
+        ),
+        "rho1": (
+            {"reference.path": tiny / "reference"},
+            ["val/loss", "val/ce/head_0", "val/excess/head_2", "val/selected/head_1"],
+        ),
         "critic": ({"checkpoint.keep_best": "val/auroc"}, ["val/value_loss", "val/auroc", "val/value/correct"]),
     }
     for name, (extra, keys) in cases.items():

@@ -24,9 +24,11 @@ LOSS_KEY = {"critic": "value_loss", "verifiable": "loss", "rho1": "loss"}
 
 
 def args_for(name: str, tiny: Path, out: Path, **overrides) -> list[str]:
-    extra = {"critic": {"optimizer.lr": 3e-2, "validation.path": tiny / "data" / "valid.jsonl"},
-             "verifiable": {"critic.value_head": "none"},
-             "rho1": {"reference.path": tiny / "reference"}}[name]
+    extra = {
+        "critic": {"optimizer.lr": 3e-2, "validation.path": tiny / "data" / "valid.jsonl"},
+        "verifiable": {"critic.value_head": "none"},
+        "rho1": {"reference.path": tiny / "reference"},
+    }[name]
     return recipe_args(tiny, out, RECIPES[name], **{**extra, **overrides})
 
 
@@ -70,14 +72,16 @@ def test_torchrun_two_processes_match_one_process(tiny, tmp_path, name):
     single = train(name, tiny, tmp_path / "single", **common, **{"training.grad_accum_steps": 2})
     torchrun(f"recipes/full_finetune_{name}.py", args_for(name, tiny, tmp_path / "fsdp", **common))
     multi = [r for r in read_metrics(tmp_path / "fsdp") if "loss" in r]
-    torch.testing.assert_close(torch.tensor(series(multi, "loss")), torch.tensor(series(single, "loss")),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(series(multi, "loss")), torch.tensor(series(single, "loss")), rtol=1e-5, atol=0
+    )
 
 
 def test_critic_trains_only_the_value_head(tiny, tmp_path):
     recipe = load_recipe("full_finetune_critic")
-    cfg = recipe.main_config(recipe.CriticRecipeConfig,
-                             args_for("critic", tiny, tmp_path / "critic", **{"training.max_steps": 5}))
+    cfg = recipe.main_config(
+        recipe.CriticRecipeConfig, args_for("critic", tiny, tmp_path / "critic", **{"training.max_steps": 5})
+    )
     run = recipe.CriticRecipe(cfg)
     run.setup()
     try:
@@ -99,8 +103,13 @@ def test_critic_trains_only_the_value_head(tiny, tmp_path):
 def held_out_reference(tiny: Path, value_head: Path, max_seq_len: int) -> dict[str, float]:
     """The critic's held-out metrics computed row by row (no padding, no batching, no ranks)."""
     tokenizer = SentencePieceTokenizer(tiny / "tokenizer.model")
-    model = load_mtp(tiny / "mtp_model", dtype=torch.float32, value_head=True, vocab_size=tokenizer.vocab_size,
-                     max_seq_len=max_seq_len)
+    model = load_mtp(
+        tiny / "mtp_model",
+        dtype=torch.float32,
+        value_head=True,
+        vocab_size=tokenizer.vocab_size,
+        max_seq_len=max_seq_len,
+    )
     load_value_head(model, value_head)
     last = {True: [], False: []}
     state_values = {True: [], False: []}
@@ -116,9 +125,12 @@ def held_out_reference(tiny: Path, value_head: Path, max_seq_len: int) -> dict[s
             state_values[correct] += [float(values[t]) for t in range(len(tokens) - 1) if mask[t + 1]]
             last[correct].append(float(values[len(tokens) - 2]))
     pairs = [(p > n) + 0.5 * (p == n) for p in last[True] for n in last[False]]
-    return {"val/value/correct": sum(state_values[True]) / len(state_values[True]),
-            "val/value/incorrect": sum(state_values[False]) / len(state_values[False]),
-            "val/auroc": sum(pairs) / len(pairs), "val/rows": len(last[True]) + len(last[False])}
+    return {
+        "val/value/correct": sum(state_values[True]) / len(state_values[True]),
+        "val/value/incorrect": sum(state_values[False]) / len(state_values[False]),
+        "val/auroc": sum(pairs) / len(pairs),
+        "val/rows": len(last[True]) + len(last[False]),
+    }
 
 
 def test_critic_held_out_evaluation_matches_row_by_row(tiny, tmp_path):
@@ -144,8 +156,10 @@ def test_rho1_refuses_a_reference_with_another_tokenizer(tiny, tmp_path):
     shutil.copytree(tiny / "reference", ref)
     texts = [line for line in (tiny / "data" / "train.jsonl").read_text().splitlines()[:50]]
     train_sentencepiece(texts, ref, vocab_size=700)
-    proc = run_script(["recipes/full_finetune_rho1.py",
-                       *args_for("rho1", tiny, tmp_path / "out", **{"reference.path": ref})], check=False)
+    proc = run_script(
+        ["recipes/full_finetune_rho1.py", *args_for("rho1", tiny, tmp_path / "out", **{"reference.path": ref})],
+        check=False,
+    )
     assert proc.returncode != 0
     assert "reference tokenizer" in proc.stderr and "Rho-1 needs identical tokenizers" in proc.stderr
 

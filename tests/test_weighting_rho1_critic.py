@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from wmtp.constants import IGNORE_INDEX
 from wmtp.data.collate import mtp_targets
 from wmtp.weighting import rho1
-from wmtp.weighting.critic import (binary_auroc, critic_targets, last_states, response_states, value_loss,
-                                   value_stats)
+from wmtp.weighting.critic import binary_auroc, critic_targets, last_states, response_states, value_loss, value_stats
 from wmtp.weighting.rho1 import reference_token_ce, rho1_excess, rho1_select, rho1_selected_counts
 
 T, F_ = True, False
@@ -20,8 +19,12 @@ T, F_ = True, False
 # --------------------------------------------------------------------------------------- Rho-1
 
 
-def two_heads(head1: list[float], valid1: list[bool] | None = None, head0: list[float] | None = None,
-              valid0: list[bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def two_heads(
+    head1: list[float],
+    valid1: list[bool] | None = None,
+    head0: list[float] | None = None,
+    valid0: list[bool] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """excess [N, 2] and valid [N, 2] from per-head columns (all valid unless given)."""
     rows = len(head1)
     excess = torch.tensor([head0 or [0.0] * rows, head1]).T.contiguous()
@@ -41,14 +44,17 @@ def test_keeps_largest_excess_and_all_of_head0():
     assert sel.dtype == excess.dtype
 
 
-@pytest.mark.parametrize("ratio, expected", [
-    (0.6, [0.0, 1.0, 1.0, 0.0, 1.0]),   # ceil(3.0) = 3
-    (0.5, [0.0, 1.0, 1.0, 0.0, 1.0]),   # ceil(2.5) = 3
-    (0.4, [0.0, 1.0, 0.0, 0.0, 1.0]),   # ceil(2.0) = 2
-    (0.21, [0.0, 1.0, 0.0, 0.0, 1.0]),  # ceil(1.05) = 2
-    (1e-6, [0.0, 1.0, 0.0, 0.0, 0.0]),  # a tiny ratio still keeps one pair
-    (1.0, [1.0, 1.0, 1.0, 1.0, 1.0]),
-])
+@pytest.mark.parametrize(
+    "ratio, expected",
+    [
+        (0.6, [0.0, 1.0, 1.0, 0.0, 1.0]),  # ceil(3.0) = 3
+        (0.5, [0.0, 1.0, 1.0, 0.0, 1.0]),  # ceil(2.5) = 3
+        (0.4, [0.0, 1.0, 0.0, 0.0, 1.0]),  # ceil(2.0) = 2
+        (0.21, [0.0, 1.0, 0.0, 0.0, 1.0]),  # ceil(1.05) = 2
+        (1e-6, [0.0, 1.0, 0.0, 0.0, 0.0]),  # a tiny ratio still keeps one pair
+        (1.0, [1.0, 1.0, 1.0, 1.0, 1.0]),
+    ],
+)
 def test_ratio_rounding(ratio, expected):
     excess, valid = two_heads([0.1, 0.9, 0.5, 0.3, 0.7])
     assert column(rho1_select(excess, valid, ratio=ratio), 1) == expected
@@ -81,8 +87,7 @@ def test_ties_go_to_the_lower_row():
 
 def test_invalid_pairs_are_never_selected_nor_counted():
     # Prompt/padding rows 0 and 4 carry huge excess; N_1 = 3, ceil(0.6 * 3) = 2: rows 3 and 2.
-    excess, valid = two_heads([100.0, 1.0, 2.0, 3.0, 1000.0], valid1=[F_, T, T, T, F_],
-                              valid0=[F_, T, T, T, T])
+    excess, valid = two_heads([100.0, 1.0, 2.0, 3.0, 1000.0], valid1=[F_, T, T, T, F_], valid0=[F_, T, T, T, T])
     sel = rho1_select(excess, valid, ratio=0.6)
     assert column(sel, 1) == [0.0, 0.0, 1.0, 1.0, 0.0]
     assert column(sel, 0) == [0.0, 1.0, 1.0, 1.0, 1.0]
@@ -151,8 +156,7 @@ def test_reference_token_ce_matches_cross_entropy(monkeypatch, chunk_elements):
     tokens[1, 5] = IGNORE_INDEX
     expected = torch.zeros(2, 7)
     for j in range(1, 7):
-        expected[:, j] = F.cross_entropy(logits[:, j - 1], tokens[:, j], ignore_index=IGNORE_INDEX,
-                                         reduction="none")
+        expected[:, j] = F.cross_entropy(logits[:, j - 1], tokens[:, j], ignore_index=IGNORE_INDEX, reduction="none")
     out = reference_token_ce(logits, tokens)
     torch.testing.assert_close(out, expected)
     assert out[1, 5] == 0.0
@@ -178,13 +182,16 @@ def test_response_and_last_states():
     assert last_states(longer).tolist() == [5]
 
 
-@pytest.mark.parametrize("lam, expected", [
-    # Row 0 (R = 1): G_3 = 1, G_2 = (1-λ) 0.4 + λ G_3, G_1 = (1-λ) 0.2 + λ G_2; V_4 = 0.6 is unused.
-    # Row 1 (R = 0): G_1 = 0, G_0 = (1-λ) 0.5 + λ G_1.
-    (1.0, [[0.0, 1.0, 1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]),
-    (0.0, [[0.0, 0.2, 0.4, 1.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0, 0.0, 0.0]]),
-    (0.5, [[0.0, 0.45, 0.7, 1.0, 0.0, 0.0], [0.25, 0.0, 0.0, 0.0, 0.0, 0.0]]),
-])
+@pytest.mark.parametrize(
+    "lam, expected",
+    [
+        # Row 0 (R = 1): G_3 = 1, G_2 = (1-λ) 0.4 + λ G_3, G_1 = (1-λ) 0.2 + λ G_2; V_4 = 0.6 is unused.
+        # Row 1 (R = 0): G_1 = 0, G_0 = (1-λ) 0.5 + λ G_1.
+        (1.0, [[0.0, 1.0, 1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]),
+        (0.0, [[0.0, 0.2, 0.4, 1.0, 0.0, 0.0], [0.5, 0.0, 0.0, 0.0, 0.0, 0.0]]),
+        (0.5, [[0.0, 0.45, 0.7, 1.0, 0.0, 0.0], [0.25, 0.0, 0.0, 0.0, 0.0, 0.0]]),
+    ],
+)
 def test_critic_targets(lam, expected):
     values = VALUES.clone().requires_grad_()
     targets = critic_targets(values, REWARDS, MASK, lam=lam)
@@ -198,12 +205,15 @@ def test_critic_lambda_is_validated(lam):
         critic_targets(VALUES, REWARDS, MASK, lam=lam)
 
 
-@pytest.mark.parametrize("kind, delta, loss, grad", [
-    # On states 1 and 2 the errors are -0.5 and 3.0.
-    ("mse", 1.0, 0.25 + 9.0, [0.0, -1.0, 6.0, 0.0]),
-    ("huber", 1.0, 0.5 * 0.25 + 1.0 * (3.0 - 0.5), [0.0, -0.5, 1.0, 0.0]),
-    ("huber", 2.0, 0.5 * 0.25 + 2.0 * (3.0 - 1.0), [0.0, -0.5, 2.0, 0.0]),
-])
+@pytest.mark.parametrize(
+    "kind, delta, loss, grad",
+    [
+        # On states 1 and 2 the errors are -0.5 and 3.0.
+        ("mse", 1.0, 0.25 + 9.0, [0.0, -1.0, 6.0, 0.0]),
+        ("huber", 1.0, 0.5 * 0.25 + 1.0 * (3.0 - 0.5), [0.0, -0.5, 1.0, 0.0]),
+        ("huber", 2.0, 0.5 * 0.25 + 2.0 * (3.0 - 1.0), [0.0, -0.5, 2.0, 0.0]),
+    ],
+)
 def test_value_loss(kind, delta, loss, grad):
     values = torch.tensor([[0.0, 0.5, 3.0, 7.0]], requires_grad=True)
     targets = torch.tensor([[0.0, 1.0, 0.0, 0.0]])
@@ -220,13 +230,16 @@ def test_value_loss_kind_is_validated():
         value_loss(VALUES, VALUES, MASK, kind="l1")
 
 
-@pytest.mark.parametrize("scores, labels, expected", [
-    ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 0.75),        # positive 0.35 loses to negative 0.4
-    ([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1], 0.875),        # a positive/negative tie counts 1/2
-    ([0.3, 0.3, 0.3], [1, 0, 1], 0.5),                  # all tied
-    ([0.9, 0.8, 0.1, 0.2], [T, T, F_, F_], 1.0),
-    ([0.1, 0.2, 0.9, 0.8, 0.9], [1.0, 1.0, 0.0, 0.0, 1.0], (0.5 + 1.0) / 6),
-])
+@pytest.mark.parametrize(
+    "scores, labels, expected",
+    [
+        ([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1], 0.75),  # positive 0.35 loses to negative 0.4
+        ([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1], 0.875),  # a positive/negative tie counts 1/2
+        ([0.3, 0.3, 0.3], [1, 0, 1], 0.5),  # all tied
+        ([0.9, 0.8, 0.1, 0.2], [T, T, F_, F_], 1.0),
+        ([0.1, 0.2, 0.9, 0.8, 0.9], [1.0, 1.0, 0.0, 0.0, 1.0], (0.5 + 1.0) / 6),
+    ],
+)
 def test_binary_auroc(scores, labels, expected):
     assert binary_auroc(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(expected)
 

@@ -30,8 +30,11 @@ from wmtp.distributed.env import destroy  # noqa: E402
 
 
 def recipe_class(module):
-    return next(v for v in vars(module).values()
-                if isinstance(v, type) and v.__module__ == module.__name__ and hasattr(v, "train_step"))
+    return next(
+        v
+        for v in vars(module).values()
+        if isinstance(v, type) and v.__module__ == module.__name__ and hasattr(v, "train_step")
+    )
 
 
 def single_process_state(cfg) -> dict[str, torch.Tensor]:
@@ -62,8 +65,10 @@ def run(spec_run: dict, rank: int) -> dict:
             loaded = full_model_state_dict(self.model)
             if rank == 0:
                 reference = single_process_state(self.cfg)
-                result["bitwise_equal"] = (set(loaded) == set(reference)
-                                           and all(torch.equal(loaded[k], reference[k]) for k in reference))
+                result["bitwise_equal"] = set(loaded) == set(reference) and all(
+                    torch.equal(loaded[k], reference[k]) for k in reference
+                )
+
         cls.setup = checked_setup
     module.main(spec_run["argv"])
     return result
@@ -76,8 +81,10 @@ def probe(checkpoint: str) -> dict[str, str | None]:
 
     init_distributed("cpu")
     errors: dict[str, str | None] = {}
-    for name, attempt in (("host_all_reduce", lambda: all_reduce_sum(torch.ones(3))),
-                          ("checkpoint_read", lambda: load_mtp(checkpoint))):
+    for name, attempt in (
+        ("host_all_reduce", lambda: all_reduce_sum(torch.ones(3))),
+        ("checkpoint_read", lambda: load_mtp(checkpoint)),
+    ):
         try:
             attempt()
             errors[name] = None

@@ -15,8 +15,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterable, Iterator
+from typing import Any, BinaryIO
 
 TMP_SUFFIX = ".tmp"
 
@@ -86,8 +87,9 @@ def format_bytes(n: int) -> str:
     raise AssertionError  # pragma: no cover
 
 
-def describe_write_failure(exc: BaseException, path: str | Path, *, what: str = "write",
-                           extra: Iterable[BaseException] = ()) -> tuple[str, int | None]:
+def describe_write_failure(
+    exc: BaseException, path: str | Path, *, what: str = "write", extra: Iterable[BaseException] = ()
+) -> tuple[str, int | None]:
     """(message, errno) of a failed write to `path`: "no space left on device at <path> (N free)"
     for ENOSPC (also inferred when the errno is lost and the disk is all but full), the errno's
     text for another I/O error, else the exception itself. `what` prefixes the message."""
@@ -144,8 +146,9 @@ def atomic_directory(path: str | Path, *, overwrite: bool = False) -> Iterator[P
         _fsync_dir(path.parent)
     except BaseException as exc:
         # Diagnose first (it reads the free space), then free what the partial folder holds.
-        convert = (exc is not exists and isinstance(exc, Exception) and not isinstance(exc, WriteError)
-                   and _is_io_failure(exc))
+        convert = (
+            exc is not exists and isinstance(exc, Exception) and not isinstance(exc, WriteError) and _is_io_failure(exc)
+        )
         error = write_error(exc, tmp, what=f"writing {path}") if convert else None
         shutil.rmtree(tmp, ignore_errors=True)
         if error is not None:

@@ -115,8 +115,11 @@ def _nonempty_file(key: str, path: Path, *, safetensors: bool = False) -> list[s
         return [f"{key}: {path} cannot be read ({exc.strerror or exc})"]
     if size == 0:
         return [f"{key}: {path} is empty"]
-    problem = _safetensors_problem(path) if safetensors or path.suffix == ".safetensors" else (
-        _zip_problem(path) if path.suffix in (".pth", ".pt", ".bin") else None)
+    problem = (
+        _safetensors_problem(path)
+        if safetensors or path.suffix == ".safetensors"
+        else (_zip_problem(path) if path.suffix in (".pth", ".pt", ".bin") else None)
+    )
     return [f"{key}: {problem}"] if problem else []
 
 
@@ -146,16 +149,21 @@ def _model_folder(key: str, value: str, *, run_folder_ok: bool = False) -> list[
     if not params.is_file():
         if run_folder_ok and (path / RUN_CONFIG).is_file():
             return []  # a training run folder: its final/ or newest checkpoint is resolved later
-        return [f"{key}: no {PARAMS_FILENAME} in {path}"
-                + (f" (nor a training run's {RUN_CONFIG})" if run_folder_ok else "")]
+        return [
+            f"{key}: no {PARAMS_FILENAME} in {path}"
+            + (f" (nor a training run's {RUN_CONFIG})" if run_folder_ok else "")
+        ]
     problems += _nonempty_file(key, params)
     if not problems:
         try:
             json.loads(params.read_text())
         except (OSError, ValueError) as exc:
             problems.append(f"{key}: {params} is not valid JSON ({exc})")
-    weights = [path / SAFETENSORS_FILENAME] if (path / SAFETENSORS_FILENAME).is_file() else sorted(
-        path.glob("consolidated.*.pth"))
+    weights = (
+        [path / SAFETENSORS_FILENAME]
+        if (path / SAFETENSORS_FILENAME).is_file()
+        else sorted(path.glob("consolidated.*.pth"))
+    )
     if not weights:
         problems.append(f"{key}: no weights ({SAFETENSORS_FILENAME} or consolidated.*.pth) in {path}")
     for w in weights:

@@ -32,11 +32,18 @@ else:  # pragma: no cover - exercised only on Python 3.10
     try:
         import tomli as tomllib
     except ImportError as exc:
-        raise ImportError("Python < 3.11 needs the 'tomli' package to read TOML configs: "
-                          "pip install tomli") from exc
+        raise ImportError("Python < 3.11 needs the 'tomli' package to read TOML configs: pip install tomli") from exc
 
-__all__ = ["ConfigError", "config_to_dict", "field_docs", "flatten", "format_help", "main_config", "parse_config",
-           "to_toml"]
+__all__ = [
+    "ConfigError",
+    "config_to_dict",
+    "field_docs",
+    "flatten",
+    "format_help",
+    "main_config",
+    "parse_config",
+    "to_toml",
+]
 
 C = TypeVar("C")
 
@@ -71,9 +78,13 @@ def field_docs(cls: type) -> dict[str, str]:
             continue
         body = class_def.body
         for node, nxt in zip(body, body[1:]):
-            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                    and isinstance(nxt.value.value, str)):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)
+            ):
                 docs[node.target.id] = inspect.cleandoc(nxt.value.value)
     return docs
 
@@ -117,8 +128,9 @@ def _type_name(tp: Any) -> str:
 
 def _describe(value: Any) -> str:
     """A received value with its TOML type, for error messages."""
-    kind = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array",
-            dict: "table"}.get(type(value), type(value).__name__)
+    kind = {bool: "boolean", int: "integer", float: "float", str: "string", list: "array", dict: "table"}.get(
+        type(value), type(value).__name__
+    )
     try:
         shown = _toml_value(value)
     except TypeError:  # tables, dates and times
@@ -229,12 +241,18 @@ def _parse_cli_value(raw: str, tp: Any, key: str) -> Any:
             return _from_string(raw, arm)
         except _Mismatch as exc:
             if exc.path:  # a well-formed array with a wrong element: name the element
-                raise ConfigError(f"{_COMMAND_LINE}: {key}{exc.path}: expected {exc.expected}, "
-                                  f"got {_describe(exc.value)}") from None
+                raise ConfigError(
+                    f"{_COMMAND_LINE}: {key}{exc.path}: expected {exc.expected}, got {_describe(exc.value)}"
+                ) from None
         except ValueError:
             pass
-    hint = (" (true/false/1/0/yes/no)" if bool in arms else
-            " (a TOML array such as [1, 2])" if any(typing.get_origin(a) in (list, tuple) for a in arms) else "")
+    hint = (
+        " (true/false/1/0/yes/no)"
+        if bool in arms
+        else " (a TOML array such as [1, 2])"
+        if any(typing.get_origin(a) in (list, tuple) for a in arms)
+        else ""
+    )
     raise ConfigError(f"{_COMMAND_LINE}: {key}: expected {_type_name(tp)}{hint}, got {raw!r}")
 
 
@@ -279,8 +297,10 @@ def _read_file(config_cls: type, path: str) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"{path}: unknown section {section!r}{_suggest(section, sections)}")
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: {section}: expected a table [{section}], got {_describe(table)}")
-        out[section] = {key: _validated(value, _lookup(config_cls, section, key, path), path, f"{section}.{key}")
-                        for key, value in table.items()}
+        out[section] = {
+            key: _validated(value, _lookup(config_cls, section, key, path), path, f"{section}.{key}")
+            for key, value in table.items()
+        }
     return out
 
 
@@ -315,8 +335,9 @@ def _split_argv(argv: list[str]) -> tuple[str | None, bool, list[tuple[str, str]
         elif "." in name:
             overrides.append((name, value))
         else:
-            raise ConfigError(f"{_COMMAND_LINE}: unknown option '--{name}'; overrides are spelled "
-                              f"--section.key VALUE (see --help)")
+            raise ConfigError(
+                f"{_COMMAND_LINE}: unknown option '--{name}'; overrides are spelled --section.key VALUE (see --help)"
+            )
     return config_path, dry_run, overrides
 
 
@@ -374,9 +395,13 @@ def main_config(config_cls: type[C], argv: list[str] | None = None) -> C:
 
 def format_help(config_cls: type) -> str:
     """Usage plus every section's fields with type, default and docstring."""
-    lines = [f"usage: {Path(sys.argv[0]).name} {_USAGE}", "",
-             "Precedence: command line > config file > defaults. Lists use TOML syntax ([1, 2]);",
-             "optional fields take none. --dry-run prints the resolved config and exits.", ""]
+    lines = [
+        f"usage: {Path(sys.argv[0]).name} {_USAGE}",
+        "",
+        "Precedence: command line > config file > defaults. Lists use TOML syntax ([1, 2]);",
+        "optional fields take none. --dry-run prints the resolved config and exits.",
+        "",
+    ]
     defaults = config_cls()
     section_docs = field_docs(config_cls)
     for section, cls in _sections(config_cls).items():
@@ -402,9 +427,12 @@ def _plain(value: Any) -> Any:
 
 def config_to_dict(cfg: Any) -> dict[str, dict[str, Any]]:
     """{section: {key: value}} with tuples as lists, e.g. for MLflow params or a JSON dump."""
-    return {f.name: {g.name: _plain(getattr(getattr(cfg, f.name), g.name))
-                     for g in dataclasses.fields(getattr(cfg, f.name))}
-            for f in dataclasses.fields(cfg)}
+    return {
+        f.name: {
+            g.name: _plain(getattr(getattr(cfg, f.name), g.name)) for g in dataclasses.fields(getattr(cfg, f.name))
+        }
+        for f in dataclasses.fields(cfg)
+    }
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -435,8 +463,7 @@ def _toml_value(value: Any) -> str:
             return "nan"
         return repr(value)  # always has "." or "e" (or is inf/-inf), so it reads back as a float
     if isinstance(value, str):
-        chars = (_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c)
-                 for c in value)
+        chars = (_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c) for c in value)
         return f'"{"".join(chars)}"'
     if isinstance(value, (list, tuple)):
         return f"[{', '.join(_toml_value(v) for v in value)}]"

@@ -43,11 +43,23 @@ def _above(cfg: Any, key: str, low: float, *, optional: bool = False) -> None:
     _at_least(cfg, key, low, optional=optional, strict=True)
 
 
-def _within(cfg: Any, key: str, low: float, high: float, *, open_low: bool = False, open_high: bool = False,
-            value: Any = None, name: str | None = None) -> None:
+def _within(
+    cfg: Any,
+    key: str,
+    low: float,
+    high: float,
+    *,
+    open_low: bool = False,
+    open_high: bool = False,
+    value: Any = None,
+    name: str | None = None,
+) -> None:
     value = getattr(cfg, key) if value is None else value
-    ok = _is_number(value) and (value > low if open_low else value >= low) and (
-        value < high if open_high else value <= high)
+    ok = (
+        _is_number(value)
+        and (value > low if open_low else value >= low)
+        and (value < high if open_high else value <= high)
+    )
     rule = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
     _require(name or key, value, ok, rule)
 
@@ -83,7 +95,8 @@ class DataConfig:
     """Curriculum: lower edges of the difficulty bins (bin i holds edges[i] <= difficulty < edges[i+1]);
     non-empty and strictly increasing (checked when sampler = "curriculum")."""
     curriculum_schedule: list[list[float]] = dataclasses.field(
-        default_factory=lambda: [[0.0, 1.0, 0.0, 0.0], [0.5, 0.4, 0.6, 0.0], [1.0, 0.2, 0.3, 0.5]])
+        default_factory=lambda: [[0.0, 1.0, 0.0, 0.0], [0.5, 0.4, 0.6, 0.0], [1.0, 0.2, 0.3, 0.5]]
+    )
     """Curriculum: rows [progress, w_bin0, w_bin1, ...]; weights are interpolated linearly in progress.
     At least one row; each has one weight per bin; progress strictly increasing within [0, 1];
     weights finite, >= 0, not all 0 in a row (checked when sampler = "curriculum")."""
@@ -100,14 +113,19 @@ class DataConfig:
             raise FieldRangeError("curriculum_schedule", "must have at least one row [progress, w_bin0, ...]")
         for i, row in enumerate(rows):
             if len(row) != len(edges) + 1:
-                raise FieldRangeError("curriculum_schedule", f"row {i} must be [progress, one weight per bin] "
-                                      f"({len(edges) + 1} numbers for {len(edges)} bins), got {row}")
+                raise FieldRangeError(
+                    "curriculum_schedule",
+                    f"row {i} must be [progress, one weight per bin] "
+                    f"({len(edges) + 1} numbers for {len(edges)} bins), got {row}",
+                )
             _within(self, "curriculum_schedule", 0, 1, value=row[0], name=f"curriculum_schedule[{i}][0] (progress)")
             weights = row[1:]
             if not all(_is_number(w) and math.isfinite(w) and w >= 0 for w in weights) or not any(
-                    w > 0 for w in weights):
-                raise FieldRangeError("curriculum_schedule", f"row {i} weights must be finite and >= 0, not all 0, "
-                                      f"got {weights}")
+                w > 0 for w in weights
+            ):
+                raise FieldRangeError(
+                    "curriculum_schedule", f"row {i} weights must be finite and >= 0, not all 0, got {weights}"
+                )
         progress = [r[0] for r in rows]
         if any(b <= a for a, b in zip(progress, progress[1:])):
             raise FieldRangeError("curriculum_schedule", f"progress points must strictly increase, got {progress}")
@@ -321,8 +339,7 @@ class TDConfig:
     def __post_init__(self) -> None:
         _above(self, "beta", 0)
         _at_least(self, "w_min", 0)
-        _require("w_max", self.w_max, _is_number(self.w_max) and self.w_max >= self.w_min,
-                 f">= w_min ({self.w_min})")
+        _require("w_max", self.w_max, _is_number(self.w_max) and self.w_max >= self.w_min, f">= w_min ({self.w_min})")
         _within(self, "gamma", 0, 1, open_low=True)
         _within(self, "lam", 0, 1)
         _within(self, "ema_momentum", 0, 1, open_high=True)
@@ -397,12 +414,14 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _at_least(self, "n_samples", 1)
         if not self.ks or any(not 1 <= k <= self.n_samples for k in self.ks):
-            raise FieldRangeError("ks", f"must be one or more k, each in [1, n_samples = {self.n_samples}], "
-                                        f"got {list(self.ks)}")
+            raise FieldRangeError(
+                "ks", f"must be one or more k, each in [1, n_samples = {self.n_samples}], got {list(self.ks)}"
+            )
         _at_least(self, "temperature", 0)
         if self.speculative and self.temperature > 0:
-            raise FieldRangeError("speculative", f"needs greedy decoding (temperature = 0), got temperature "
-                                                 f"{self.temperature}")
+            raise FieldRangeError(
+                "speculative", f"needs greedy decoding (temperature = 0), got temperature {self.temperature}"
+            )
         _within(self, "top_p", 0, 1, open_low=True)
         for key in ("batch_size", "max_new_tokens", "memory_mb"):
             _at_least(self, key, 1)

@@ -33,11 +33,11 @@ import array
 import dataclasses
 import json
 import re
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Mapping, Sequence, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -58,8 +58,16 @@ LANGUAGES: Mapping[int, str] = {PYTHON2: "python2", PYTHON3: "python3"}
 
 SOURCE_NAMES = ("unknown_source", "codechef", "codeforces", "hackerearth", "codejam", "atcoder", "aizu")
 """``source`` ClassLabel ids 0..6 (Hugging Face numbering) as written in ``metadata.source``."""
-DIFFICULTY_NAMES = ("UNKNOWN_DIFFICULTY", "EASY", "MEDIUM", "HARD", "HARDER", "HARDEST", "EXTERNAL",
-                    *"ABCDEFGHIJKLMNOPQRSTUV")
+DIFFICULTY_NAMES = (
+    "UNKNOWN_DIFFICULTY",
+    "EASY",
+    "MEDIUM",
+    "HARD",
+    "HARDER",
+    "HARDEST",
+    "EXTERNAL",
+    *"ABCDEFGHIJKLMNOPQRSTUV",
+)
 """``difficulty`` ClassLabel ids 0..28; used as keys of the per-difficulty stats."""
 
 CORRECT, INCORRECT = "correct", "incorrect"
@@ -132,8 +140,7 @@ def _type_problems(path: str, found: pa.DataType, expected: Any) -> list[str]:
             else:
                 out += _type_problems(f"{path}.{name}", found.field(name).type, sub)
         return out
-    ok = (pa.types.is_integer(found) if expected == INT
-          else pa.types.is_string(found) or pa.types.is_large_string(found))
+    ok = pa.types.is_integer(found) if expected == INT else pa.types.is_string(found) or pa.types.is_large_string(found)
     return [] if ok else [f"{path}: expected {expected}, found {found}"]
 
 
@@ -156,8 +163,7 @@ def check_shard(path: str | Path) -> pq.ParquetFile:
         raise SchemaError(f"{path}: not a readable parquet file ({exc})") from exc
     problems = schema_problems(shard.schema_arrow)
     if problems:
-        raise SchemaError(f"{path}: {len(problems)} column(s) missing or of another type:\n  "
-                          + "\n  ".join(problems))
+        raise SchemaError(f"{path}: {len(problems)} column(s) missing or of another type:\n  " + "\n  ".join(problems))
     return shard
 
 
@@ -175,8 +181,10 @@ def find_shards(src: str | Path, splits: Sequence[str] = SPLITS) -> dict[str, li
                 found[m["split"]].append(path)
     missing = [s for s, paths in found.items() if not paths]
     if missing:
-        raise FileNotFoundError(f"{src}: no parquet shards for split(s) {', '.join(missing)} "
-                                f"(expected names like {missing[0]}-00000-of-00001-<hash>.parquet)")
+        raise FileNotFoundError(
+            f"{src}: no parquet shards for split(s) {', '.join(missing)} "
+            f"(expected names like {missing[0]}-00000-of-00001-<hash>.parquet)"
+        )
     return {s: sorted(paths) for s, paths in found.items()}
 
 
@@ -190,6 +198,7 @@ def iter_problems(shard: pq.ParquetFile) -> Iterator[dict[str, Any]]:
 
 
 # --- rows ---------------------------------------------------------------------------------------
+
 
 def _label(names: Sequence[str], value: int | None) -> str:
     value = value or 0
@@ -205,9 +214,14 @@ def tests_record(problem: Mapping[str, Any]) -> dict[str, Any]:
     """The sidecar line of a problem: its tests, limits and I/O files, keyed by ``name``."""
     limit = problem.get("time_limit")
     seconds = None if limit is None else (limit.get("seconds") or 0) + (limit.get("nanos") or 0) / 1e9
-    return {"name": problem["name"], **{c: _tests(problem.get(c)) for c in TEST_COLUMNS},
-            "time_limit_s": seconds, "memory_limit_bytes": problem.get("memory_limit_bytes"),
-            "input_file": problem.get("input_file") or "", "output_file": problem.get("output_file") or ""}
+    return {
+        "name": problem["name"],
+        **{c: _tests(problem.get(c)) for c in TEST_COLUMNS},
+        "time_limit_s": seconds,
+        "memory_limit_bytes": problem.get("memory_limit_bytes"),
+        "input_file": problem.get("input_file") or "",
+        "output_file": problem.get("output_file") or "",
+    }
 
 
 def has_tests(problem: Mapping[str, Any]) -> bool:
@@ -240,16 +254,21 @@ def problem_candidates(problem: Mapping[str, Any], where: str = "") -> tuple[lis
     drops = dict.fromkeys(DROP_REASONS, 0)
     other = 0
     out: list[Candidate] = []
-    common = dict(source=_label(SOURCE_NAMES, problem.get("source")),
-                  difficulty=int(problem.get("difficulty") or 0), dataset=DATASET,
-                  cf_rating=int(problem.get("cf_rating") or 0), problem=name)
+    common = dict(
+        source=_label(SOURCE_NAMES, problem.get("source")),
+        difficulty=int(problem.get("difficulty") or 0),
+        dataset=DATASET,
+        cf_rating=int(problem.get("cf_rating") or 0),
+        problem=name,
+    )
     tested = has_tests(problem)
     for label, column in SOLUTION_COLUMNS.items():
         value = problem.get(column) or {}
         languages, solutions = value.get("language") or [], value.get("solution") or []
         if len(languages) != len(solutions):
-            raise ValueError(f"{where}: problem {name!r}: {column} has {len(languages)} languages "
-                             f"but {len(solutions)} solutions")
+            raise ValueError(
+                f"{where}: problem {name!r}: {column} has {len(languages)} languages but {len(solutions)} solutions"
+            )
         seen: set[str] = set()
         for position, (language, text) in enumerate(zip(languages, solutions)):
             if language not in LANGUAGES:
@@ -263,10 +282,17 @@ def problem_candidates(problem: Mapping[str, Any], where: str = "") -> tuple[lis
             else:
                 seen.add(text)
                 # Tests live in the sidecar: make_row applies the `has_tests` given here last.
-                row = make_row(instruction=description, output=text, task_id=name,
-                               is_correct=label == CORRECT, tests=(), has_tests=tested,
-                               language=LANGUAGES[language],
-                               solution_id=solution_id(name, label, position), **common)
+                row = make_row(
+                    instruction=description,
+                    output=text,
+                    task_id=name,
+                    is_correct=label == CORRECT,
+                    tests=(),
+                    has_tests=tested,
+                    language=LANGUAGES[language],
+                    solution_id=solution_id(name, label, position),
+                    **common,
+                )
                 out.append(Candidate(row, LANGUAGES[language]))
     return out, drops, other
 
@@ -287,6 +313,7 @@ class TokenMeter:
 
 
 # --- stats --------------------------------------------------------------------------------------
+
 
 def _percentiles(values: array.array) -> dict[str, float] | None:
     if not len(values):
@@ -321,14 +348,16 @@ class SplitStats:
         self.rows += 1
         self.correct += row["is_correct"]
         self.incorrect += not row["is_correct"]
-        for table, key in ((self.per_difficulty, _label(DIFFICULTY_NAMES, meta["difficulty"])),
-                           (self.per_source, meta["source"]), (self.per_language, language)):
+        for table, key in (
+            (self.per_difficulty, _label(DIFFICULTY_NAMES, meta["difficulty"])),
+            (self.per_source, meta["source"]),
+            (self.per_language, language),
+        ):
             table[key] = table.get(key, 0) + 1
 
     def to_json(self, measured: bool) -> dict[str, Any]:
         """The split's entry in stats.json (token lengths only when they were measured)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if not f.name.endswith("_lengths")}
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.endswith("_lengths")}
         out["token_length_kept"] = _percentiles(self.kept_lengths) if measured else None
         out["token_length_measured"] = _percentiles(self.measured_lengths) if measured else None
         return out
@@ -336,13 +365,22 @@ class SplitStats:
 
 # --- conversion ---------------------------------------------------------------------------------
 
+
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False) + "\n"
 
 
-def convert_shard(shard: pq.ParquetFile, where: str, stats: SplitStats, rows_out: BinaryIO, tests_out: TextIO,
-                  meter: TokenMeter | None, token_limit: int, seen_names: set[str],
-                  index: IndexWriter | None = None) -> None:
+def convert_shard(
+    shard: pq.ParquetFile,
+    where: str,
+    stats: SplitStats,
+    rows_out: BinaryIO,
+    tests_out: TextIO,
+    meter: TokenMeter | None,
+    token_limit: int,
+    seen_names: set[str],
+    index: IndexWriter | None = None,
+) -> None:
     """Append one shard's rows and test records to the open files, counting into `stats` (and
     indexing the rows into `index`, which needs `meter`'s lengths)."""
     stats.shards += 1
@@ -385,9 +423,17 @@ def convert_shard(shard: pq.ParquetFile, where: str, stats: SplitStats, rows_out
         stats.problems_with_rows += stats.rows > before
 
 
-def convert(src: str | Path, out: str | Path, *, tokenizer: SentencePieceTokenizer | None = None,
-            token_limit: int = DEFAULT_TOKEN_LIMIT, splits: Sequence[str] = SPLITS, overwrite: bool = False,
-            progress: bool | None = None, num_threads: int = -1) -> dict[str, Any]:
+def convert(
+    src: str | Path,
+    out: str | Path,
+    *,
+    tokenizer: SentencePieceTokenizer | None = None,
+    token_limit: int = DEFAULT_TOKEN_LIMIT,
+    splits: Sequence[str] = SPLITS,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    num_threads: int = -1,
+) -> dict[str, Any]:
     """Convert the shards in `src` into `out`/{split}.jsonl, {split}_tests.jsonl and stats.json.
 
     Every shard's schema is checked before anything is converted. With a tokenizer each split's
@@ -404,13 +450,17 @@ def convert(src: str | Path, out: str | Path, *, tokenizer: SentencePieceTokeniz
     meter = TokenMeter(tokenizer, num_threads) if tokenizer is not None else None
     stats = {s: SplitStats() for s in splits}
     total = sum(len(v) for v in opened.values())
-    with atomic_directory(out, overwrite=overwrite) as tmp, \
-            tqdm(total=total, unit="shard", disable=None if progress is None else not progress) as bar:
+    with (
+        atomic_directory(out, overwrite=overwrite) as tmp,
+        tqdm(total=total, unit="shard", disable=None if progress is None else not progress) as bar,
+    ):
         for split, items in opened.items():
             seen: set[str] = set()
             index = IndexWriter(tmp / f"{split}.jsonl") if meter is not None else None
-            with open(tmp / f"{split}.jsonl", "wb") as rows_out, \
-                    open(tmp / f"{split}_tests.jsonl", "w", encoding="utf-8") as tests_out:
+            with (
+                open(tmp / f"{split}.jsonl", "wb") as rows_out,
+                open(tmp / f"{split}_tests.jsonl", "w", encoding="utf-8") as tests_out,
+            ):
                 for path, shard in items:
                     bar.set_description(f"{split} {path.name}")
                     convert_shard(shard, str(path), stats[split], rows_out, tests_out, meter, token_limit, seen, index)
@@ -418,9 +468,13 @@ def convert(src: str | Path, out: str | Path, *, tokenizer: SentencePieceTokeniz
             if index is not None:
                 index.save(tokenizer)
         report = {
-            "settings": {"src": str(src), "token_limit": token_limit if meter else None,
-                         "tokenizer": str(tokenizer.path) if tokenizer else None,
-                         "languages": {str(k): v for k, v in LANGUAGES.items()}, "splits": list(splits)},
+            "settings": {
+                "src": str(src),
+                "token_limit": token_limit if meter else None,
+                "tokenizer": str(tokenizer.path) if tokenizer else None,
+                "languages": {str(k): v for k, v in LANGUAGES.items()},
+                "splits": list(splits),
+            },
             "splits": {s: st.to_json(measured=meter is not None) for s, st in stats.items()},
         }
         atomic_write_text(tmp / "stats.json", json.dumps(report, indent=1) + "\n")
@@ -436,25 +490,38 @@ def format_table(report: Mapping[str, Any]) -> str:
     def add(label: str, get) -> None:
         lines.append((label, [get(splits[s]) for s in names]))
 
-    for key in ("shards", "problems", "problems_with_rows", "rows", "correct", "incorrect", "other_language",
-                "duplicate_problem_names"):
+    for key in (
+        "shards",
+        "problems",
+        "problems_with_rows",
+        "rows",
+        "correct",
+        "incorrect",
+        "other_language",
+        "duplicate_problem_names",
+    ):
         add(key.replace("_", " "), lambda st, k=key: st[k])
     for reason in DROP_REASONS:
         add(f"dropped: {reason}", lambda st, r=reason: st["dropped"][r])
     for table in ("per_language", "per_source", "per_difficulty"):
-        keys = sorted({k for st in splits.values() for k in st[table]},
-                      key=lambda k: (DIFFICULTY_NAMES.index(k) if k in DIFFICULTY_NAMES else len(DIFFICULTY_NAMES), k))
+        keys = sorted(
+            {k for st in splits.values() for k in st[table]},
+            key=lambda k: (DIFFICULTY_NAMES.index(k) if k in DIFFICULTY_NAMES else len(DIFFICULTY_NAMES), k),
+        )
         for k in keys:
             add(f"{table.split('_')[1]}: {k}", lambda st, t=table, k=k: st[t].get(k, 0))
     measured = any(st["token_length_kept"] is not None for st in splits.values())
     for p in [f"p{p}" for p in PERCENTILES] + ["max"] if measured else []:
-        add(f"tokens {p}", lambda st, p=p: "-" if st["token_length_kept"] is None
-            else f"{st['token_length_kept'][p]:.0f}")
+        add(
+            f"tokens {p}",
+            lambda st, p=p: "-" if st["token_length_kept"] is None else f"{st['token_length_kept'][p]:.0f}",
+        )
     width = max(len(label) for label, _ in lines)
     cols = [max(len(n), *(len(str(v[i])) for _, v in lines)) for i, n in enumerate(names)]
     text = [" " * width + "  " + "  ".join(n.rjust(w) for n, w in zip(names, cols))]
-    text += [label.ljust(width) + "  " + "  ".join(str(v).rjust(w) for v, w in zip(values, cols))
-             for label, values in lines]
+    text += [
+        label.ljust(width) + "  " + "  ".join(str(v).rjust(w) for v, w in zip(values, cols)) for label, values in lines
+    ]
     return "\n".join(text)
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -16,11 +17,11 @@ Example = tuple[list[int], list[int]]
 
 def encode_rows(tokenizer: SentencePieceTokenizer, rows: Sequence[Mapping[str, Any]]) -> list[Example]:
     """`tokenize_row` for many rows with two batched encode calls (prompts, then responses)."""
-    prompt_ids = tokenizer.encode_batch([format_prompt(r["instruction"], r.get("input") or "") for r in rows],
-                                        prefix=True)
+    prompt_ids = tokenizer.encode_batch(
+        [format_prompt(r["instruction"], r.get("input") or "") for r in rows], prefix=True
+    )
     response_ids = tokenizer.encode_batch([r["output"] for r in rows])
-    return [assemble(p, r, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
-            for p, r in zip(prompt_ids, response_ids)]
+    return [assemble(p, r, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id) for p, r in zip(prompt_ids, response_ids)]
 
 
 def collate(examples: Sequence[Example], *, pad_id: int, pad_to_multiple: int = 1) -> dict[str, torch.Tensor]:
@@ -44,8 +45,7 @@ def collate(examples: Sequence[Example], *, pad_id: int, pad_to_multiple: int = 
         tokens[i, : len(row_tokens)] = torch.tensor(row_tokens, dtype=torch.long)
         mask[i, : len(row_mask)] = torch.tensor(row_mask, dtype=torch.bool)
     labels = torch.where(mask, tokens, torch.full_like(tokens, IGNORE_INDEX))
-    return {"tokens": tokens, "labels": labels, "mask": mask,
-            "lengths": torch.tensor(lengths, dtype=torch.long)}
+    return {"tokens": tokens, "labels": labels, "mask": mask, "lengths": torch.tensor(lengths, dtype=torch.long)}
 
 
 def mtp_targets(labels: torch.Tensor, n_future: int) -> torch.Tensor:
@@ -59,4 +59,4 @@ def mtp_targets(labels: torch.Tensor, n_future: int) -> torch.Tensor:
     batch, seq_len = labels.shape
     padded = torch.cat([labels, labels.new_full((batch, n_future), IGNORE_INDEX)], dim=1)
     # unfold(1, n, 1)[:, s, k] = padded[:, s + k]; windows starting at s = t + 1 are the targets.
-    return padded.unfold(1, n_future, 1)[:, 1: seq_len + 1].contiguous()
+    return padded.unfold(1, n_future, 1)[:, 1 : seq_len + 1].contiguous()

@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Iterable, Iterator, Sequence
+from typing import Any, BinaryIO
 
 from wmtp.atomic import atomic_write
 from wmtp.eval.problems import HUMANEVAL, Problem
@@ -109,8 +110,15 @@ class OverlapChecker:
             hits = {e: g for e, g in per_eval.items() if len(g) >= self.min_shared}
             if hits:
                 best = max(hits, key=lambda e: (len(hits[e]), e))
-                out.append(Overlap(task_id=task_id, eval_task_ids=sorted(hits), shared=len(hits[best]),
-                                   example=" ".join(min(hits[best])), rows=self._rows[task_id]))
+                out.append(
+                    Overlap(
+                        task_id=task_id,
+                        eval_task_ids=sorted(hits),
+                        shared=len(hits[best]),
+                        example=" ".join(min(hits[best])),
+                        rows=self._rows[task_id],
+                    )
+                )
         return sorted(out, key=lambda o: (-o.shared, o.task_id))
 
     def report(self) -> dict[str, Any]:
@@ -119,11 +127,17 @@ class OverlapChecker:
         for o in overlaps:
             for e in o.eval_task_ids:
                 per_eval[e] = per_eval.get(e, 0) + 1
-        return {"n": self.n, "min_shared": self.min_shared, "eval_problems": self.eval_problems,
-                "train_problems": len(self._rows), "train_rows": sum(self._rows.values()),
-                "contaminated_problems": len(overlaps), "contaminated_rows": sum(o.rows for o in overlaps),
-                "eval_problems_hit": dict(sorted(per_eval.items())),
-                "overlaps": [dataclasses.asdict(o) for o in overlaps]}
+        return {
+            "n": self.n,
+            "min_shared": self.min_shared,
+            "eval_problems": self.eval_problems,
+            "train_problems": len(self._rows),
+            "train_rows": sum(self._rows.values()),
+            "contaminated_problems": len(overlaps),
+            "contaminated_rows": sum(o.rows for o in overlaps),
+            "eval_problems_hit": dict(sorted(per_eval.items())),
+            "overlaps": [dataclasses.asdict(o) for o in overlaps],
+        }
 
 
 def iter_rows(path: str | Path) -> Iterator[tuple[int, bytes, dict[str, Any] | None]]:
@@ -136,8 +150,9 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, bytes, dict[str, Any] | N
                 row = json.loads(line)
             except ValueError:
                 row = None
-            valid = isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("task_id", "instruction",
-                                                                                     "input", "output"))
+            valid = isinstance(row, dict) and all(
+                isinstance(row.get(k), str) for k in ("task_id", "instruction", "input", "output")
+            )
             yield number, line, row if valid else None
 
 

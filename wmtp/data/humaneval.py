@@ -10,7 +10,8 @@ the one test, and the entry point.
 from __future__ import annotations
 
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from wmtp.data.rows import make_row
 from wmtp.eval.problems import HUMANEVAL, Problem, humaneval_instruction, load_humaneval
@@ -24,7 +25,18 @@ def humaneval_rows(problems: str | os.PathLike[str] | Sequence[Problem]) -> list
     """Rows of HumanEval problems (a ``HumanEval.jsonl(.gz)`` file or loaded problems)."""
     if isinstance(problems, (str, os.PathLike)):
         problems = load_humaneval(problems)
-    return [make_row(instruction=humaneval_instruction(p), output=p.prompt.lstrip("\n") + p.reference,
-                     task_id=p.task_id, is_correct=True, source=SOURCE, difficulty=DIFFICULTY, tests=[p.test],
-                     dataset=HUMANEVAL, entry_point=p.entry_point, prompt=p.prompt)
-            for p in problems]
+    return [
+        make_row(
+            instruction=humaneval_instruction(p),
+            output=p.prompt.lstrip("\n") + p.reference,
+            task_id=p.task_id,
+            is_correct=True,
+            source=SOURCE,
+            difficulty=DIFFICULTY,
+            tests=[p.test],
+            dataset=HUMANEVAL,
+            entry_point=p.entry_point,
+            prompt=p.prompt,
+        )
+        for p in problems
+    ]

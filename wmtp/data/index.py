@@ -19,9 +19,10 @@ import json
 import logging
 import multiprocessing
 import os
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -37,13 +38,15 @@ INDEX_FORMAT_VERSION = 3
 INDEX_SUFFIX = ".index.npz"
 META_SUFFIX = ".index.json"
 
-INDEX_DTYPE = np.dtype([
-    ("offset", np.int64),        # byte offset of the row's line in the JSONL
-    ("problem", np.int32),       # position of the row's task_id in RowIndex.problems
-    ("token_length", np.uint16), # BOS + prompt + response + EOS, saturated at TOKEN_LENGTH_MAX
-    ("difficulty", np.int8),     # metadata.difficulty, saturated at DIFFICULTY_MAX
-    ("is_correct", np.uint8),
-])
+INDEX_DTYPE = np.dtype(
+    [
+        ("offset", np.int64),  # byte offset of the row's line in the JSONL
+        ("problem", np.int32),  # position of the row's task_id in RowIndex.problems
+        ("token_length", np.uint16),  # BOS + prompt + response + EOS, saturated at TOKEN_LENGTH_MAX
+        ("difficulty", np.int8),  # metadata.difficulty, saturated at DIFFICULTY_MAX
+        ("is_correct", np.uint8),
+    ]
+)
 """The in-memory record of a row (16 bytes); on disk the columns are narrower (`_to_columns`)."""
 
 CORRECT_BIT = 15
@@ -111,8 +114,10 @@ class RowIndex:
         with open(self.path, "rb") as f:
             st = os.fstat(f.fileno())
             if (st.st_size, st.st_mtime_ns) != (self.source_size, self.source_mtime_ns):
-                raise RuntimeError(f"{self.path} changed after its index was built; "
-                                   f"reload the index (load_or_build_index) to rebuild it")
+                raise RuntimeError(
+                    f"{self.path} changed after its index was built; "
+                    f"reload the index (load_or_build_index) to rebuild it"
+                )
             fd = f.fileno()
 
             def read(span: tuple[int, int]) -> bytes:
@@ -143,8 +148,7 @@ class RowIndex:
 def index_paths(jsonl_path: str | Path) -> tuple[Path, Path]:
     """(`<jsonl>.index.npz`, `<jsonl>.index.json`)."""
     jsonl_path = Path(jsonl_path)
-    return (jsonl_path.with_name(jsonl_path.name + INDEX_SUFFIX),
-            jsonl_path.with_name(jsonl_path.name + META_SUFFIX))
+    return (jsonl_path.with_name(jsonl_path.name + INDEX_SUFFIX), jsonl_path.with_name(jsonl_path.name + META_SUFFIX))
 
 
 def tokenizer_sha256(tokenizer: SentencePieceTokenizer) -> str:
@@ -162,6 +166,7 @@ def available_cores() -> int:
 
 # --- one block of lines ---------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class _Block:
     """What one block of lines contributes to the index, in line order."""
@@ -177,8 +182,14 @@ class _Block:
     skipped_lines: dict[str, list[int]]
 
 
-def _block_of(rows: Sequence[dict[str, Any]], offsets: Sequence[int], lengths: np.ndarray, *,
-              skipped: dict[str, int] | None = None, skipped_lines: dict[str, list[int]] | None = None) -> _Block:
+def _block_of(
+    rows: Sequence[dict[str, Any]],
+    offsets: Sequence[int],
+    lengths: np.ndarray,
+    *,
+    skipped: dict[str, int] | None = None,
+    skipped_lines: dict[str, list[int]] | None = None,
+) -> _Block:
     """The block of valid `rows` starting at byte `offsets`, of `lengths` tokens, in file order."""
     task_runs: list[str] = []
     run_lengths: list[int] = []
@@ -188,15 +199,21 @@ def _block_of(rows: Sequence[dict[str, Any]], offsets: Sequence[int], lengths: n
         else:
             task_runs.append(row["task_id"])
             run_lengths.append(1)
-    return _Block(offsets=np.array(offsets, dtype=np.int64), lengths=np.asarray(lengths, dtype=np.int64).reshape(-1),
-                  difficulties=np.array([min(r["metadata"]["difficulty"], DIFFICULTY_MAX) for r in rows],
-                                        dtype=np.int64),
-                  correct=np.array([r["is_correct"] for r in rows], dtype=bool), task_runs=task_runs,
-                  run_lengths=run_lengths, skipped=skipped or {}, skipped_lines=skipped_lines or {})
+    return _Block(
+        offsets=np.array(offsets, dtype=np.int64),
+        lengths=np.asarray(lengths, dtype=np.int64).reshape(-1),
+        difficulties=np.array([min(r["metadata"]["difficulty"], DIFFICULTY_MAX) for r in rows], dtype=np.int64),
+        correct=np.array([r["is_correct"] for r in rows], dtype=bool),
+        task_runs=task_runs,
+        run_lengths=run_lengths,
+        skipped=skipped or {},
+        skipped_lines=skipped_lines or {},
+    )
 
 
-def _index_block(tokenizer: SentencePieceTokenizer, data: bytes, offset: int, first_line: int,
-                 num_threads: int) -> _Block:
+def _index_block(
+    tokenizer: SentencePieceTokenizer, data: bytes, offset: int, first_line: int, num_threads: int
+) -> _Block:
     """Parse, validate and measure the lines of `data`, which starts at byte `offset` of the file
     on line `first_line`; only whole lines (the last may lack its newline)."""
     rows: list[dict[str, Any]] = []
@@ -229,10 +246,12 @@ def _index_block(tokenizer: SentencePieceTokenizer, data: bytes, offset: int, fi
         prompt_slots.append(prompts.setdefault(format_prompt(row["instruction"], row["input"]), len(prompts)))
     encode = tokenizer.encode_batch
     # As `tokenize_row` encodes them: prompts begin the sequence, outputs continue it.
-    prompt_lengths = np.array([len(x) for x in encode(list(prompts), prefix=True, num_threads=num_threads)],
-                              dtype=np.int64)
-    output_lengths = np.array([len(x) for x in encode([r["output"] for r in rows], num_threads=num_threads)],
-                              dtype=np.int64)
+    prompt_lengths = np.array(
+        [len(x) for x in encode(list(prompts), prefix=True, num_threads=num_threads)], dtype=np.int64
+    )
+    output_lengths = np.array(
+        [len(x) for x in encode([r["output"] for r in rows], num_threads=num_threads)], dtype=np.int64
+    )
     lengths = 2 + prompt_lengths[np.array(prompt_slots, dtype=np.int64)] + output_lengths  # BOS, EOS
     return _block_of(rows, offsets, lengths, skipped=skipped, skipped_lines=skipped_lines)
 
@@ -278,8 +297,9 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-def _blocks_in_parallel(f: BinaryIO, tokenizer: SentencePieceTokenizer, workers: int,
-                        block_bytes: int) -> Iterator[_Block]:
+def _blocks_in_parallel(
+    f: BinaryIO, tokenizer: SentencePieceTokenizer, workers: int, block_bytes: int
+) -> Iterator[_Block]:
     """Every block's result in file order, computed by `workers` processes, a bounded number ahead."""
     with _pool_context().Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
         pending: collections.deque = collections.deque()
@@ -292,6 +312,7 @@ def _blocks_in_parallel(f: BinaryIO, tokenizer: SentencePieceTokenizer, workers:
 
 
 # --- build, save, load ----------------------------------------------------------------------------
+
 
 def _worker_count(workers: int, size: int) -> int:
     if workers < 0:
@@ -314,7 +335,7 @@ class _Merger:
         for reason, n in block.skipped.items():
             self.skipped[reason] = self.skipped.get(reason, 0) + n
             kept = self.skipped_lines.setdefault(reason, [])
-            kept.extend(block.skipped_lines[reason][:SKIPPED_LINES_KEPT - len(kept)])
+            kept.extend(block.skipped_lines[reason][: SKIPPED_LINES_KEPT - len(kept)])
         runs = [self.problem_ids.setdefault(t, len(self.problem_ids)) for t in block.task_runs]
         part = np.empty(len(block.offsets), dtype=INDEX_DTYPE)
         part["offset"] = block.offsets
@@ -328,16 +349,28 @@ class _Merger:
         """The index (saved beside `path`), for the file version `st`."""
         rows = np.concatenate(self.parts) if self.parts else np.empty(0, dtype=INDEX_DTYPE)
         self.parts = []  # the index is held once from here on
-        index = RowIndex(path=path, rows=rows, problems=list(self.problem_ids), skipped=self.skipped,
-                         skipped_lines=self.skipped_lines, source_size=st.st_size, source_mtime_ns=st.st_mtime_ns)
+        index = RowIndex(
+            path=path,
+            rows=rows,
+            problems=list(self.problem_ids),
+            skipped=self.skipped,
+            skipped_lines=self.skipped_lines,
+            source_size=st.st_size,
+            source_mtime_ns=st.st_mtime_ns,
+        )
         _save(index, tokenizer_sha256(tokenizer))
         if self.skipped:
             logger.warning("%s: skipped %d bad rows: %s", path, sum(self.skipped.values()), index.skip_summary())
         return index
 
 
-def build_index(jsonl_path: str | Path, tokenizer: SentencePieceTokenizer, *, workers: int = 0,
-                block_bytes: int = DEFAULT_BLOCK_BYTES) -> RowIndex:
+def build_index(
+    jsonl_path: str | Path,
+    tokenizer: SentencePieceTokenizer,
+    *,
+    workers: int = 0,
+    block_bytes: int = DEFAULT_BLOCK_BYTES,
+) -> RowIndex:
     """Index `jsonl_path` in one streaming read and save the sidecar files atomically.
 
     Blank lines are ignored; malformed JSON and rows that fail `validate_row` are skipped and
@@ -386,8 +419,7 @@ class IndexWriter:
         return self._merger.finish(self.path, st, tokenizer)
 
 
-def load_or_build_index(jsonl_path: str | Path, tokenizer: SentencePieceTokenizer, *,
-                        workers: int = 0) -> RowIndex:
+def load_or_build_index(jsonl_path: str | Path, tokenizer: SentencePieceTokenizer, *, workers: int = 0) -> RowIndex:
     """The saved index of `jsonl_path` if it matches the file and tokenizer, else a rebuilt one."""
     jsonl_path = Path(jsonl_path)
     index = _load_fresh(jsonl_path, tokenizer_sha256(tokenizer))
@@ -395,8 +427,12 @@ def load_or_build_index(jsonl_path: str | Path, tokenizer: SentencePieceTokenize
         logger.info("%s: building the row index", jsonl_path)
         return build_index(jsonl_path, tokenizer, workers=workers)
     if index.skipped:
-        logger.warning("%s: %d bad rows were skipped when indexing: %s", jsonl_path,
-                       sum(index.skipped.values()), index.skip_summary())
+        logger.warning(
+            "%s: %d bad rows were skipped when indexing: %s",
+            jsonl_path,
+            sum(index.skipped.values()),
+            index.skip_summary(),
+        )
     return index
 
 
@@ -412,9 +448,12 @@ def _to_columns(rows: np.ndarray, n_problems: int) -> dict[str, np.ndarray]:
     """The saved columns of in-memory rows (see COLUMNS)."""
     steps = np.diff(rows["offset"], prepend=0)
     length_correct = rows["token_length"].astype(np.uint16) | (rows["is_correct"].astype(np.uint16) << CORRECT_BIT)
-    return {"offset_step": _smallest_unsigned(steps, np.uint32, np.uint64),
-            "problem": rows["problem"].astype(np.uint16 if n_problems <= 1 << 16 else np.uint32),
-            "length_correct": length_correct, "difficulty": rows["difficulty"].astype(np.int8)}
+    return {
+        "offset_step": _smallest_unsigned(steps, np.uint32, np.uint64),
+        "problem": rows["problem"].astype(np.uint16 if n_problems <= 1 << 16 else np.uint32),
+        "length_correct": length_correct,
+        "difficulty": rows["difficulty"].astype(np.int8),
+    }
 
 
 def _from_columns(columns: dict[str, np.ndarray]) -> np.ndarray:
@@ -435,19 +474,27 @@ def _load_fresh(jsonl_path: Path, tokenizer_hash: str) -> RowIndex | None:
     try:
         meta = json.loads(meta_path.read_text())
         st = jsonl_path.stat()
-        if (not isinstance(meta, dict)
-                or meta.get("format_version") != INDEX_FORMAT_VERSION
-                or meta.get("source_size") != st.st_size
-                or meta.get("source_mtime_ns") != st.st_mtime_ns
-                or meta.get("tokenizer_sha256") != tokenizer_hash):
+        if (
+            not isinstance(meta, dict)
+            or meta.get("format_version") != INDEX_FORMAT_VERSION
+            or meta.get("source_size") != st.st_size
+            or meta.get("source_mtime_ns") != st.st_mtime_ns
+            or meta.get("tokenizer_sha256") != tokenizer_hash
+        ):
             return None
         with np.load(npz_path, allow_pickle=False) as saved:
             rows = _from_columns({name: saved[name] for name in COLUMNS})
         if len(rows) != meta["num_rows"]:
             return None
-        return RowIndex(path=jsonl_path, rows=rows, problems=meta["problems"], skipped=meta["skipped"],
-                        skipped_lines=meta["skipped_lines"], source_size=st.st_size,
-                        source_mtime_ns=st.st_mtime_ns)
+        return RowIndex(
+            path=jsonl_path,
+            rows=rows,
+            problems=meta["problems"],
+            skipped=meta["skipped"],
+            skipped_lines=meta["skipped_lines"],
+            source_size=st.st_size,
+            source_mtime_ns=st.st_mtime_ns,
+        )
     except (OSError, ValueError, KeyError, EOFError):  # missing, half-written or foreign files: rebuild
         return None
 

@@ -9,7 +9,8 @@ that are all-reduced included) lives there too, as NCCL needs.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,8 +19,13 @@ from wmtp.config.sections import DataConfig
 from wmtp.constants import IGNORE_INDEX
 from wmtp.data.collate import collate, encode_rows, mtp_targets
 from wmtp.data.index import RowIndex, load_or_build_index
-from wmtp.data.samplers import (BalancedSampler, CorrectOnlySampler, CurriculumSampler, fits_max_seq_len,
-                                 split_global_batch)
+from wmtp.data.samplers import (
+    BalancedSampler,
+    CorrectOnlySampler,
+    CurriculumSampler,
+    fits_max_seq_len,
+    split_global_batch,
+)
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import barrier
 
@@ -30,8 +36,14 @@ def build_sampler(cfg: DataConfig, index: RowIndex, *, max_seq_len: int, total_s
     if cfg.sampler == "balanced":
         return BalancedSampler(index, seed=cfg.seed, max_seq_len=max_seq_len)
     schedule = [(row[0], list(row[1:])) for row in cfg.curriculum_schedule]
-    return CurriculumSampler(index, seed=cfg.seed, max_seq_len=max_seq_len, bin_edges=cfg.curriculum_bin_edges,
-                             schedule=schedule, total_samples=total_samples)
+    return CurriculumSampler(
+        index,
+        seed=cfg.seed,
+        max_seq_len=max_seq_len,
+        bin_edges=cfg.curriculum_bin_edges,
+        schedule=schedule,
+        total_samples=total_samples,
+    )
 
 
 def load_index(path: str, tokenizer: SentencePieceTokenizer, *, rank: int) -> RowIndex:
@@ -48,8 +60,9 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
 
 
-def read_batch(index: RowIndex, ids, tokenizer: SentencePieceTokenizer, n_future: int,
-               device: torch.device) -> dict[str, torch.Tensor]:
+def read_batch(
+    index: RowIndex, ids, tokenizer: SentencePieceTokenizer, n_future: int, device: torch.device
+) -> dict[str, torch.Tensor]:
     """Rows `ids` of `index`, tokenised and collated, with MTP targets and the is_correct labels, on `device`."""
     rows = index.read_rows(ids)
     batch = collate(encode_rows(tokenizer, rows), pad_id=tokenizer.pad_id)
@@ -58,9 +71,18 @@ def read_batch(index: RowIndex, ids, tokenizer: SentencePieceTokenizer, n_future
     return to_device(batch, device)
 
 
-def eval_micro_batches(index: RowIndex, tokenizer: SentencePieceTokenizer, *, max_seq_len: int, n_future: int,
-                       micro_batch_size: int, rank: int, world_size: int, device: torch.device,
-                       max_rows: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def eval_micro_batches(
+    index: RowIndex,
+    tokenizer: SentencePieceTokenizer,
+    *,
+    max_seq_len: int,
+    n_future: int,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+    max_rows: int = 0,
+) -> Iterator[dict[str, torch.Tensor]]:
     """Every row of `index` that fits `max_seq_len` (the first `max_rows` of them, if set), once
     across all ranks, in file order.
 
@@ -88,9 +110,20 @@ def eval_micro_batches(index: RowIndex, tokenizer: SentencePieceTokenizer, *, ma
 
 
 class GlobalBatchLoader:
-    def __init__(self, cfg: DataConfig, tokenizer: SentencePieceTokenizer, *, max_seq_len: int, n_future: int,
-                 micro_batch_size: int, grad_accum_steps: int, rank: int, world_size: int,
-                 total_steps: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokenizer: SentencePieceTokenizer,
+        *,
+        max_seq_len: int,
+        n_future: int,
+        micro_batch_size: int,
+        grad_accum_steps: int,
+        rank: int,
+        world_size: int,
+        total_steps: int,
+        device: torch.device,
+    ) -> None:
         self.tokenizer = tokenizer
         self.device = device
         self.n_future = n_future
@@ -98,13 +131,19 @@ class GlobalBatchLoader:
         self.rank, self.world_size = rank, world_size
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
         self.index = load_index(cfg.train_path, tokenizer, rank=rank)
-        self.sampler = build_sampler(cfg, self.index, max_seq_len=max_seq_len,
-                                     total_samples=total_steps * self.global_batch)
+        self.sampler = build_sampler(
+            cfg, self.index, max_seq_len=max_seq_len, total_samples=total_steps * self.global_batch
+        )
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         ids = self.sampler.next_ids(self.global_batch)
-        micro = split_global_batch(ids, rank=self.rank, world_size=self.world_size,
-                                   micro_batch_size=self.micro_batch_size, grad_accum=self.grad_accum_steps)
+        micro = split_global_batch(
+            ids,
+            rank=self.rank,
+            world_size=self.world_size,
+            micro_batch_size=self.micro_batch_size,
+            grad_accum=self.grad_accum_steps,
+        )
         return [self._batch(m) for m in micro]
 
     def _batch(self, ids) -> dict[str, torch.Tensor]:
@@ -119,9 +158,11 @@ class GlobalBatchLoader:
     def summary(self) -> str:
         c = self.counts()
         skipped = sum(v for k, v in c.items() if k.startswith("skipped_"))
-        return (f"{c['rows']} rows indexed, {skipped} bad rows skipped "
-                f"({', '.join(f'{k[8:]}: {v}' for k, v in c.items() if k.startswith('skipped_')) or 'none'}), "
-                f"{c['too_long']} over max_seq_len excluded; global batch {self.global_batch}")
+        return (
+            f"{c['rows']} rows indexed, {skipped} bad rows skipped "
+            f"({', '.join(f'{k[8:]}: {v}' for k, v in c.items() if k.startswith('skipped_')) or 'none'}), "
+            f"{c['too_long']} over max_seq_len excluded; global batch {self.global_batch}"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()

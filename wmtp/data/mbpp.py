@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import time
 import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from wmtp.data.mutate import mutants
 from wmtp.data.rows import make_row
@@ -25,8 +26,12 @@ from wmtp.eval.problems import MBPP, Problem, load_mbpp
 from wmtp.eval.sandbox import run_programs
 
 SOURCE = "mbpp"
-MBPP_SPLITS: Mapping[str, range] = {"prompt": range(1, 11), "test": range(11, 511),
-                                    "validation": range(511, 601), "train": range(601, 975)}
+MBPP_SPLITS: Mapping[str, range] = {
+    "prompt": range(1, 11),
+    "test": range(11, 511),
+    "validation": range(511, 601),
+    "train": range(601, 975),
+}
 """Task ids of each split (Austin et al. 2021): few-shot prompts, test, validation, train."""
 DIFFICULTY_LINE_BOUNDS = (4, 8)
 """Upper bounds (inclusive) on reference lines of difficulty 0 and 1; longer solutions are 2."""
@@ -78,9 +83,16 @@ class _Problem:
         return eval_problems.build_program(self.problem, code)
 
 
-def mbpp_rows(problems: str | os.PathLike[str] | Sequence[Problem], *, with_incorrect: bool,
-              max_problems: int | None = None, incorrect_per_problem: int = 1, seed: int = 0,
-              timeout_s: float = 5.0, workers: int = 2) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def mbpp_rows(
+    problems: str | os.PathLike[str] | Sequence[Problem],
+    *,
+    with_incorrect: bool,
+    max_problems: int | None = None,
+    incorrect_per_problem: int = 1,
+    seed: int = 0,
+    timeout_s: float = 5.0,
+    workers: int = 2,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of MBPP problems (a file for ``load_mbpp``, every problem in it, or loaded problems):
     one correct row per problem, then up to ``incorrect_per_problem`` incorrect rows if
     ``with_incorrect``, and stats: problems, correct_rows, incorrect_rows, skipped (problems
@@ -91,16 +103,31 @@ def mbpp_rows(problems: str | os.PathLike[str] | Sequence[Problem], *, with_inco
         problems = load_mbpp(problems, task_ids=None)
     problems = list(problems)[:max_problems]
     stats: dict[str, Any] = {
-        "problems": len(problems), "correct_rows": 0, "incorrect_rows": 0,
+        "problems": len(problems),
+        "correct_rows": 0,
+        "incorrect_rows": 0,
         "skipped": {"reference_failed": 0, "reference_timed_out": 0},
-        "problems_short_of_incorrect": 0, "mutants_tested": 0, "mutants_passed": 0,
+        "problems_short_of_incorrect": 0,
+        "mutants_tested": 0,
+        "mutants_passed": 0,
         "mutants_timed_out": 0,
     }
     # The instruction is evaluation's alpaca instruction: the text, then the asserts.
-    cases = [_Problem(p, dict(instruction=eval_problems.mbpp_instruction(p), task_id=p.task_id, source=SOURCE,
-                              difficulty=mbpp_difficulty(p.reference), tests=list(p.test_list),
-                              test_setup_code=p.test_setup_code, dataset=MBPP))
-             for p in problems]
+    cases = [
+        _Problem(
+            p,
+            dict(
+                instruction=eval_problems.mbpp_instruction(p),
+                task_id=p.task_id,
+                source=SOURCE,
+                difficulty=mbpp_difficulty(p.reference),
+                tests=list(p.test_list),
+                test_setup_code=p.test_setup_code,
+                dataset=MBPP,
+            ),
+        )
+        for p in problems
+    ]
 
     incorrect: list[list[str]] = [[] for _ in cases]
     if with_incorrect:
@@ -124,14 +151,17 @@ def mbpp_rows(problems: str | os.PathLike[str] | Sequence[Problem], *, with_inco
     return rows, stats
 
 
-def _failing_mutants(cases: list[_Problem], wanted: int, seed: int, timeout_s: float, workers: int,
-                     stats: dict[str, Any]) -> list[list[str]]:
+def _failing_mutants(
+    cases: list[_Problem], wanted: int, seed: int, timeout_s: float, workers: int, stats: dict[str, Any]
+) -> list[list[str]]:
     """Per case, the first ``wanted`` mutants (in seeded order) that fail the tests. Each round tests,
     for all problems at once, as many candidates as each still needs: most mutants fail, so few
     more programs run than are kept, and the worker pool stays busy."""
     mutant_timeout_s = min(timeout_s, MUTANT_TIMEOUT_S)
-    pending = [mutants(c.code, seed=_problem_seed(seed, _number(c.problem.task_id)),
-                       limit=CANDIDATES_PER_INCORRECT * wanted) for c in cases]
+    pending = [
+        mutants(c.code, seed=_problem_seed(seed, _number(c.problem.task_id)), limit=CANDIDATES_PER_INCORRECT * wanted)
+        for c in cases
+    ]
     kept: list[list[str]] = [[] for _ in cases]
     while True:
         batch = []  # (case index, mutant)
@@ -142,8 +172,7 @@ def _failing_mutants(cases: list[_Problem], wanted: int, seed: int, timeout_s: f
                 batch.extend((i, m) for m in take)
         if not batch:
             return kept
-        results = run_programs([cases[i].program(m) for i, m in batch],
-                               timeout_s=mutant_timeout_s, workers=workers)
+        results = run_programs([cases[i].program(m) for i, m in batch], timeout_s=mutant_timeout_s, workers=workers)
         stats["mutants_tested"] += len(batch)
         for (i, mutant), result in zip(batch, results):
             if result.passed:

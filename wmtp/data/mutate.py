@@ -12,16 +12,27 @@ from __future__ import annotations
 import ast
 import copy
 import random
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 _COMPARE_SWAPS: dict[type, type] = {
-    ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt,
-    ast.Eq: ast.NotEq, ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In,
-    ast.Is: ast.IsNot, ast.IsNot: ast.Is,
+    ast.Lt: ast.LtE,
+    ast.LtE: ast.Lt,
+    ast.Gt: ast.GtE,
+    ast.GtE: ast.Gt,
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
+    ast.Is: ast.IsNot,
+    ast.IsNot: ast.Is,
 }
 _ARITH_SWAPS: dict[type, type] = {
-    ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.FloorDiv, ast.FloorDiv: ast.Mult,
-    ast.Div: ast.FloorDiv, ast.Mod: ast.FloorDiv,
+    ast.Add: ast.Sub,
+    ast.Sub: ast.Add,
+    ast.Mult: ast.FloorDiv,
+    ast.FloorDiv: ast.Mult,
+    ast.Div: ast.FloorDiv,
+    ast.Mod: ast.FloorDiv,
 }
 _BOOL_SWAPS: dict[type, type] = {ast.And: ast.Or, ast.Or: ast.And}
 
@@ -33,6 +44,7 @@ def _set(field: str, value: object) -> Mutation:
     def apply(node: ast.AST) -> ast.AST:
         setattr(node, field, value)
         return node
+
     return apply
 
 
@@ -48,6 +60,7 @@ def _swap_compare_op(i: int) -> Mutation:
         assert isinstance(node, ast.Compare)
         node.ops[i] = _COMPARE_SWAPS[type(node.ops[i])]()
         return node
+
     return apply
 
 

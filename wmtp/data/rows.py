@@ -12,7 +12,8 @@ Rows that come with executable tests (MBPP, HumanEval, synthetic) also keep, ins
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 REQUIRED_FIELDS: Mapping[str, type] = {
     "instruction": str,
@@ -90,14 +91,30 @@ def tests_instruction(text: str, tests: Sequence[str]) -> str:
     return text + TESTS_HEADER + "\n".join(tests)
 
 
-def make_row(*, instruction: str, output: str, task_id: str, is_correct: bool, source: str,
-             difficulty: int, tests: Sequence[str] = (), test_setup_code: str = "",
-             input_text: str = "", **extra_metadata: Any) -> dict[str, Any]:
+def make_row(
+    *,
+    instruction: str,
+    output: str,
+    task_id: str,
+    is_correct: bool,
+    source: str,
+    difficulty: int,
+    tests: Sequence[str] = (),
+    test_setup_code: str = "",
+    input_text: str = "",
+    **extra_metadata: Any,
+) -> dict[str, Any]:
     """A processed row; ``tests`` and ``test_setup_code`` are kept in metadata when tests exist."""
     metadata: dict[str, Any] = {"source": source, "difficulty": difficulty, "has_tests": bool(tests)}
     if tests:
         metadata["tests"] = list(tests)
         metadata["test_setup_code"] = test_setup_code
     metadata.update(extra_metadata)
-    return {"instruction": instruction, "input": input_text, "output": output, "task_id": task_id,
-            "is_correct": is_correct, "metadata": metadata}
+    return {
+        "instruction": instruction,
+        "input": input_text,
+        "output": output,
+        "task_id": task_id,
+        "is_correct": is_correct,
+        "metadata": metadata,
+    }

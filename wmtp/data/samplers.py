@@ -10,7 +10,8 @@ into a fresh sampler, continues exactly as the uninterrupted stream does (on the
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +50,7 @@ class _EpochStream:
         while filled < count:
             epoch, within = divmod(start + filled, self.epoch_len)
             n = min(count - filled, self.epoch_len - within)
-            out[filled: filled + n] = self._order_of(epoch)[within: within + n]
+            out[filled : filled + n] = self._order_of(epoch)[within : within + n]
             filled += n
         return out
 
@@ -61,7 +62,7 @@ def _uniforms(key: tuple[int, ...], start: int, count: int) -> np.ndarray:
     first, last = start // UNIFORM_BLOCK, (start + count - 1) // UNIFORM_BLOCK
     blocks = [np.random.default_rng([*key, b]).random(UNIFORM_BLOCK) for b in range(first, last + 1)]
     offset = start - first * UNIFORM_BLOCK
-    return np.concatenate(blocks)[offset: offset + count]
+    return np.concatenate(blocks)[offset : offset + count]
 
 
 def fits_max_seq_len(index: RowIndex, max_seq_len: int) -> np.ndarray:
@@ -103,15 +104,16 @@ class _Sampler:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.name, "seed": self.seed, "pool_sizes": self._pool_sizes(),
-                "position": self.position}
+        return {"sampler": self.name, "seed": self.seed, "pool_sizes": self._pool_sizes(), "position": self.position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         expected = {"sampler": self.name, "seed": self.seed, "pool_sizes": self._pool_sizes()}
         for key, value in expected.items():
             if state.get(key) != value:
-                raise ValueError(f"sampler state has {key}={state.get(key)!r} but this sampler has {value!r}: "
-                                 f"it was saved for other data or settings ({self.index.path})")
+                raise ValueError(
+                    f"sampler state has {key}={state.get(key)!r} but this sampler has {value!r}: "
+                    f"it was saved for other data or settings ({self.index.path})"
+                )
         self.position = int(state["position"])
 
 
@@ -169,10 +171,11 @@ class BalancedSampler(_Sampler):
         correct = self._correct.take(first_pair, n)
         incorrect = self._incorrect.take(first_pair, n)
         incorrect_first = _uniforms((self.seed, _PAIR_ORDER_STREAM), first_pair, n) < 0.5
-        pairs = np.stack([np.where(incorrect_first, incorrect, correct),
-                          np.where(incorrect_first, correct, incorrect)], axis=1).reshape(-1)
+        pairs = np.stack(
+            [np.where(incorrect_first, incorrect, correct), np.where(incorrect_first, correct, incorrect)], axis=1
+        ).reshape(-1)
         skip = start - 2 * first_pair
-        return pairs[skip: skip + count]
+        return pairs[skip : skip + count]
 
 
 class CurriculumSampler(_Sampler):
@@ -188,8 +191,16 @@ class CurriculumSampler(_Sampler):
 
     name = "curriculum"
 
-    def __init__(self, index: RowIndex, *, seed: int, max_seq_len: int, bin_edges: Sequence[int],
-                 schedule: Sequence[tuple[float, Sequence[float]]], total_samples: int) -> None:
+    def __init__(
+        self,
+        index: RowIndex,
+        *,
+        seed: int,
+        max_seq_len: int,
+        bin_edges: Sequence[int],
+        schedule: Sequence[tuple[float, Sequence[float]]],
+        total_samples: int,
+    ) -> None:
         super().__init__(index, seed=seed, max_seq_len=max_seq_len)
         edges = np.asarray(bin_edges, dtype=np.int64)
         if edges.ndim != 1 or not len(edges) or np.any(np.diff(edges) <= 0):
@@ -211,15 +222,20 @@ class CurriculumSampler(_Sampler):
                 raise ValueError(
                     f"curriculum schedule at progress {point} gives no weight to any non-empty difficulty bin "
                     f"(non-empty bins: {np.flatnonzero(self._nonempty).tolist()}, edges {edges.tolist()}, "
-                    f"{index.path})")
+                    f"{index.path})"
+                )
         self._streams = [_EpochStream(p, (seed, _BIN_STREAM_BASE + j)) for j, p in enumerate(pools)]
         self._bin_draws = [0] * len(pools)
 
     def bin_weights(self, progress: np.ndarray | float) -> np.ndarray:
         """Normalised bin weights [..., n_bins] at `progress` (empty bins get 0)."""
         progress = np.clip(np.asarray(progress, dtype=np.float64), 0.0, 1.0)
-        w = np.stack([np.interp(progress, self._points, self._weights[:, j]) for j in range(len(self._streams))],
-                     axis=-1) * self._nonempty
+        w = (
+            np.stack(
+                [np.interp(progress, self._points, self._weights[:, j]) for j in range(len(self._streams))], axis=-1
+            )
+            * self._nonempty
+        )
         return w / w.sum(axis=-1, keepdims=True)
 
     def _pool_sizes(self) -> list[int]:
@@ -266,18 +282,20 @@ def _check_schedule(schedule: Sequence[tuple[float, Sequence[float]]], n_bins: i
     return points, weights_arr
 
 
-def split_global_batch(ids: np.ndarray, *, rank: int, world_size: int, micro_batch_size: int,
-                       grad_accum: int) -> list[np.ndarray]:
+def split_global_batch(
+    ids: np.ndarray, *, rank: int, world_size: int, micro_batch_size: int, grad_accum: int
+) -> list[np.ndarray]:
     """This rank's `grad_accum` micro-batches: its contiguous slice of the global batch, in order."""
-    for name, value in (("world_size", world_size), ("micro_batch_size", micro_batch_size),
-                        ("grad_accum", grad_accum)):
+    for name, value in (("world_size", world_size), ("micro_batch_size", micro_batch_size), ("grad_accum", grad_accum)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if not 0 <= rank < world_size:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
     per_rank = micro_batch_size * grad_accum
     if len(ids) != per_rank * world_size:
-        raise ValueError(f"global batch has {len(ids)} ids, expected micro_batch_size x grad_accum x world_size "
-                         f"= {micro_batch_size} x {grad_accum} x {world_size} = {per_rank * world_size}")
-    mine = np.asarray(ids)[rank * per_rank: (rank + 1) * per_rank]
-    return [mine[i * micro_batch_size: (i + 1) * micro_batch_size] for i in range(grad_accum)]
+        raise ValueError(
+            f"global batch has {len(ids)} ids, expected micro_batch_size x grad_accum x world_size "
+            f"= {micro_batch_size} x {grad_accum} x {world_size} = {per_rank * world_size}"
+        )
+    mine = np.asarray(ids)[rank * per_rank : (rank + 1) * per_rank]
+    return [mine[i * micro_batch_size : (i + 1) * micro_batch_size] for i in range(grad_accum)]

@@ -10,8 +10,9 @@ hold by construction (and ``tests/test_rows_and_tiny_data.py`` checks them in a 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from wmtp.data.rows import make_row, tests_instruction
 
@@ -45,87 +46,136 @@ def _word(rng: random.Random, letters: str = "abcde") -> str:
 
 def _add(rng: random.Random) -> _Template:
     k = rng.randint(1, 9)
-    return _Template(f"Write a function to add {k} to a number.", f"add_{k}",
-                     f"def add_{k}(x):\n    return x + {k}", f"def add_{k}(x):\n    return x - {k}",
-                     lambda r: (r.randint(-20, 20),), 0)
+    return _Template(
+        f"Write a function to add {k} to a number.",
+        f"add_{k}",
+        f"def add_{k}(x):\n    return x + {k}",
+        f"def add_{k}(x):\n    return x - {k}",
+        lambda r: (r.randint(-20, 20),),
+        0,
+    )
 
 
 def _scale(rng: random.Random) -> _Template:
     k = rng.randint(2, 9)
-    return _Template(f"Write a function to multiply a number by {k}.", f"times_{k}",
-                     f"def times_{k}(x):\n    return x * {k}", f"def times_{k}(x):\n    return x + {k}",
-                     lambda r: (r.randint(-20, 20),), 0)
+    return _Template(
+        f"Write a function to multiply a number by {k}.",
+        f"times_{k}",
+        f"def times_{k}(x):\n    return x * {k}",
+        f"def times_{k}(x):\n    return x + {k}",
+        lambda r: (r.randint(-20, 20),),
+        0,
+    )
 
 
 def _divisible(rng: random.Random) -> _Template:
     k = rng.randint(2, 7)
-    return _Template(f"Write a function to check whether a number is divisible by {k}.",
-                     f"divisible_by_{k}", f"def divisible_by_{k}(n):\n    return n % {k} == 0",
-                     f"def divisible_by_{k}(n):\n    return n % {k} == 1",
-                     lambda r: (r.randint(0, 50),), 0)
+    return _Template(
+        f"Write a function to check whether a number is divisible by {k}.",
+        f"divisible_by_{k}",
+        f"def divisible_by_{k}(n):\n    return n % {k} == 0",
+        f"def divisible_by_{k}(n):\n    return n % {k} == 1",
+        lambda r: (r.randint(0, 50),),
+        0,
+    )
 
 
 def _larger(rng: random.Random) -> _Template:
     name = rng.choice(["larger", "max_of_two", "bigger"])
-    return _Template("Write a function to return the larger of two numbers.", name,
-                     f"def {name}(a, b):\n    return a if a > b else b",
-                     f"def {name}(a, b):\n    return a if a < b else b",
-                     lambda r: (r.randint(-9, 9), r.randint(-9, 9)), 0)
+    return _Template(
+        "Write a function to return the larger of two numbers.",
+        name,
+        f"def {name}(a, b):\n    return a if a > b else b",
+        f"def {name}(a, b):\n    return a if a < b else b",
+        lambda r: (r.randint(-9, 9), r.randint(-9, 9)),
+        0,
+    )
 
 
 def _sum_above(rng: random.Random) -> _Template:
     t = rng.randint(1, 5)  # with 0, ">=" only adds zeros and the bug is invisible
-    return _Template(f"Write a function to sum the elements of a list that are greater than {t}.",
-                     "sum_above", f"def sum_above(xs):\n    return sum(x for x in xs if x > {t})",
-                     f"def sum_above(xs):\n    return sum(x for x in xs if x >= {t})",
-                     lambda r: (_ints(r, 0, 9),), 1)
+    return _Template(
+        f"Write a function to sum the elements of a list that are greater than {t}.",
+        "sum_above",
+        f"def sum_above(xs):\n    return sum(x for x in xs if x > {t})",
+        f"def sum_above(xs):\n    return sum(x for x in xs if x >= {t})",
+        lambda r: (_ints(r, 0, 9),),
+        1,
+    )
 
 
 def _count_char(rng: random.Random) -> _Template:
     c = rng.choice("abc")
     body = "    n = 0\n    for ch in s{}:\n        if ch == {!r}:\n            n += 1\n    return n"
-    return _Template(f"Write a function to count the occurrences of {c!r} in a string.", "count_char",
-                     "def count_char(s):\n" + body.format("", c), "def count_char(s):\n" + body.format("[1:]", c),
-                     lambda r: (_word(r, "abc"),), 1)
+    return _Template(
+        f"Write a function to count the occurrences of {c!r} in a string.",
+        "count_char",
+        "def count_char(s):\n" + body.format("", c),
+        "def count_char(s):\n" + body.format("[1:]", c),
+        lambda r: (_word(r, "abc"),),
+        1,
+    )
 
 
 def _repeat(rng: random.Random) -> _Template:
     k = rng.randint(2, 4)
-    return _Template(f"Write a function to repeat a string {k} times.", f"repeat_{k}",
-                     f"def repeat_{k}(s):\n    return s * {k}", f"def repeat_{k}(s):\n    return s * ({k} - 1)",
-                     lambda r: (_word(r),), 1)
+    return _Template(
+        f"Write a function to repeat a string {k} times.",
+        f"repeat_{k}",
+        f"def repeat_{k}(s):\n    return s * {k}",
+        f"def repeat_{k}(s):\n    return s * ({k} - 1)",
+        lambda r: (_word(r),),
+        1,
+    )
 
 
 def _squares(rng: random.Random) -> _Template:
     name = rng.choice(["squares", "first_squares"])
-    return _Template("Write a function to list the squares of the first n positive integers.", name,
-                     f"def {name}(n):\n    return [i * i for i in range(1, n + 1)]",
-                     f"def {name}(n):\n    return [i * i for i in range(n)]",
-                     lambda r: (r.randint(1, 5),), 1)
+    return _Template(
+        "Write a function to list the squares of the first n positive integers.",
+        name,
+        f"def {name}(n):\n    return [i * i for i in range(1, n + 1)]",
+        f"def {name}(n):\n    return [i * i for i in range(n)]",
+        lambda r: (r.randint(1, 5),),
+        1,
+    )
 
 
 def _running_sum(rng: random.Random) -> _Template:
     body = "    out, total = [], 0\n    for x in xs:\n{}\n    return out"
     step = ["        total += x", "        out.append(total)"]
-    return _Template("Write a function to return the running sums of a list.", "running_sum",
-                     "def running_sum(xs):\n" + body.format("\n".join(step)),
-                     "def running_sum(xs):\n" + body.format("\n".join(step[::-1])),
-                     lambda r: (_ints(r),), 2)
+    return _Template(
+        "Write a function to return the running sums of a list.",
+        "running_sum",
+        "def running_sum(xs):\n" + body.format("\n".join(step)),
+        "def running_sum(xs):\n" + body.format("\n".join(step[::-1])),
+        lambda r: (_ints(r),),
+        2,
+    )
 
 
 def _count_vowels(rng: random.Random) -> _Template:
-    return _Template("Write a function to count the vowels in a lowercase string.", "count_vowels",
-                     "def count_vowels(s):\n    return sum(1 for ch in s if ch in 'aeiou')",
-                     "def count_vowels(s):\n    return sum(1 for ch in s if ch in 'aeio')",
-                     lambda r: (_word(r, "abeiosu"),), 2)
+    return _Template(
+        "Write a function to count the vowels in a lowercase string.",
+        "count_vowels",
+        "def count_vowels(s):\n    return sum(1 for ch in s if ch in 'aeiou')",
+        "def count_vowels(s):\n    return sum(1 for ch in s if ch in 'aeio')",
+        lambda r: (_word(r, "abeiosu"),),
+        2,
+    )
 
 
 def _multiples(rng: random.Random) -> _Template:
     a, b = rng.sample(range(2, 6), 2)
     body = f"    return [i for i in range(1, n + 1) if i % {a} == 0 {{}} i % {b} == 0]"
-    return _Template(f"Write a function to list the numbers from 1 to n divisible by {a} or {b}.",
-                     "multiples", "def multiples(n):\n" + body.format("or"),
-                     "def multiples(n):\n" + body.format("and"), lambda r: (r.randint(4, 10),), 2)
+    return _Template(
+        f"Write a function to list the numbers from 1 to n divisible by {a} or {b}.",
+        "multiples",
+        "def multiples(n):\n" + body.format("or"),
+        "def multiples(n):\n" + body.format("and"),
+        lambda r: (r.randint(4, 10),),
+        2,
+    )
 
 
 def _with_repeated_max(rng: random.Random) -> list[int]:
@@ -136,15 +186,29 @@ def _with_repeated_max(rng: random.Random) -> list[int]:
 
 
 def _second_largest(rng: random.Random) -> _Template:
-    return _Template("Write a function to find the second largest distinct value in a list.",
-                     "second_largest", "def second_largest(xs):\n    return sorted(set(xs))[-2]",
-                     "def second_largest(xs):\n    return sorted(xs)[-2]",
-                     lambda r: (_with_repeated_max(r),), 2)
+    return _Template(
+        "Write a function to find the second largest distinct value in a list.",
+        "second_largest",
+        "def second_largest(xs):\n    return sorted(set(xs))[-2]",
+        "def second_largest(xs):\n    return sorted(xs)[-2]",
+        lambda r: (_with_repeated_max(r),),
+        2,
+    )
 
 
 TEMPLATES: tuple[Callable[[random.Random], _Template], ...] = (
-    _add, _scale, _divisible, _larger, _sum_above, _count_char, _repeat, _squares,
-    _running_sum, _count_vowels, _multiples, _second_largest,
+    _add,
+    _scale,
+    _divisible,
+    _larger,
+    _sum_above,
+    _count_char,
+    _repeat,
+    _squares,
+    _running_sum,
+    _count_vowels,
+    _multiples,
+    _second_largest,
 )
 
 
@@ -164,8 +228,7 @@ def _tests(t: _Template, rng: random.Random) -> list[str]:
         if len(calls) < TESTS_PER_PROBLEM:
             continue
         if any(incorrect(*args) != correct(*args) for args in calls.values()):
-            return [f"assert {t.name}({', '.join(map(repr, args))}) == {correct(*args)!r}"
-                    for args in calls.values()]
+            return [f"assert {t.name}({', '.join(map(repr, args))}) == {correct(*args)!r}" for args in calls.values()]
     raise RuntimeError(f"no inputs separate the solutions of {t.name!r}")
 
 
@@ -176,8 +239,13 @@ def synthetic_rows(n_problems: int, *, seed: int) -> list[dict[str, Any]]:
     for i in range(n_problems):
         t = rng.choice(TEMPLATES)(rng)
         tests = _tests(t, rng)
-        fields = dict(instruction=tests_instruction(t.text, tests), task_id=f"{SOURCE}/{seed}/{i}",
-                      source=SOURCE, difficulty=t.difficulty, tests=tests)
+        fields = dict(
+            instruction=tests_instruction(t.text, tests),
+            task_id=f"{SOURCE}/{seed}/{i}",
+            source=SOURCE,
+            difficulty=t.difficulty,
+            tests=tests,
+        )
         rows.append(make_row(output=t.correct, is_correct=True, **fields))
         rows.append(make_row(output=t.incorrect, is_correct=False, **fields))
     return rows
@@ -191,6 +259,14 @@ def synthetic_problems(n_problems: int, *, seed: int) -> list[dict[str, Any]]:
     problems = []
     for i in range(1, n_problems + 1):
         t = rng.choice(TEMPLATES)(rng)
-        problems.append({"task_id": i, "text": t.text, "code": t.correct, "test_list": _tests(t, rng),
-                         "test_setup_code": "", "challenge_test_list": []})
+        problems.append(
+            {
+                "task_id": i,
+                "text": t.text,
+                "code": t.correct,
+                "test_list": _tests(t, rng),
+                "test_setup_code": "",
+                "challenge_test_list": [],
+            }
+        )
     return problems

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from wmtp.data.tokenizer import SentencePieceTokenizer
 
 PROMPT_HEADER = (
-    "Below is an instruction that describes a task. "
-    "Write a response that appropriately completes the request.\n\n"
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
 )
 
 
@@ -20,8 +20,9 @@ def format_prompt(instruction: str, input_text: str = "") -> str:
     return prompt + "### Response:\n"
 
 
-def assemble(prompt_ids: list[int], response_ids: list[int], *, bos_id: int,
-             eos_id: int) -> tuple[list[int], list[int]]:
+def assemble(
+    prompt_ids: list[int], response_ids: list[int], *, bos_id: int, eos_id: int
+) -> tuple[list[int], list[int]]:
     """x = [BOS] + prompt + response + [EOS]; m_j = 1 on the response and its EOS, 0 elsewhere."""
     tokens = [bos_id, *prompt_ids, *response_ids, eos_id]
     mask = [0] * (1 + len(prompt_ids)) + [1] * (len(response_ids) + 1)

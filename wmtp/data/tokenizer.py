@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
@@ -51,8 +51,10 @@ class SentencePieceTokenizer:
             size = self.path.stat().st_size
             if size == 0:
                 raise ValueError(f"tokenizer {self.path} is empty (0 bytes)") from exc
-            raise ValueError(f"tokenizer {self.path} ({size} bytes) does not load, truncated or not a "
-                             f"sentencepiece model? ({exception_line(exc)})") from exc
+            raise ValueError(
+                f"tokenizer {self.path} ({size} bytes) does not load, truncated or not a "
+                f"sentencepiece model? ({exception_line(exc)})"
+            ) from exc
         if proto.normalizer_spec.add_dummy_prefix:
             proto.normalizer_spec.add_dummy_prefix = False
             self._sp_continue = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
@@ -60,8 +62,11 @@ class SentencePieceTokenizer:
             self._sp_continue = self._sp
         # A literal "▁" is spelt with its UTF-8 byte pieces, which decode to "▁" itself; without
         # byte fallback it is left to sentencepiece (and reads back as a space).
-        self._symbol_ids = ([self._sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_SYMBOL.encode()]
-                            if proto.trainer_spec.byte_fallback else [])
+        self._symbol_ids = (
+            [self._sp.piece_to_id(f"<0x{b:02X}>") for b in SPACE_SYMBOL.encode()]
+            if proto.trainer_spec.byte_fallback
+            else []
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -88,8 +93,9 @@ class SentencePieceTokenizer:
         """Ids of `text`; `prefix=True` for a prompt (begins a sequence), False for a response."""
         return self.encode_batch([text], bos=bos, eos=eos, prefix=prefix)[0]
 
-    def encode_batch(self, texts: Sequence[str], *, bos: bool = False, eos: bool = False,
-                     prefix: bool = False, num_threads: int = -1) -> list[list[int]]:
+    def encode_batch(
+        self, texts: Sequence[str], *, bos: bool = False, eos: bool = False, prefix: bool = False, num_threads: int = -1
+    ) -> list[list[int]]:
         """Encode many strings at once (sentencepiece's threaded batch path; -1: all cores).
 
         `prefix=True` for prompts (each begins a sequence), False for responses (see the class).
@@ -146,7 +152,10 @@ def train_sentencepiece(texts: Iterable[str], out_dir: str | Path, *, vocab_size
         split_digits=True,
         character_coverage=1.0,
         max_sentence_length=1 << 16,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
         num_threads=1,
         minloglevel=2,
     )

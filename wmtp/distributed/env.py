@@ -70,10 +70,19 @@ def init_distributed(device_kind: str = "auto") -> DistInfo:
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     device = pick_device(device_kind, local_rank)
     if torchrun and not dist.is_initialized():
-        dist.init_process_group(backend=process_group_backend(device), timeout=PROCESS_GROUP_TIMEOUT,
-                                device_id=device if device.type == "cuda" else None)
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, local_world_size=local_world_size,
-                    device=device, in_process_group=dist.is_initialized())
+        dist.init_process_group(
+            backend=process_group_backend(device),
+            timeout=PROCESS_GROUP_TIMEOUT,
+            device_id=device if device.type == "cuda" else None,
+        )
+    return DistInfo(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        local_world_size=local_world_size,
+        device=device,
+        in_process_group=dist.is_initialized(),
+    )
 
 
 def _active() -> bool:

@@ -12,7 +12,7 @@ parameters casts to the model's dtype.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -85,17 +85,18 @@ def _broadcast_into_shards(model: nn.Module, state: dict[str, torch.Tensor], inf
             buffer = torch.empty(rows_per_piece * row_bytes, dtype=torch.uint8, device=info.device)
         for first in range(0, shape[0], rows_per_piece):
             n = min(rows_per_piece, shape[0] - first)
-            piece = buffer[:n * row_bytes].view(dtype).view(n, *shape[1:])
+            piece = buffer[: n * row_bytes].view(dtype).view(n, *shape[1:])
             if info.is_main:
-                piece.copy_(state[key][first:first + n])
+                piece.copy_(state[key][first : first + n])
             dist.broadcast(piece, src=0)
             lo, hi = max(first, start), min(first + n, end)
             if lo < hi:
-                local[lo - start:hi - start].copy_(piece[lo - first:hi - first])
+                local[lo - start : hi - start].copy_(piece[lo - first : hi - first])
 
 
-def load_weights(model: nn.Module, read: StateDictReader, *, info: DistInfo,
-                 buffers_from: Callable[[], nn.Module] | None = None) -> None:
+def load_weights(
+    model: nn.Module, read: StateDictReader, *, info: DistInfo, buffers_from: Callable[[], nn.Module] | None = None
+) -> None:
     """Materialise `model` (meta device, FSDP-sharded or not) on info.device and load rank 0's weights.
 
     buffers_from: on rank 0, a loaded module whose non-persistent buffers (e.g. a Hugging Face

@@ -37,23 +37,27 @@ def build_mesh(info: DistInfo, hsdp_replicas: int) -> DeviceMesh | None:
     links), replicas across nodes (gradients all-reduced once per step).
     """
     if hsdp_replicas < 1 or info.world_size % hsdp_replicas:
-        raise ValueError(f"distributed.hsdp_replicas ({hsdp_replicas}) must be >= 1 and divide the world size "
-                         f"({info.world_size})")
+        raise ValueError(
+            f"distributed.hsdp_replicas ({hsdp_replicas}) must be >= 1 and divide the world size ({info.world_size})"
+        )
     if not info.in_process_group:
         return None
     if hsdp_replicas == 1:
         return init_device_mesh(info.device.type, (info.world_size,), mesh_dim_names=("shard",))
-    return init_device_mesh(info.device.type, (hsdp_replicas, info.world_size // hsdp_replicas),
-                            mesh_dim_names=("replicate", "shard"))
+    return init_device_mesh(
+        info.device.type, (hsdp_replicas, info.world_size // hsdp_replicas), mesh_dim_names=("replicate", "shard")
+    )
 
 
 def check_float8(device: torch.device) -> None:
     """Stop with a clear message where float8 training cannot run."""
     if device.type != "cuda" or torch.cuda.get_device_capability(device) < FLOAT8_MIN_CAPABILITY:
         found = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-        raise RuntimeError(f"distributed.float8 = true needs a CUDA GPU with compute capability >= "
-                           f"{FLOAT8_MIN_CAPABILITY[0]}.{FLOAT8_MIN_CAPABILITY[1]} (H100, L40S, ...); this run has "
-                           f"{found}: set distributed.float8 = false")
+        raise RuntimeError(
+            f"distributed.float8 = true needs a CUDA GPU with compute capability >= "
+            f"{FLOAT8_MIN_CAPABILITY[0]}.{FLOAT8_MIN_CAPABILITY[1]} (H100, L40S, ...); this run has "
+            f"{found}: set distributed.float8 = false"
+        )
     try:
         import torchao.float8  # noqa: F401
     except ImportError:
@@ -67,8 +71,12 @@ def float8_filter(module: nn.Module, fqn: str) -> bool:
     output feature: both stay in high precision.
     """
     inside_block = fqn.split(".", 1)[0] in BLOCK_CONTAINERS
-    return (isinstance(module, nn.Linear) and inside_block
-            and module.in_features % FLOAT8_DIM_MULTIPLE == 0 and module.out_features % FLOAT8_DIM_MULTIPLE == 0)
+    return (
+        isinstance(module, nn.Linear)
+        and inside_block
+        and module.in_features % FLOAT8_DIM_MULTIPLE == 0
+        and module.out_features % FLOAT8_DIM_MULTIPLE == 0
+    )
 
 
 def convert_float8(model: nn.Module) -> list[str]:
@@ -96,8 +104,14 @@ def apply_compile(model: nn.Module) -> None:
         container[i].compile()
 
 
-def shard(model: nn.Module, blocks: list[nn.Module], *, mesh: DeviceMesh, param_dtype: torch.dtype | None,
-          reshard_after_forward: bool) -> None:
+def shard(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    *,
+    mesh: DeviceMesh,
+    param_dtype: torch.dtype | None,
+    reshard_after_forward: bool,
+) -> None:
     """fully_shard each block, then the root (embeddings, norm, output, value head).
 
     param_dtype bf16 gives bf16 compute with fp32 master weights and fp32 gradient reduction. A 2-D
@@ -122,8 +136,14 @@ def shard_frozen(model: nn.Module, blocks: list[nn.Module], methods: tuple[str, 
         register_fsdp_forward_method(model, name)
 
 
-def parallelize(model: nn.Module, cfg: DistributedConfig, *, mesh: DeviceMesh | None, device: torch.device,
-                param_dtype: torch.dtype | None) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    cfg: DistributedConfig,
+    *,
+    mesh: DeviceMesh | None,
+    device: torch.device,
+    param_dtype: torch.dtype | None,
+) -> nn.Module:
     """float8 (if asked), activation checkpointing, compile, then FSDP2 over `mesh` (None: not sharded)."""
     if cfg.float8:
         check_float8(device)
@@ -132,6 +152,11 @@ def parallelize(model: nn.Module, cfg: DistributedConfig, *, mesh: DeviceMesh | 
     if cfg.compile:
         apply_compile(model)
     if mesh is not None:
-        shard(model, [container[i] for container, i in transformer_blocks(model)], mesh=mesh,
-              param_dtype=param_dtype, reshard_after_forward=cfg.reshard_after_forward)
+        shard(
+            model,
+            [container[i] for container, i in transformer_blocks(model)],
+            mesh=mesh,
+            param_dtype=param_dtype,
+            reshard_after_forward=cfg.reshard_after_forward,
+        )
     return model

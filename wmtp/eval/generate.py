@@ -123,12 +123,14 @@ class _Outputs:
         return False
 
     def result(self) -> Generation:
-        return Generation(tokens=self.tokens, forwards=self.forwards, stop_reasons=self.reasons,
-                          row_forwards=self.row_forwards)
+        return Generation(
+            tokens=self.tokens, forwards=self.forwards, stop_reasons=self.reasons, row_forwards=self.row_forwards
+        )
 
 
-def sample_from_logits(logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float,
-                       top_p: float) -> torch.Tensor:
+def sample_from_logits(
+    logits: torch.Tensor, uniforms: torch.Tensor, *, temperature: float, top_p: float
+) -> torch.Tensor:
     """One token per row of logits [B, V] by inverse CDF of the tempered, nucleus-truncated softmax
     at uniforms [B] in [0, 1); returns [B] token ids."""
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -152,20 +154,33 @@ def _row_uniforms(seed: int, n_rows: int, n_draws: int) -> torch.Tensor:
     return out
 
 
-def _last_logits(model: MTPTransformer, seqs: Sequence[Sequence[int]], *, n_heads: int | None,
-                 start_pos: int | None, device: torch.device) -> torch.Tensor:
+def _last_logits(
+    model: MTPTransformer,
+    seqs: Sequence[Sequence[int]],
+    *,
+    n_heads: int | None,
+    start_pos: int | None,
+    device: torch.device,
+) -> torch.Tensor:
     """Logits [B, n_heads, V] at each sequence's last token: one right-padded forward from position 0
     (filling the KV cache when start_pos is 0; the whole sequences, uncached, when None)."""
     lengths = [len(s) for s in seqs]
     tokens = torch.full((len(seqs), max(lengths)), PAD_ID, dtype=torch.long)
     for b, s in enumerate(seqs):
-        tokens[b, :len(s)] = torch.tensor(s, dtype=torch.long)
+        tokens[b, : len(s)] = torch.tensor(s, dtype=torch.long)
     last = torch.tensor(lengths, device=device)[:, None] - 1
     return model.logits(tokens.to(device), start_pos=start_pos, n_heads=n_heads, token_index=last)[:, 0]
 
 
-def _plain(model: MTPTransformer, prompts: list[list[int]], out: _Outputs,
-           pick: Callable[[torch.Tensor], torch.Tensor], *, use_cache: bool, device: torch.device) -> None:
+def _plain(
+    model: MTPTransformer,
+    prompts: list[list[int]],
+    out: _Outputs,
+    pick: Callable[[torch.Tensor], torch.Tensor],
+    *,
+    use_cache: bool,
+    device: torch.device,
+) -> None:
     """Greedy or sampled decoding, one token per row and forward; `pick` maps logits [B, V] of the
     active rows to their next tokens [B]."""
     if use_cache:
@@ -194,8 +209,7 @@ def _speculative(model: MTPTransformer, prompts: list[list[int]], out: _Outputs,
     n = model.n_future
     model.setup_kv_cache(len(prompts), max(map(len, prompts)) + out.max_new_tokens + n)
     # blocks[b] = [g, drafts of heads 1..n-1]: the argmax of every head at row b's last accepted token.
-    blocks: list[list[int]] = _last_logits(model, prompts, n_heads=None, start_pos=0,
-                                           device=device).argmax(-1).tolist()
+    blocks: list[list[int]] = _last_logits(model, prompts, n_heads=None, start_pos=0, device=device).argmax(-1).tolist()
     going = out.step([[block[0]] for block in blocks])
     while out.active:
         if len(going) < len(blocks):
@@ -209,15 +223,24 @@ def _speculative(model: MTPTransformer, prompts: list[list[int]], out: _Outputs,
             accepted = 0
             while accepted < n - 1 and block[accepted + 1] == argmaxes[accepted][0]:
                 accepted += 1
-            new.append(block[1:accepted + 1] + [argmaxes[accepted][0]])
+            new.append(block[1 : accepted + 1] + [argmaxes[accepted][0]])
             next_blocks.append(argmaxes[accepted])
         going = out.step(new)
         blocks = next_blocks
 
 
-def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-             eos_id: int | None, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-             speculative: bool = False, use_cache: bool = True) -> Generation:
+def generate(
+    model: MTPTransformer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_id: int | None,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    speculative: bool = False,
+    use_cache: bool = True,
+) -> Generation:
     """Continue every prompt (token ids, BOS included; any lengths) in one batch.
 
     temperature 0 is greedy; otherwise tokens are sampled from softmax(logits / temperature),
@@ -247,10 +270,13 @@ def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], *, max_new
     # The last forward writes up to here (a speculative block reaches n - 1 past the last token).
     longest = max(map(len, prompts)) + max_new_tokens + (model.n_future if speculative else 0)
     if longest > model.rope_tables(device)[0].shape[0]:
-        raise ValueError(f"generate: prompt + max_new_tokens needs {longest} positions; the model has "
-                         f"{model.rope_tables(device)[0].shape[0]}")
+        raise ValueError(
+            f"generate: prompt + max_new_tokens needs {longest} positions; the model has "
+            f"{model.rope_tables(device)[0].shape[0]}"
+        )
     out = _Outputs(len(prompts), max_new_tokens=max_new_tokens, eos_id=eos_id)
     if temperature == 0:
+
         def pick(logits: torch.Tensor) -> torch.Tensor:
             return logits.argmax(-1)
     else:
@@ -260,6 +286,7 @@ def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], *, max_new
             # Every active row draws its uniform for the index of the token it is choosing.
             u = uniforms[out.active, [len(out.tokens[p]) for p in out.active]]
             return sample_from_logits(logits, u.to(device), temperature=temperature, top_p=top_p)
+
     was_training = model.training
     model.eval()
     try:

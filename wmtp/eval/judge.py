@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from wmtp.eval.problems import ALPACA, CODECONTESTS, Problem, completion_to_program
 from wmtp.eval.sandbox import MAX_OUTPUT_BYTES, ExecResult, run_programs
@@ -32,9 +32,14 @@ OUTPUT_SLACK_BYTES = 4096
 PASSED = "passed"
 WRONG_ANSWER = "wrong_answer"
 NO_TESTS = "no_tests"
-_REASONS = {"timeout": "time limit exceeded", "failed": "runtime error", "memory": "memory limit exceeded",
-            "file_size": "file size limit exceeded", "output_limit": "output limit exceeded",
-            "killed": "killed by a signal"}
+_REASONS = {
+    "timeout": "time limit exceeded",
+    "failed": "runtime error",
+    "memory": "memory limit exceeded",
+    "file_size": "file size limit exceeded",
+    "output_limit": "output limit exceeded",
+    "killed": "killed by a signal",
+}
 
 _INTEGER = re.compile(r"[+-]?\d+")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -105,8 +110,15 @@ class _Progress:
     verdict: Verdict | None = None
 
 
-def judge(submissions: Sequence[tuple[Problem, str]], *, workers: int = 1, timeout_s: float = 10.0,
-          memory_mb: int = 2048, time_scale: float = 1.0, template: str = ALPACA) -> list[Verdict]:
+def judge(
+    submissions: Sequence[tuple[Problem, str]],
+    *,
+    workers: int = 1,
+    timeout_s: float = 10.0,
+    memory_mb: int = 2048,
+    time_scale: float = 1.0,
+    template: str = ALPACA,
+) -> list[Verdict]:
     """The verdict of each (problem, completion), in order.
 
     The completion is cut at the template's stop sequences and turned into its program as
@@ -122,15 +134,27 @@ def judge(submissions: Sequence[tuple[Problem, str]], *, workers: int = 1, timeo
         elif not problem.io_tests:
             verdicts[i] = Verdict(False, NO_TESTS, "the problem has no tests", 0, 0, 0, 0.0)
         else:
-            streams.append((i, _Progress(problem, program, time_limit_s(problem, default_s=timeout_s,
-                                                                         time_scale=time_scale),
-                                         memory_limit_mb(problem, default_mb=memory_mb))))
+            streams.append(
+                (
+                    i,
+                    _Progress(
+                        problem,
+                        program,
+                        time_limit_s(problem, default_s=timeout_s, time_scale=time_scale),
+                        memory_limit_mb(problem, default_mb=memory_mb),
+                    ),
+                )
+            )
     results = run_programs([p for _, p in programs], workers=workers, timeout_s=timeout_s, memory_mb=memory_mb)
     for (i, _), result in zip(programs, results):
-        reason = ("the test program passed" if result.passed
-                  else f"the test program failed: {_failure(result.status, result, timeout_s)}")
-        verdicts[i] = Verdict(result.passed, PASSED if result.passed else result.status, reason,
-                              int(result.passed), 1, 1, result.seconds)
+        reason = (
+            "the test program passed"
+            if result.passed
+            else f"the test program failed: {_failure(result.status, result, timeout_s)}"
+        )
+        verdicts[i] = Verdict(
+            result.passed, PASSED if result.passed else result.status, reason, int(result.passed), 1, 1, result.seconds
+        )
     _judge_io([s for _, s in streams], workers=workers)
     for i, s in streams:
         verdicts[i] = s.verdict
@@ -150,9 +174,14 @@ def _judge_io(streams: list[_Progress], *, workers: int) -> None:
         outcome: dict[tuple[int, int], ExecResult] = {}
         for (timeout_s, memory_mb), group in by_limits.items():
             longest = max(len(s.problem.io_tests[t][1].encode()) for s, t in group)
-            results = run_programs([s.code for s, _ in group], stdins=[s.problem.io_tests[t][0] for s, t in group],
-                                   workers=workers, timeout_s=timeout_s, memory_mb=memory_mb,
-                                   max_output_bytes=max(MAX_OUTPUT_BYTES, 2 * longest + OUTPUT_SLACK_BYTES))
+            results = run_programs(
+                [s.code for s, _ in group],
+                stdins=[s.problem.io_tests[t][0] for s, t in group],
+                workers=workers,
+                timeout_s=timeout_s,
+                memory_mb=memory_mb,
+                max_output_bytes=max(MAX_OUTPUT_BYTES, 2 * longest + OUTPUT_SLACK_BYTES),
+            )
             outcome.update({(id(s), t): r for (s, t), r in zip(group, results)})
         for s, t in runs:
             if s.verdict is not None:

@@ -19,15 +19,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Mapping, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from wmtp.atomic import atomic_write, atomic_write_text
 from wmtp.data.index import RowIndex
-from wmtp.eval.judge import Verdict
 from wmtp.data.rows import TEST_COLUMNS
+from wmtp.eval.judge import Verdict
 from wmtp.eval.problems import CODECONTESTS, Problem, ProblemFileError, problem_from_row
 
 TESTS_SUFFIX = "_tests.jsonl"
@@ -138,20 +139,45 @@ def _is_codecontests(row: dict[str, Any]) -> bool:
     return row["metadata"].get("dataset") == CODECONTESTS
 
 
-def labelled_rows(item: LabellingProblem, completions: Sequence[str], verdicts: Sequence[Verdict], *,
-                  policy: str, new_tokens: Sequence[int]) -> list[dict[str, Any]]:
+def labelled_rows(
+    item: LabellingProblem,
+    completions: Sequence[str],
+    verdicts: Sequence[Verdict],
+    *,
+    policy: str,
+    new_tokens: Sequence[int],
+) -> list[dict[str, Any]]:
     """The processed rows of one problem's judged completions."""
     base = {k: v for k, v in item.row["metadata"].items() if k not in ROW_SPECIFIC_METADATA}
     passed = sum(v.passed for v in verdicts)
     rows = []
     for i, (completion, verdict, n_tokens) in enumerate(zip(completions, verdicts, new_tokens)):
-        meta = {**base, "language": "python3", "label": "execution", "policy": policy, "sample": i,
-                "solution_id": f"{item.row['task_id']}/sample/{i}", "status": verdict.status,
-                "reason": verdict.reason, "tests_passed": verdict.tests_passed, "tests_run": verdict.tests_run,
-                "tests_total": verdict.tests_total, "samples_passed": passed, "samples": len(verdicts),
-                "new_tokens": int(n_tokens)}
-        rows.append({"instruction": item.row["instruction"], "input": item.row["input"], "output": completion,
-                     "task_id": item.row["task_id"], "is_correct": verdict.passed, "metadata": meta})
+        meta = {
+            **base,
+            "language": "python3",
+            "label": "execution",
+            "policy": policy,
+            "sample": i,
+            "solution_id": f"{item.row['task_id']}/sample/{i}",
+            "status": verdict.status,
+            "reason": verdict.reason,
+            "tests_passed": verdict.tests_passed,
+            "tests_run": verdict.tests_run,
+            "tests_total": verdict.tests_total,
+            "samples_passed": passed,
+            "samples": len(verdicts),
+            "new_tokens": int(n_tokens),
+        }
+        rows.append(
+            {
+                "instruction": item.row["instruction"],
+                "input": item.row["input"],
+                "output": completion,
+                "task_id": item.row["task_id"],
+                "is_correct": verdict.passed,
+                "metadata": meta,
+            }
+        )
     return rows
 
 
@@ -177,8 +203,9 @@ class LabelStore:
             saved = json.loads(path.read_text())
             changed = [f"{k}: {saved.get(k)!r} then, {v!r} now" for k, v in settings.items() if saved.get(k) != v]
             if changed:
-                raise ValueError(f"{self.out} was labelled with other settings ({'; '.join(changed)}); "
-                                 f"use another output folder")
+                raise ValueError(
+                    f"{self.out} was labelled with other settings ({'; '.join(changed)}); use another output folder"
+                )
         elif write:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps(dict(settings), indent=1) + "\n")
@@ -224,8 +251,14 @@ class LabelStore:
         statuses: dict[str, int] = {}
         for r in rows:
             statuses[r["metadata"]["status"]] = statuses.get(r["metadata"]["status"], 0) + 1
-        record = {"task_id": task_id, "start": start, "end": self._rows.tell(), "samples": len(rows),
-                  "passed": sum(r["is_correct"] for r in rows), "statuses": statuses}
+        record = {
+            "task_id": task_id,
+            "start": start,
+            "end": self._rows.tell(),
+            "samples": len(rows),
+            "passed": sum(r["is_correct"] for r in rows),
+            "statuses": statuses,
+        }
         if skipped is not None:
             record["skipped"] = skipped
         _fsync_append(self._done, (json.dumps(record) + "\n").encode())

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 
 
 def _as_count(name: str, value: object) -> int:
@@ -54,8 +54,7 @@ def mean_pass_at_k(counts: Mapping[Hashable, tuple[int, int]], ks: Iterable[int]
         if k < 1:
             raise ValueError(f"pass@k: k must be >= 1, got k={k}")
     fewest = min(_as_count(f"n of {task!r}", n) for task, (n, _) in counts.items())
-    return {k: sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts)
-            for k in ks if k <= fewest}
+    return {k: sum(pass_at_k(n, c, k) for n, c in counts.values()) / len(counts) for k in ks if k <= fewest}
 
 
 def count_passes(results: Iterable[tuple[Hashable, bool]]) -> dict[Hashable, tuple[int, int]]:

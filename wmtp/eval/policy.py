@@ -11,9 +11,9 @@ broadcasts them, as training does.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from pathlib import Path
 
+import tomllib
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -56,13 +56,15 @@ def resolve_policy(path: str | Path, tokenizer: str | Path = "") -> PolicySource
     if (folder / PARAMS_FILENAME).is_file():
         found = Path(tokenizer) if tokenizer else _tokenizer_near(folder)
         if found is None:
-            raise FileNotFoundError(f"model.path {folder}: no {TOKENIZER_FILENAME} in it or its parent; "
-                                    f"set tokenizer.path")
+            raise FileNotFoundError(
+                f"model.path {folder}: no {TOKENIZER_FILENAME} in it or its parent; set tokenizer.path"
+            )
         return PolicySource(weights=folder, tokenizer=found)
     config = folder / RUN_CONFIG
     if not config.is_file():
-        raise FileNotFoundError(f"model.path {folder}: neither a model folder ({PARAMS_FILENAME}) nor a training "
-                                f"run folder ({RUN_CONFIG})")
+        raise FileNotFoundError(
+            f"model.path {folder}: neither a model folder ({PARAMS_FILENAME}) nor a training run folder ({RUN_CONFIG})"
+        )
     if (folder / FINAL / PARAMS_FILENAME).is_file():
         return resolve_policy(folder / FINAL, tokenizer)
     run = tomllib.loads(config.read_text())
@@ -75,8 +77,9 @@ def resolve_policy(path: str | Path, tokenizer: str | Path = "") -> PolicySource
     raise FileNotFoundError(f"model.path {folder}: a run folder with neither {FINAL}/ nor a complete checkpoint")
 
 
-def load_policy(source: PolicySource, *, info: DistInfo, dtype: torch.dtype,
-                max_seq_len: int) -> tuple[MTPTransformer, SentencePieceTokenizer]:
+def load_policy(
+    source: PolicySource, *, info: DistInfo, dtype: torch.dtype, max_seq_len: int
+) -> tuple[MTPTransformer, SentencePieceTokenizer]:
     """The policy on info.device in `dtype`, in eval mode, with its tokenizer."""
     tokenizer = SentencePieceTokenizer(source.tokenizer)
     model = build_mtp(source.weights, vocab_size=tokenizer.vocab_size, max_seq_len=max_seq_len)
@@ -85,6 +88,5 @@ def load_policy(source: PolicySource, *, info: DistInfo, dtype: torch.dtype,
         state = {DCP_MODEL_KEY: model.state_dict()}
         # Partial: the optimizer's tensors are not read, nor model tensors the checkpoint lacks.
         with dcp_quietly():
-            dcp.load(state, checkpoint_id=str(source.checkpoint),
-                     planner=DefaultLoadPlanner(allow_partial_load=True))
+            dcp.load(state, checkpoint_id=str(source.checkpoint), planner=DefaultLoadPlanner(allow_partial_load=True))
     return model.to(dtype).eval().requires_grad_(False), tokenizer

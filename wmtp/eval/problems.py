@@ -38,8 +38,9 @@ import gzip
 import json
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from wmtp.data.rows import TEST_COLUMNS, tests_instruction
 from wmtp.data.template import format_prompt
@@ -182,9 +183,16 @@ def load_humaneval(path: str | os.PathLike[str]) -> list[Problem]:
         fields = {key: _require(where, obj, key, str, "a string") for key in HUMANEVAL_KEYS}
         if not fields["entry_point"].isidentifier():
             raise ProblemFileError(f"{where}: key 'entry_point' is not a Python name: {fields['entry_point']!r}")
-        problems.append(Problem(
-            task_id=fields["task_id"], dataset=HUMANEVAL, reference=fields["canonical_solution"],
-            prompt=fields["prompt"], entry_point=fields["entry_point"], test=fields["test"]))
+        problems.append(
+            Problem(
+                task_id=fields["task_id"],
+                dataset=HUMANEVAL,
+                reference=fields["canonical_solution"],
+                prompt=fields["prompt"],
+                entry_point=fields["entry_point"],
+                test=fields["test"],
+            )
+        )
     _check_unique(path, [p.task_id for p in problems])
     return problems
 
@@ -203,13 +211,16 @@ def _mbpp_problem(where: str, obj: Any) -> tuple[int, Problem]:
     if not tests or not all(isinstance(t, str) for t in tests):
         raise ProblemFileError(f"{where}: key 'test_list' is not a non-empty list of strings")
     return task_id, Problem(
-        task_id=f"{MBPP_TASK_PREFIX}{task_id}", dataset=MBPP, reference=_normalise(fields["code"]),
-        text=_normalise(fields["text"]), test_list=tuple(_normalise(t) for t in tests),
-        test_setup_code=_normalise(fields["test_setup_code"]))
+        task_id=f"{MBPP_TASK_PREFIX}{task_id}",
+        dataset=MBPP,
+        reference=_normalise(fields["code"]),
+        text=_normalise(fields["text"]),
+        test_list=tuple(_normalise(t) for t in tests),
+        test_setup_code=_normalise(fields["test_setup_code"]),
+    )
 
 
-def load_mbpp(path: str | os.PathLike[str], *,
-              task_ids: Iterable[int] | None = MBPP_TEST_TASK_IDS) -> list[Problem]:
+def load_mbpp(path: str | os.PathLike[str], *, task_ids: Iterable[int] | None = MBPP_TEST_TASK_IDS) -> list[Problem]:
     """MBPP problems from google-research's JSON (a list of records, e.g. mbpp_test.json) or JSONL
     (``mbpp.jsonl``, one record per line), in file order.
 
@@ -233,8 +244,10 @@ def load_mbpp(path: str | os.PathLike[str], *,
     missing = sorted(wanted - {number for number, _ in problems})
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
-        raise ProblemFileError(f"{path}: {len(missing)} requested MBPP task ids are not in the file: {shown} "
-                               "(task_ids=None loads every problem of the file)")
+        raise ProblemFileError(
+            f"{path}: {len(missing)} requested MBPP task ids are not in the file: {shown} "
+            "(task_ids=None loads every problem of the file)"
+        )
     return [p for number, p in problems if number in wanted]
 
 
@@ -305,7 +318,7 @@ def truncate_at_stop(text: str, stops: Sequence[str]) -> str:
     if not all(stops):
         raise ValueError("an empty stop sequence would cut every completion to nothing")
     found = [at for at in (text.find(stop) for stop in stops) if at != -1]
-    return text[:min(found)] if found else text
+    return text[: min(found)] if found else text
 
 
 def extract_code(response: str) -> str:
@@ -316,8 +329,8 @@ def extract_code(response: str) -> str:
     if opening is None:
         return response
     closing = _FENCE_LINE.search(response, opening.end())
-    block = response[opening.end():closing.start() if closing else len(response)]
-    return block if block.strip() else response[:opening.start()]
+    block = response[opening.end() : closing.start() if closing else len(response)]
+    return block if block.strip() else response[: opening.start()]
 
 
 def build_program(problem: Problem, completion: str) -> str:
@@ -332,8 +345,9 @@ def build_program(problem: Problem, completion: str) -> str:
     raise _unknown_dataset(problem.dataset)
 
 
-def completion_to_program(problem: Problem, completion: str, template: str = ALPACA, *,
-                          apply_stops: bool = True) -> str:
+def completion_to_program(
+    problem: Problem, completion: str, template: str = ALPACA, *, apply_stops: bool = True
+) -> str:
     """The program run for a model's completion of ``build_prompt(problem, template)``.
 
     The completion is cut at the stop sequences first (a no-op if generation already stopped
@@ -361,11 +375,12 @@ def _row_dataset(meta: dict[str, Any]) -> str:
 def _strip_suffix(where: str, text: str, suffix: str, what: str) -> str:
     if not text.endswith(suffix):
         raise ProblemFileError(f"{where}: the instruction does not end with {what}")
-    return text[:len(text) - len(suffix)]
+    return text[: len(text) - len(suffix)]
 
 
-def problem_from_row(row: dict[str, Any], tests: dict[str, Any] | None = None, *, where: str = "row",
-                     max_tests: int = 0) -> Problem:
+def problem_from_row(
+    row: dict[str, Any], tests: dict[str, Any] | None = None, *, where: str = "row", max_tests: int = 0
+) -> Problem:
     """The problem of a processed row (``wmtp.data.rows``) of HumanEval, MBPP or CodeContests.
 
     CodeContests rows keep their tests in the split's ``*_tests.jsonl`` sidecar: pass the
@@ -378,22 +393,39 @@ def problem_from_row(row: dict[str, Any], tests: dict[str, Any] | None = None, *
     if dataset == MBPP:
         test_list = tuple(meta.get("tests", ()))
         text = _strip_suffix(where, row["instruction"], tests_instruction("", test_list), "its tests")
-        return Problem(task_id=row["task_id"], dataset=MBPP, reference=reference, text=text, test_list=test_list,
-                       test_setup_code=meta.get("test_setup_code", ""))
+        return Problem(
+            task_id=row["task_id"],
+            dataset=MBPP,
+            reference=reference,
+            text=text,
+            test_list=test_list,
+            test_setup_code=meta.get("test_setup_code", ""),
+        )
     if dataset == HUMANEVAL:
         prompt = meta["prompt"]
         code = prompt.lstrip("\n")
         if reference and not reference.startswith(code):
             raise ProblemFileError(f"{where}: a correct HumanEval row's output does not begin with its prompt")
-        return Problem(task_id=row["task_id"], dataset=HUMANEVAL, reference=reference[len(code):],
-                       prompt=prompt, entry_point=meta["entry_point"], test=meta["tests"][0])
+        return Problem(
+            task_id=row["task_id"],
+            dataset=HUMANEVAL,
+            reference=reference[len(code) :],
+            prompt=prompt,
+            entry_point=meta["entry_point"],
+            test=meta["tests"][0],
+        )
     if dataset == CODECONTESTS:
         if tests is None:
             raise ProblemFileError(f"{where}: CodeContests problem {row['task_id']!r} needs its tests record")
         lists = [tests.get(column) or {} for column in TEST_COLUMNS]
         pairs = [pair for t in lists for pair in zip(t.get("input") or [], t.get("output") or [])]
-        return Problem(task_id=row["task_id"], dataset=CODECONTESTS, reference=reference, text=row["instruction"],
-                       io_tests=tuple(pairs[:max_tests] if max_tests > 0 else pairs),
-                       time_limit_s=tests.get("time_limit_s"),
-                       memory_limit_bytes=int(tests.get("memory_limit_bytes") or 0))
+        return Problem(
+            task_id=row["task_id"],
+            dataset=CODECONTESTS,
+            reference=reference,
+            text=row["instruction"],
+            io_tests=tuple(pairs[:max_tests] if max_tests > 0 else pairs),
+            time_limit_s=tests.get("time_limit_s"),
+            memory_limit_bytes=int(tests.get("memory_limit_bytes") or 0),
+        )
     raise ProblemFileError(f"{where}: rows of dataset {dataset!r} have no tests to run; known: {', '.join(DATASETS)}")

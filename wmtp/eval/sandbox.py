@@ -64,9 +64,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Sequence
+from typing import IO
 
 logger = logging.getLogger(__name__)
 
@@ -233,13 +234,37 @@ class _Sandbox:
     protections: dict[str, bool]
 
     def command(self, uid: int | None, *, timeout_s: float, memory_mb: int) -> list[str]:
-        drop = [] if uid is None or self.setpriv is None else [
-            self.setpriv, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs",
-            "--pdeathsig=KILL", "--"]
-        limits = [memory_mb << 20, math.ceil(timeout_s) + CPU_GRACE_S, FILE_SIZE_LIMIT_BYTES,
-                  OPEN_FILES_LIMIT, PROCESS_LIMIT if drop else 0, int(self.block_socket)]
-        return [*self.namespaces, *drop, self.python, *INTERPRETER_FLAGS, "-c", _PRELUDE,
-                PROGRAM_NAME, *map(str, limits)]
+        drop = (
+            []
+            if uid is None or self.setpriv is None
+            else [
+                self.setpriv,
+                f"--reuid={uid}",
+                f"--regid={uid}",
+                "--clear-groups",
+                "--no-new-privs",
+                "--pdeathsig=KILL",
+                "--",
+            ]
+        )
+        limits = [
+            memory_mb << 20,
+            math.ceil(timeout_s) + CPU_GRACE_S,
+            FILE_SIZE_LIMIT_BYTES,
+            OPEN_FILES_LIMIT,
+            PROCESS_LIMIT if drop else 0,
+            int(self.block_socket),
+        ]
+        return [
+            *self.namespaces,
+            *drop,
+            self.python,
+            *INTERPRETER_FLAGS,
+            "-c",
+            _PRELUDE,
+            PROGRAM_NAME,
+            *map(str, limits),
+        ]
 
 
 _setup_lock = threading.Lock()
@@ -253,8 +278,7 @@ def _claim_uid_block() -> int:
     """First uid of a block no other live process holds."""
     os.makedirs(UID_LOCK_DIR, mode=0o755, exist_ok=True)
     for block in range(UID_BLOCKS):
-        fd = os.open(os.path.join(UID_LOCK_DIR, f"block-{block}.lock"),
-                     os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(os.path.join(UID_LOCK_DIR, f"block-{block}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -294,8 +318,14 @@ def _namespace_command(root: bool) -> tuple[tuple[str, ...], str]:
 
 def _probe(sandbox: _Sandbox) -> dict | None:
     """What the probe program reports from inside ``sandbox``, or None if it could not run."""
-    result = _run(sandbox, _PROBE, stdin=None, timeout_s=_PROBE_TIMEOUT_S, memory_mb=_PROBE_MEMORY_MB,
-                  max_output_bytes=MAX_OUTPUT_BYTES)
+    result = _run(
+        sandbox,
+        _PROBE,
+        stdin=None,
+        timeout_s=_PROBE_TIMEOUT_S,
+        memory_mb=_PROBE_MEMORY_MB,
+        max_output_bytes=MAX_OUTPUT_BYTES,
+    )
     if not result.passed:
         logger.debug("sandbox probe with %s failed: %s", sandbox.python, result.stderr.strip())
         return None
@@ -307,8 +337,13 @@ def _find_sandbox() -> _Sandbox:
     namespaces, no_namespaces = _namespace_command(root)
     setpriv = shutil.which("setpriv") if root and sys.platform == "linux" else None
     uids = _UidPool(_claim_uid_block()) if setpriv else None
-    no_uid = ("not root: programs run as this user and can change its files" if not root else
-              "no setpriv command: programs run as root" if setpriv is None else "")
+    no_uid = (
+        "not root: programs run as this user and can change its files"
+        if not root
+        else "no setpriv command: programs run as root"
+        if setpriv is None
+        else ""
+    )
     report = None
     for python in _interpreters():
         sandbox = _Sandbox(python, namespaces, setpriv, uids, not namespaces, {})
@@ -335,20 +370,26 @@ def _find_sandbox() -> _Sandbox:
     }
     missing = []
     if not protections["network_namespace"]:
-        missing.append(f"a network namespace ({no_namespaces}): network is blocked in-process only, "
-                       "which ctypes or a child process gets around")
+        missing.append(
+            f"a network namespace ({no_namespaces}): network is blocked in-process only, "
+            "which ctypes or a child process gets around"
+        )
     if not protections["pid_namespace"]:
-        missing.append(f"a PID namespace ({no_namespaces}): orphans are killed by process group"
-                       + (" and uid" if own_uid else ", so one that calls setsid survives"))
+        missing.append(
+            f"a PID namespace ({no_namespaces}): orphans are killed by process group"
+            + (" and uid" if own_uid else ", so one that calls setsid survives")
+        )
     if not own_uid:
-        missing.append(f"a uid per program ({no_uid}) and so a process limit (fork bombs are bounded "
-                       + ("by nothing: root ignores RLIMIT_NPROC)" if report["uid"] == 0 else
-                          "only by the user's RLIMIT_NPROC)"))
+        missing.append(
+            f"a uid per program ({no_uid}) and so a process limit (fork bombs are bounded "
+            + ("by nothing: root ignores RLIMIT_NPROC)" if report["uid"] == 0 else "only by the user's RLIMIT_NPROC)")
+        )
     if missing:
         logger.warning("wmtp sandbox: this OS lacks %s", "; ".join(missing))
     if sandbox.python != sys.executable:
-        logger.info("wmtp sandbox: programs run with %s (%s is not usable by the sandbox uid)",
-                    sandbox.python, sys.executable)
+        logger.info(
+            "wmtp sandbox: programs run with %s (%s is not usable by the sandbox uid)", sandbox.python, sys.executable
+        )
     return _Sandbox(sandbox.python, namespaces, setpriv, uids, not namespaces, protections)
 
 
@@ -460,8 +501,16 @@ def _read_tail(f: IO[bytes], size: int, limit: int) -> bytes:
     return f.read(limit)
 
 
-def _status(returncode: int, *, timed_out: bool, cpu_s: float, cpu_limit_s: int, stdout_size: int,
-            stderr_size: int, stderr_tail: str) -> str:
+def _status(
+    returncode: int,
+    *,
+    timed_out: bool,
+    cpu_s: float,
+    cpu_limit_s: int,
+    stdout_size: int,
+    stderr_size: int,
+    stderr_tail: str,
+) -> str:
     if timed_out:
         return "timeout"
     if returncode == 0:
@@ -491,8 +540,15 @@ def _stdin_file(stdin: str | bytes | None) -> IO[bytes] | None:
     return f
 
 
-def _run(sandbox: _Sandbox, source: str, *, stdin: str | bytes | None, timeout_s: float,
-         memory_mb: int, max_output_bytes: int) -> ExecResult:
+def _run(
+    sandbox: _Sandbox,
+    source: str,
+    *,
+    stdin: str | bytes | None,
+    timeout_s: float,
+    memory_mb: int,
+    max_output_bytes: int,
+) -> ExecResult:
     uid = sandbox.uids.acquire() if sandbox.uids else None
     workdir = tempfile.mkdtemp(prefix="wmtp-sandbox-")
     try:
@@ -500,25 +556,44 @@ def _run(sandbox: _Sandbox, source: str, *, stdin: str | bytes | None, timeout_s
             f.write(source)
         if uid is not None:
             os.chown(workdir, uid, uid)
-        return _launch(sandbox, uid, workdir, stdin=stdin, timeout_s=timeout_s, memory_mb=memory_mb,
-                       max_output_bytes=max_output_bytes)
+        return _launch(
+            sandbox,
+            uid,
+            workdir,
+            stdin=stdin,
+            timeout_s=timeout_s,
+            memory_mb=memory_mb,
+            max_output_bytes=max_output_bytes,
+        )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
         if uid is not None:
             sandbox.uids.release(uid)
 
 
-def _launch(sandbox: _Sandbox, uid: int | None, workdir: str, *, stdin: str | bytes | None,
-            timeout_s: float, memory_mb: int, max_output_bytes: int) -> ExecResult:
+def _launch(
+    sandbox: _Sandbox,
+    uid: int | None,
+    workdir: str,
+    *,
+    stdin: str | bytes | None,
+    timeout_s: float,
+    memory_mb: int,
+    max_output_bytes: int,
+) -> ExecResult:
     stdin_file = _stdin_file(stdin)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
         try:
             proc = subprocess.Popen(
-                sandbox.command(uid, timeout_s=timeout_s, memory_mb=memory_mb), cwd=workdir,
+                sandbox.command(uid, timeout_s=timeout_s, memory_mb=memory_mb),
+                cwd=workdir,
                 env={**BASE_ENV, "HOME": workdir, "TMPDIR": workdir},
                 stdin=stdin_file if stdin_file is not None else subprocess.DEVNULL,
-                stdout=out, stderr=err, start_new_session=True)
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
         finally:
             if stdin_file is not None:
                 stdin_file.close()
@@ -541,24 +616,50 @@ def _launch(sandbox: _Sandbox, uid: int | None, workdir: str, *, stdin: str | by
         stdout = _read_head(out, sizes[0], max_output_bytes).decode("utf-8", "replace")
         stderr = _read_tail(err, sizes[1], max_output_bytes).decode("utf-8", "replace")
     if sandbox.namespaces and returncode == 1 and stderr.endswith(_UNSHARE_SIGKILL_MESSAGE):
-        returncode, stderr = -signal.SIGKILL, stderr[:-len(_UNSHARE_SIGKILL_MESSAGE)]
-    status = _status(returncode, timed_out=timed_out, cpu_s=usage.ru_utime + usage.ru_stime,
-                     cpu_limit_s=math.ceil(timeout_s) + CPU_GRACE_S, stdout_size=sizes[0],
-                     stderr_size=sizes[1], stderr_tail=stderr)
-    return ExecResult(passed=status == "passed", status=status, returncode=returncode, stdout=stdout,
-                      stderr=stderr, seconds=seconds, truncated=max(sizes) > max_output_bytes)
+        returncode, stderr = -signal.SIGKILL, stderr[: -len(_UNSHARE_SIGKILL_MESSAGE)]
+    status = _status(
+        returncode,
+        timed_out=timed_out,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        cpu_limit_s=math.ceil(timeout_s) + CPU_GRACE_S,
+        stdout_size=sizes[0],
+        stderr_size=sizes[1],
+        stderr_tail=stderr,
+    )
+    return ExecResult(
+        passed=status == "passed",
+        status=status,
+        returncode=returncode,
+        stdout=stdout,
+        stderr=stderr,
+        seconds=seconds,
+        truncated=max(sizes) > max_output_bytes,
+    )
 
 
-def run_program(source: str, *, timeout_s: float = 10.0, memory_mb: int = 2048,
-                stdin: str | bytes | None = None, max_output_bytes: int = MAX_OUTPUT_BYTES) -> ExecResult:
+def run_program(
+    source: str,
+    *,
+    timeout_s: float = 10.0,
+    memory_mb: int = 2048,
+    stdin: str | bytes | None = None,
+    max_output_bytes: int = MAX_OUTPUT_BYTES,
+) -> ExecResult:
     """Run the Python program ``source`` in the sandbox; ``stdin`` is fed to it (None: empty)."""
-    return _run(_sandbox(), source, stdin=stdin, timeout_s=timeout_s, memory_mb=memory_mb,
-                max_output_bytes=max_output_bytes)
+    return _run(
+        _sandbox(), source, stdin=stdin, timeout_s=timeout_s, memory_mb=memory_mb, max_output_bytes=max_output_bytes
+    )
 
 
-def run_programs(sources: Sequence[str], *, workers: int | None = None, timeout_s: float = 10.0,
-                 memory_mb: int = 2048, stdins: Sequence[str | bytes | None] | None = None,
-                 max_output_bytes: int = MAX_OUTPUT_BYTES) -> list[ExecResult]:
+def run_programs(
+    sources: Sequence[str],
+    *,
+    workers: int | None = None,
+    timeout_s: float = 10.0,
+    memory_mb: int = 2048,
+    stdins: Sequence[str | bytes | None] | None = None,
+    max_output_bytes: int = MAX_OUTPUT_BYTES,
+) -> list[ExecResult]:
     """``run_program`` over ``sources`` (with ``stdins[i]`` as the stdin of program i, if given),
     ``workers`` at a time (default: the CPU count), results in input order."""
     if stdins is not None and len(stdins) != len(sources):
@@ -568,6 +669,16 @@ def run_programs(sources: Sequence[str], *, workers: int | None = None, timeout_
     sandbox = _sandbox()
     inputs = stdins if stdins is not None else [None] * len(sources)
     with ThreadPoolExecutor(max_workers=min(workers or os.cpu_count() or 1, len(sources))) as pool:
-        return list(pool.map(lambda args: _run(sandbox, args[0], stdin=args[1], timeout_s=timeout_s,
-                                                memory_mb=memory_mb, max_output_bytes=max_output_bytes),
-                             zip(sources, inputs)))
+        return list(
+            pool.map(
+                lambda args: _run(
+                    sandbox,
+                    args[0],
+                    stdin=args[1],
+                    timeout_s=timeout_s,
+                    memory_mb=memory_mb,
+                    max_output_bytes=max_output_bytes,
+                ),
+                zip(sources, inputs),
+            )
+        )

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from kernels.backend import accumulation_dtype
 from wmtp.constants import IGNORE_INDEX
 from wmtp.distributed.env import all_reduce_sum
+from wmtp.kernels.backend import accumulation_dtype
 
 
 def valid_pair_counts(targets: torch.Tensor) -> torch.Tensor:

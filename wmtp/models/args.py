@@ -72,7 +72,7 @@ class ModelArgs:
         return self.n_layers - self.n_future_tokens
 
     @classmethod
-    def from_dict(cls, params: dict[str, Any], *, source: str = PARAMS_FILENAME) -> "ModelArgs":
+    def from_dict(cls, params: dict[str, Any], *, source: str = PARAMS_FILENAME) -> ModelArgs:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - known)
         if unknown:
@@ -83,7 +83,7 @@ class ModelArgs:
         return cls(**params)
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelArgs":
+    def load(cls, path: str | Path) -> ModelArgs:
         path = Path(path)
         if path.is_dir():
             path = path / PARAMS_FILENAME

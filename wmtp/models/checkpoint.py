@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -74,8 +74,9 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if k not in IGNORED_META_KEYS}
 
 
-def check_state_dict(model: MTPTransformer, sd: Mapping[str, torch.Tensor], *, source: str,
-                     optional: tuple[str, ...] = ()) -> None:
+def check_state_dict(
+    model: MTPTransformer, sd: Mapping[str, torch.Tensor], *, source: str, optional: tuple[str, ...] = ()
+) -> None:
     """Strict key and shape check with the offending names in the message."""
     expected = {k: v.shape for k, v in model.state_dict().items()}
     missing = sorted(k for k in expected.keys() - sd.keys() if k not in optional)
@@ -85,14 +86,18 @@ def check_state_dict(model: MTPTransformer, sd: Mapping[str, torch.Tensor], *, s
         problems.append(f"missing keys {missing}")
     if unexpected:
         problems.append(f"unexpected keys {unexpected}")
-    problems += [f"shape of {k}: checkpoint {tuple(sd[k].shape)} != model {tuple(shape)}"
-                 for k, shape in expected.items() if k in sd and sd[k].shape != shape]
+    problems += [
+        f"shape of {k}: checkpoint {tuple(sd[k].shape)} != model {tuple(shape)}"
+        for k, shape in expected.items()
+        if k in sd and sd[k].shape != shape
+    ]
     if problems:
         raise ValueError(f"{source}: " + "; ".join(problems))
 
 
-def build_mtp(path: str | Path, *, vocab_size: int | None = None, value_head: bool = False,
-              max_seq_len: int | None = None) -> MTPTransformer:
+def build_mtp(
+    path: str | Path, *, vocab_size: int | None = None, value_head: bool = False, max_seq_len: int | None = None
+) -> MTPTransformer:
     """The model of a checkpoint folder (its params.json) on the meta device: no weights are read.
 
     Parallelise it, materialise it on the training device, then fill it with `read_checkpoint`'s
@@ -106,8 +111,9 @@ def build_mtp(path: str | Path, *, vocab_size: int | None = None, value_head: bo
         return MTPTransformer(args, value_head=value_head)
 
 
-def read_checkpoint(path: str | Path, model: MTPTransformer, *,
-                    value_head_path: str | Path | None = None) -> dict[str, torch.Tensor]:
+def read_checkpoint(
+    path: str | Path, model: MTPTransformer, *, value_head_path: str | Path | None = None
+) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors for `model` (memory-mapped, as stored), checked against its keys and shapes.
 
     A stored value head is dropped when the model has none. A model with a value head gets the one
@@ -127,9 +133,15 @@ def read_checkpoint(path: str | Path, model: MTPTransformer, *,
     return sd
 
 
-def load_mtp(path: str | Path, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
-             vocab_size: int | None = None, value_head: bool | None = None,
-             max_seq_len: int | None = None) -> MTPTransformer:
+def load_mtp(
+    path: str | Path,
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    vocab_size: int | None = None,
+    value_head: bool | None = None,
+    max_seq_len: int | None = None,
+) -> MTPTransformer:
     """Load an MTP model from a folder with params.json and consolidated.*.pth or model.safetensors.
 
     value_head: None builds one iff the checkpoint has `value_head.weight`; True always builds one
@@ -143,8 +155,14 @@ def load_mtp(path: str | Path, *, device: torch.device | str | None = None, dtyp
     return model.to(device=device or "cpu", dtype=dtype)
 
 
-def save_mtp(folder: str | Path, args: ModelArgs, state_dict: Mapping[str, torch.Tensor], *,
-             overwrite: bool = True, extra_files: tuple[Path, ...] = ()) -> Path:
+def save_mtp(
+    folder: str | Path,
+    args: ModelArgs,
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    overwrite: bool = True,
+    extra_files: tuple[Path, ...] = (),
+) -> Path:
     """Write params.json + model.safetensors (+ copies of extra_files) into `folder` atomically."""
     folder = Path(folder)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}

@@ -9,7 +9,8 @@ chunked multi-head loss inside the forward (so that under FSDP the `output` weig
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,9 @@ class RMSNorm(nn.Module):
         return normed.type_as(x) * self.weight
 
 
-def rope_tables(head_dim: int, max_len: int, theta: float,
-                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(
+    head_dim: int, max_len: int, theta: float, device: torch.device | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [max_len, head_dim/2] of Meta's freqs_cis = polar(1, t * theta^(-2i/d))."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
     angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
@@ -75,8 +77,9 @@ class KVCache:
     k: torch.Tensor
     v: torch.Tensor
 
-    def update(self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, end: int
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, start_pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, end: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [B, n_kv_heads, T, head_dim] and return the slots [0, end) to attend over.
 
         start_pos: an int (every row's tokens start there) or the positions [B, T] of each token.
@@ -84,15 +87,15 @@ class KVCache:
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache holds {self.k.shape[2]} positions; asked to write up to {end}")
         if isinstance(start_pos, int):
-            self.k[:, :, start_pos:start_pos + k.shape[2]] = k
-            self.v[:, :, start_pos:start_pos + k.shape[2]] = v
+            self.k[:, :, start_pos : start_pos + k.shape[2]] = k
+            self.v[:, :, start_pos : start_pos + k.shape[2]] = v
         else:
             index = start_pos[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
             self.k.scatter_(2, index, k)
             self.v.scatter_(2, index, v)
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
+    def select(self, rows: torch.Tensor) -> KVCache:
         """A cache of these batch rows only (a copy)."""
         return KVCache(self.k[rows], self.v[rows])
 
@@ -106,9 +109,15 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, start_pos: int | torch.Tensor = 0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int | torch.Tensor = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """start_pos/mask come from `MTPTransformer._cache_step` (cached inference); without a mask
         attention is causal over this call's tokens (the training forward, or a cache filled from 0)."""
         bsz, seqlen, _ = x.shape
@@ -119,8 +128,9 @@ class Attention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         if cache is not None:
             k, v = cache.update(start_pos, k, v, end=seqlen if mask is None else mask.shape[-1])
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
+        )
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -143,9 +153,15 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache | None = None, start_pos: int | torch.Tensor = 0,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        start_pos: int | torch.Tensor = 0,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -197,8 +213,9 @@ class MTPTransformer(nn.Module):
         """fp32 cos/sin [2 * max_seq_len, head_dim / 2] on `device` (computed once per device)."""
         device = torch.device(device)
         if device not in self._rope:
-            self._rope[device] = rope_tables(self.args.head_dim, self.args.max_seq_len * 2, self.args.rope_theta,
-                                             device)
+            self._rope[device] = rope_tables(
+                self.args.head_dim, self.args.max_seq_len * 2, self.args.rope_theta, device
+            )
         return self._rope[device]
 
     @torch.no_grad()
@@ -221,8 +238,9 @@ class MTPTransformer(nn.Module):
     def heads(self) -> list[TransformerBlock]:
         return [self.layers[-1], *self.extra_heads]
 
-    def _run(self, tokens: torch.Tensor, *, n_heads: int, start_pos: int | torch.Tensor | None
-             ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _run(
+        self, tokens: torch.Tensor, *, n_heads: int, start_pos: int | torch.Tensor | None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Trunk output and the un-normed outputs of the first `n_heads` heads.
 
         start_pos None: the training forward (causal, no cache). Otherwise the tokens continue the
@@ -246,12 +264,14 @@ class MTPTransformer(nn.Module):
         for i, layer in enumerate(self.trunk):
             h = layer(h, cos, sin, caches[i] if caches else None, pos, mask)
         n_trunk = len(self.trunk)
-        outs = [blocks[n_trunk + j](h, cos, sin, caches[n_trunk + j] if caches else None, pos, mask)
-                for j in range(n_heads)]
+        outs = [
+            blocks[n_trunk + j](h, cos, sin, caches[n_trunk + j] if caches else None, pos, mask) for j in range(n_heads)
+        ]
         return h, outs
 
-    def _cache_step(self, tokens: torch.Tensor, start_pos: int | torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor, torch.Tensor | None]:
+    def _cache_step(
+        self, tokens: torch.Tensor, start_pos: int | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor, torch.Tensor | None]:
         """RoPE tables, write positions and attention mask of one cached forward, shared by every
         block: (cos, sin, pos, mask). pos is start_pos itself (an int) or the positions [B, T] of
         every token; mask [.., T, end] lets a query at position p see cache slots 0..p (None: a
@@ -274,14 +294,22 @@ class MTPTransformer(nn.Module):
         else:
             # [B, T]: each row's RoPE positions, and the cache slots its keys/values go to.
             pos = positions = start_pos.to(device=device, dtype=torch.long)[:, None] + torch.arange(
-                seqlen, device=device)
+                seqlen, device=device
+            )
         mask = torch.arange(end, device=device) <= positions[..., None]
         # A shared mask is [T, end]; per-row ones [B, T, end] broadcast over heads as [B, 1, T, end].
         return cos[positions], sin[positions], pos, mask if mask.dim() == 2 else mask[:, None]
 
-    def forward(self, tokens: torch.Tensor, *, targets: torch.Tensor | None = None,
-                pair_weights: PairWeights | None = None, reduction: Literal["none", "sum"] = "none",
-                with_values: bool = False, with_heads: bool = True) -> MTPOutput:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        targets: torch.Tensor | None = None,
+        pair_weights: PairWeights | None = None,
+        reduction: Literal["none", "sum"] = "none",
+        with_values: bool = False,
+        with_heads: bool = True,
+    ) -> MTPOutput:
         """Training forward.
 
         tokens [B, T]; targets [B, T, n_future] (IGNORE_INDEX where invalid) computes the per-pair
@@ -300,8 +328,9 @@ class MTPTransformer(nn.Module):
             if hidden is None:
                 raise ValueError("targets given with with_heads=False")
             weights = pair_weights(values) if callable(pair_weights) else pair_weights
-            out, unweighted = mtp_cross_entropy_with_ce(hidden, self.output.weight, targets, weights,
-                                                        ignore_index=IGNORE_INDEX, reduction=reduction)
+            out, unweighted = mtp_cross_entropy_with_ce(
+                hidden, self.output.weight, targets, weights, ignore_index=IGNORE_INDEX, reduction=reduction
+            )
             ce, loss = (unweighted, out) if reduction == "sum" else (out, None)
         return MTPOutput(hidden=hidden, ce=ce, values=values, loss=loss)
 
@@ -312,8 +341,14 @@ class MTPTransformer(nn.Module):
         return self.value_head(self.norm(h_trunk)).sum(-1, dtype=torch.float32)
 
     @torch.no_grad()
-    def logits(self, tokens: torch.Tensor, *, start_pos: int | torch.Tensor | None = None,
-               n_heads: int | None = None, token_index: torch.Tensor | None = None) -> torch.Tensor:
+    def logits(
+        self,
+        tokens: torch.Tensor,
+        *,
+        start_pos: int | torch.Tensor | None = None,
+        n_heads: int | None = None,
+        token_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """[B, T, n_heads, V] fp32 logits of every head (inference helper; materialises logits).
 
         With start_pos (after setup_kv_cache) the tokens continue the cached sequences: an int
@@ -325,12 +360,12 @@ class MTPTransformer(nn.Module):
         _, outs = self._run(tokens, n_heads=self.n_future if n_heads is None else n_heads, start_pos=start_pos)
         hidden = torch.stack(outs, dim=2)
         if token_index is not None:
-            hidden = hidden.gather(1, token_index.to(hidden.device)[:, :, None, None].expand(
-                -1, -1, *hidden.shape[2:]))
+            hidden = hidden.gather(1, token_index.to(hidden.device)[:, :, None, None].expand(-1, -1, *hidden.shape[2:]))
         return self.output(self.norm(hidden)).float()
 
-    def setup_kv_cache(self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None,
-                       n_heads: int | None = None) -> None:
+    def setup_kv_cache(
+        self, batch_size: int, max_len: int, *, dtype: torch.dtype | None = None, n_heads: int | None = None
+    ) -> None:
         """Allocate a KV cache for every trunk block and the first n_heads heads (default: all)."""
         weight = self.output.weight
         shape = (batch_size, self.args.kv_heads, max_len, self.args.head_dim)

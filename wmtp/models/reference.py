@@ -9,8 +9,8 @@ weights that rank 0 reads.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -40,12 +40,16 @@ def reference_pieces(folder: Path) -> list[str]:
 def check_same_tokenizer(policy: SentencePieceTokenizer, ref_pieces: list[str], *, source: str) -> None:
     ours = policy.pieces()
     if len(ours) != len(ref_pieces):
-        raise ValueError(f"reference tokenizer ({source}) has {len(ref_pieces)} pieces, the policy's "
-                         f"({policy.path}) has {len(ours)}: Rho-1 needs identical tokenizers")
+        raise ValueError(
+            f"reference tokenizer ({source}) has {len(ref_pieces)} pieces, the policy's "
+            f"({policy.path}) has {len(ours)}: Rho-1 needs identical tokenizers"
+        )
     for i, (a, b) in enumerate(zip(ours, ref_pieces)):
         if a != b:
-            raise ValueError(f"reference tokenizer ({source}) differs from the policy's ({policy.path}) "
-                             f"at id {i}: {b!r} vs {a!r}: Rho-1 needs identical tokenizers")
+            raise ValueError(
+                f"reference tokenizer ({source}) differs from the policy's ({policy.path}) "
+                f"at id {i}: {b!r} vs {a!r}: Rho-1 needs identical tokenizers"
+            )
 
 
 def _hf_blocks(model: nn.Module) -> list[nn.Module]:
@@ -55,8 +59,16 @@ def _hf_blocks(model: nn.Module) -> list[nn.Module]:
 
 
 class ReferenceModel:
-    def __init__(self, path: str | Path, *, kind: str, tokenizer: SentencePieceTokenizer, device: torch.device,
-                 shard: Shard | None, fill: Fill) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        kind: str,
+        tokenizer: SentencePieceTokenizer,
+        device: torch.device,
+        shard: Shard | None,
+        fill: Fill,
+    ) -> None:
         folder = Path(path)
         if not folder.is_dir():
             raise FileNotFoundError(f"reference.path: no folder at {folder}")
@@ -88,6 +100,7 @@ class ReferenceModel:
 
             def read() -> dict[str, torch.Tensor]:
                 return buffers_from().state_dict()
+
         if shard is not None:
             shard(model, blocks, methods)
         fill(model, read, buffers_from=buffers_from)

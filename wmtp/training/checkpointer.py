@@ -33,8 +33,9 @@ import re
 import shutil
 import sys
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -86,8 +87,7 @@ class CheckpointSaveError(WriteError):
 
 
 class Checkpointer:
-    def __init__(self, output_dir: str | Path, *, keep_last: int, is_main: bool,
-                 trainable_only: bool = False) -> None:
+    def __init__(self, output_dir: str | Path, *, keep_last: int, is_main: bool, trainable_only: bool = False) -> None:
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
         self.is_main = is_main
@@ -98,8 +98,11 @@ class Checkpointer:
         """Steps of the complete checkpoints (not `.tmp`, not moved aside), oldest first."""
         if not self.root.is_dir():
             return []
-        steps = [int(m.group(1)) for p in self.root.iterdir()
-                 if (m := STEP_DIR.match(p.name)) and (p / TRAINER_STATE).is_file()]
+        steps = [
+            int(m.group(1))
+            for p in self.root.iterdir()
+            if (m := STEP_DIR.match(p.name)) and (p / TRAINER_STATE).is_file()
+        ]
         return sorted(steps)
 
     def latest(self) -> Path | None:
@@ -110,8 +113,9 @@ class Checkpointer:
         return self.root / f"step_{step:06d}"
 
     # ------------------------------------------------------------------ save
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-             trainer_state: dict[str, Any]) -> Path:
+    def save(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, trainer_state: dict[str, Any]
+    ) -> Path:
         """Write checkpoint `step` (collective). Raises CheckpointSaveError on every rank when any
         rank fails to write; the `.tmp` folder is then removed."""
         final = self.path_of(step)
@@ -161,16 +165,19 @@ class Checkpointer:
             return
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        steps = [s for s in self.complete_steps() if f"step_{s:06d}" != tmp.name[:-len(TMP_SUFFIX)]]
+        steps = [s for s in self.complete_steps() if f"step_{s:06d}" != tmp.name[: -len(TMP_SUFFIX)]]
         newest = f"; the newest complete checkpoint is {self.path_of(steps[-1]).name}" if steps else ""
-        message = (f"{_summary(problems)}; nothing was saved ({tmp.name} removed){newest}. "
-                   f"The run stops: free the space (or fix the storage) and start it again to resume")
+        message = (
+            f"{_summary(problems)}; nothing was saved ({tmp.name} removed){newest}. "
+            f"The run stops: free the space (or fix the storage) and start it again to resume"
+        )
         errno = next((code for _, _, code in problems if isinstance(code, int)), None)
         raise CheckpointSaveError(message, errno=errno, path=tmp)
 
     # ------------------------------------------------------------------ load
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-             required: Iterable[str] = ("step",)) -> dict[str, Any]:
+    def load(
+        self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, *, required: Iterable[str] = ("step",)
+    ) -> dict[str, Any]:
         """Restore model and optimizer in place; return the trainer state (step, sampler, ...).
 
         Collective. Raises DamagedCheckpoint on every rank when any rank finds the checkpoint
@@ -205,16 +212,20 @@ class Checkpointer:
         except Exception as exc:  # noqa: BLE001 - must reach every rank
             problem = f"DCP read failed: {exception_line(exc, _MAX_REASON)}"
         if mismatches := _gather(mismatch):
-            raise CheckpointMismatchError(f"{path} does not fit this model/optimizer (was the config changed?): "
-                                          f"{_summary(mismatches)}; it was left in place")
+            raise CheckpointMismatchError(
+                f"{path} does not fit this model/optimizer (was the config changed?): "
+                f"{_summary(mismatches)}; it was left in place"
+            )
         if problems := _gather(problem):
             raise DamagedCheckpoint(path, _summary(problems))
-        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"],
-                       options=self.options)
+        set_state_dict(
+            model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"], options=self.options
+        )
         return state
 
-    def load_latest(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                    required: Iterable[str] = ("step",)) -> tuple[Path, dict[str, Any]] | None:
+    def load_latest(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, required: Iterable[str] = ("step",)
+    ) -> tuple[Path, dict[str, Any]] | None:
         """Load the newest checkpoint that loads (collective): (its path, its trainer state), or None
         when there is no checkpoint.
 
@@ -243,7 +254,8 @@ class Checkpointer:
             raise NoLoadableCheckpointError(
                 f"no checkpoint in {self.root} loads: {'; '.join(damaged)}. Each was moved aside "
                 f"(*{DAMAGED_SUFFIX}); to retry one, rename it back; starting the run again now would "
-                f"start it from step 0")
+                f"start it from step 0"
+            )
         return None
 
     def move_aside(self, path: Path, reason: str) -> Path | None:
@@ -269,7 +281,7 @@ class Checkpointer:
         return Path(target) if target else None
 
     def _prune(self) -> None:
-        for step in self.complete_steps()[:-self.keep_last] if self.keep_last > 0 else []:
+        for step in self.complete_steps()[: -self.keep_last] if self.keep_last > 0 else []:
             shutil.rmtree(self.path_of(step), ignore_errors=True)
 
     def _warn(self, line: str) -> None:
@@ -294,8 +306,9 @@ def read_trainer_state(path: Path, required: Iterable[str] = ("step",)) -> dict[
     try:
         state = json.loads(text)
     except ValueError as exc:
-        raise DamagedCheckpoint(path, f"{TRAINER_STATE} is not valid JSON ({len(text)} bytes; {exc}): "
-                                      f"truncated?") from None
+        raise DamagedCheckpoint(
+            path, f"{TRAINER_STATE} is not valid JSON ({len(text)} bytes; {exc}): truncated?"
+        ) from None
     if not isinstance(state, dict):
         raise DamagedCheckpoint(path, f"{TRAINER_STATE} holds a {type(state).__name__}, not an object")
     required = tuple(required)
@@ -304,8 +317,9 @@ def read_trainer_state(path: Path, required: Iterable[str] = ("step",)) -> dict[
         raise DamagedCheckpoint(path, f"{TRAINER_STATE} lacks {', '.join(map(repr, missing))}")
     m = STEP_DIR.match(Path(path).name)
     if "step" in required and m and (type(state["step"]) is not int or state["step"] != int(m.group(1))):
-        raise DamagedCheckpoint(path, f"{TRAINER_STATE} says step {state['step']!r}, the folder is step "
-                                      f"{int(m.group(1))}")
+        raise DamagedCheckpoint(
+            path, f"{TRAINER_STATE} says step {state['step']!r}, the folder is step {int(m.group(1))}"
+        )
     return state
 
 
@@ -318,10 +332,12 @@ def check_shard_files(path: Path) -> None:
     try:
         metadata = FileSystemReader(str(path)).read_metadata()
     except Exception as exc:  # noqa: BLE001 - pickle raises many kinds on a cut-short file
-        raise DamagedCheckpoint(path, f"{METADATA} does not load ({exception_line(exc, _MAX_REASON)}): truncated?") from None
+        raise DamagedCheckpoint(
+            path, f"{METADATA} does not load ({exception_line(exc, _MAX_REASON)}): truncated?"
+        ) from None
     needed: dict[str, int] = {}
     storage = getattr(metadata, "storage_data", None)
-    for info in (storage.values() if isinstance(storage, dict) else ()):
+    for info in storage.values() if isinstance(storage, dict) else ():
         rel = getattr(info, "relative_path", None)
         if isinstance(rel, str):
             needed[rel] = max(needed.get(rel, 0), int(info.offset) + int(info.length))
@@ -377,14 +393,18 @@ def _summary(problems: list[tuple[int, str, Any]]) -> str:
         by_text.setdefault(text, []).append(rank)
     if not multi:
         return "; ".join(by_text)
-    return "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, sorted(set(r))))}: {t}"
-                     for t, r in by_text.items())
+    return "; ".join(
+        f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, sorted(set(r))))}: {t}" for t, r in by_text.items()
+    )
 
 
 def _failures_text(exc: CheckpointException) -> str:
     """The per-rank causes of a DCP failure, without the tracebacks."""
     failures = getattr(exc, "failures", None) or {}
-    parts = [f"rank {r}: {exception_line(f[0] if isinstance(f, tuple) else f, _MAX_REASON)}" for r, f in sorted(failures.items())]
+    parts = [
+        f"rank {r}: {exception_line(f[0] if isinstance(f, tuple) else f, _MAX_REASON)}"
+        for r, f in sorted(failures.items())
+    ]
     return "; ".join(parts) if parts else exception_line(exc, _MAX_REASON)
 
 
@@ -398,7 +418,7 @@ def _dcp_save_problem(exc: BaseException, fs: _RecordingFileSystem, tmp: Path, w
     if isinstance(failures, dict) and failures and _rank() not in failures:
         return (f"{what}: DCP save failed on rank(s) {sorted(failures)}: {_failures_text(exc)}", "secondary")
     message, code = describe_write_failure(exc, tmp, what=what)
-    return (message if len(message) <= 2 * _MAX_REASON else message[:2 * _MAX_REASON] + "...", code)
+    return (message if len(message) <= 2 * _MAX_REASON else message[: 2 * _MAX_REASON] + "...", code)
 
 
 class _RecordingFileSystem(FileSystem):

@@ -14,14 +14,21 @@ batches of mixed lengths.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
 from wmtp.models.args import ModelArgs
 
-PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "H800": 989e12, "A800": 312e12,
-                   "L40S": 362e12, "B200": 2250e12}
+PEAK_BF16_FLOPS = {
+    "A100": 312e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "B200": 2250e12,
+}
 """Dense bf16 peak by GPU name fragment (datasheets)."""
 FORWARD_BACKWARD = 3
 """A trained matmul runs once forward and twice backward (input and weight gradients)."""
@@ -33,8 +40,9 @@ def block_matmul_params(args: ModelArgs) -> int:
     return 2 * d * d + 2 * d * kv + 3 * d * args.ffn_hidden_dim
 
 
-def step_flops(args: ModelArgs, lengths: Iterable[int], *, heads: int, scored_pairs: int,
-               backward: bool = True) -> float:
+def step_flops(
+    args: ModelArgs, lengths: Iterable[int], *, heads: int, scored_pairs: int, backward: bool = True
+) -> float:
     """FLOPs of one step over sequences of the given (unpadded) lengths.
 
     heads: head blocks run (n_future; 0 for a trunk-only forward). scored_pairs: (position, head)

@@ -22,9 +22,10 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 from wmtp.atomic import atomic_write_text
 from wmtp.config.sections import MetricsConfig
@@ -75,7 +76,7 @@ def sqlite_artifact_root(tracking_uri: str) -> str | None:
     """`mlartifacts/` beside a SQLite store (set explicitly: MLflow's default is relative to the CWD)."""
     if not tracking_uri.startswith(SQLITE_PREFIX):
         return None
-    return (Path(tracking_uri[len(SQLITE_PREFIX):]).parent / "mlartifacts").resolve().as_uri()
+    return (Path(tracking_uri[len(SQLITE_PREFIX) :]).parent / "mlartifacts").resolve().as_uri()
 
 
 def resolve_tracking_uri(cfg: MetricsConfig, output_dir: Path) -> str:
@@ -190,8 +191,11 @@ def count_unsent(output_dir: Path, sent: Mapping[str, int]) -> int:
     with open(path) as f:
         for line in f:
             row = json.loads(line)
-            n += sum(1 for k, v in row.items() if k not in RESERVED_KEYS and math.isfinite(v)
-                     and _is_after(row["step"], sent.get(k)))
+            n += sum(
+                1
+                for k, v in row.items()
+                if k not in RESERVED_KEYS and math.isfinite(v) and _is_after(row["step"], sent.get(k))
+            )
     return n
 
 
@@ -236,8 +240,7 @@ class _Sender:
         except MlflowException as e:
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-        logger.warning("[mlflow] run %s is not at %s: this folder goes to a new run there", st.run_id,
-                       st.tracking_uri)
+        logger.warning("[mlflow] run %s is not at %s: this folder goes to a new run there", st.run_id, st.tracking_uri)
         with self.lock:
             st.run_id, st.params_logged, st.sent = None, False, {}
         self._offset, self._pending, self._planned = 0, [], {}
@@ -246,8 +249,11 @@ class _Sender:
     def _create_run(self) -> Run:
         st = self.state
         experiment = self.client.get_experiment_by_name(st.experiment)
-        experiment_id = (experiment.experiment_id if experiment is not None else self.client.create_experiment(
-            st.experiment, artifact_location=sqlite_artifact_root(st.tracking_uri)))
+        experiment_id = (
+            experiment.experiment_id
+            if experiment is not None
+            else self.client.create_experiment(st.experiment, artifact_location=sqlite_artifact_root(st.tracking_uri))
+        )
         run = self.client.create_run(experiment_id, start_time=st.start_time_ms, run_name=st.run_name)
         # Recorded before the params: an attempt killed in between finds this run and logs them.
         with self.lock:
@@ -261,7 +267,7 @@ class _Sender:
         have = run.data.params  # a killed attempt may have logged some batches: MLflow refuses changes
         items = [Param(k, v) for k, v in self.state.params.items() if k not in have]
         for i in range(0, len(items), MLFLOW_PARAMS_BATCH_MAX):
-            self.client.log_batch(run.info.run_id, params=items[i:i + MLFLOW_PARAMS_BATCH_MAX])
+            self.client.log_batch(run.info.run_id, params=items[i : i + MLFLOW_PARAMS_BATCH_MAX])
         with self.lock:
             self.state.params_logged = True
             self.state.save(self.output_dir)
@@ -304,7 +310,7 @@ class _Sender:
                             self.state.sent[m.key] = max(m.step, self.state.sent.get(m.key, m.step))
                         self.state.save(self.output_dir)
                     self.counts["values"] += len(batch)
-            del self._pending[:len(batch)]
+            del self._pending[: len(batch)]
 
     def _read_chunk(self) -> bool:
         """Queue the values of the next complete lines; False at the end (a line still being written
@@ -349,8 +355,7 @@ class _Sender:
                     self.counts["artifacts"] += 1
                 except Exception as e:  # best effort: an artifact never stops the metrics
                     self._failed_artifacts.add(path)
-                    logger.warning("[mlflow] artifact %s not logged (%s); scripts/sync_mlflow.py retries it",
-                                   path, e)
+                    logger.warning("[mlflow] artifact %s not logged (%s); scripts/sync_mlflow.py retries it", path, e)
             if sent:
                 with self.lock:
                     self.state.artifacts.remove(path)
@@ -377,8 +382,15 @@ class MetricLogger:
     both hold each step once. A resumed run continues the same MLflow run (mlflow_state.json).
     """
 
-    def __init__(self, cfg: MetricsConfig, output_dir: str | Path, *, params: Mapping[str, Any], enabled: bool,
-                 resume_step: int | None = None) -> None:
+    def __init__(
+        self,
+        cfg: MetricsConfig,
+        output_dir: str | Path,
+        *,
+        params: Mapping[str, Any],
+        enabled: bool,
+        resume_step: int | None = None,
+    ) -> None:
         self.enabled = enabled
         self.output_dir = Path(output_dir)
         self._sender: _Sender | None = None
@@ -402,12 +414,18 @@ class MetricLogger:
         uri = resolve_tracking_uri(cfg, out)
         state = MlflowState.load(out)
         if state is not None and state.tracking_uri != uri:
-            logger.warning("[mlflow] %s was tracked at %s; it now goes to a new run at %s", out, state.tracking_uri, uri)
+            logger.warning(
+                "[mlflow] %s was tracked at %s; it now goes to a new run at %s", out, state.tracking_uri, uri
+            )
             state = None
         if state is None:
-            state = MlflowState(tracking_uri=uri, experiment=cfg.experiment, run_name=cfg.run_name or out.name,
-                                start_time_ms=int(time.time() * 1000),
-                                params={k: str(v)[:MLFLOW_PARAM_MAX] for k, v in params.items()})
+            state = MlflowState(
+                tracking_uri=uri,
+                experiment=cfg.experiment,
+                run_name=cfg.run_name or out.name,
+                start_time_ms=int(time.time() * 1000),
+                params={k: str(v)[:MLFLOW_PARAM_MAX] for k, v in params.items()},
+            )
         state.end_status = state.end_time_ms = None
         state.save(out)
         self._lock = threading.Lock()
@@ -434,9 +452,14 @@ class MetricLogger:
             except Exception as exc:  # noqa: BLE001 - MLflow must never stop training
                 sender.connected = False
                 if not down:
-                    logger.warning("[mlflow] %s unreachable (%s); training goes on, metrics stay in %s and are "
-                                   "sent when it is back (or by scripts/sync_mlflow.py %s)", sender.state.tracking_uri,
-                                   _one_line(exc), METRICS_FILE, self.output_dir)
+                    logger.warning(
+                        "[mlflow] %s unreachable (%s); training goes on, metrics stay in %s and are "
+                        "sent when it is back (or by scripts/sync_mlflow.py %s)",
+                        sender.state.tracking_uri,
+                        _one_line(exc),
+                        METRICS_FILE,
+                        self.output_dir,
+                    )
                     down = True
                 if closing:
                     self._gave_up = True
@@ -485,9 +508,14 @@ class MetricLogger:
         if self._thread.is_alive() or self._gave_up:
             with self._lock:
                 unsent = count_unsent(self.output_dir, state.sent)
-            logger.warning("[mlflow] %d metric values and the status %s are not in MLflow at %s; they are kept: "
-                           "`python scripts/sync_mlflow.py %s` sends them", unsent, status, state.tracking_uri,
-                           self.output_dir)
+            logger.warning(
+                "[mlflow] %d metric values and the status %s are not in MLflow at %s; they are kept: "
+                "`python scripts/sync_mlflow.py %s` sends them",
+                unsent,
+                status,
+                state.tracking_uri,
+                self.output_dir,
+            )
         os.close(self._lock_fd)
         self._sender = None
 

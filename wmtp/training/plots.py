@@ -38,9 +38,10 @@ from __future__ import annotations
 import math
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from wmtp.training.metrics import read_metrics
 
@@ -81,8 +82,10 @@ def _matplotlib():
         from matplotlib.lines import Line2D
         from matplotlib.patches import Patch
     except ImportError as exc:
-        raise PlotsUnavailable("run reports need matplotlib, the optional extra 'plots': "
-                               "pip install 'wmtp[plots]' (or pip install matplotlib)") from exc
+        raise PlotsUnavailable(
+            "run reports need matplotlib, the optional extra 'plots': "
+            "pip install 'wmtp[plots]' (or pip install matplotlib)"
+        ) from exc
     return Figure, Line2D, Patch
 
 
@@ -163,13 +166,15 @@ def _with_val(*curves: Curve) -> list[Curve]:
     return [c for t in curves for c in (t, Curve(f"{t.label} (val)", VAL + t.key, t.slot, t.color))]
 
 
-def _per_head(runs: Sequence[Run], title: str, ylabel: str, base: str, val: Sequence[str] = (),
-              val_mean: bool = False, **kw: Any) -> Panel:
+def _per_head(
+    runs: Sequence[Run], title: str, ylabel: str, base: str, val: Sequence[str] = (), val_mean: bool = False, **kw: Any
+) -> Panel:
     """Curves {base}/head_k and their held-out twins {v}/head_k for each v in `val` (by default val/{base});
     with val_mean, the held-out mean over heads {v} too."""
     val = val or (VAL + base,)
-    heads = sorted({int(m["k"]) for r in runs for key in r.columns
-                    if (m := HEAD_RE.match(key)) and m["base"] in (base, *val)})
+    heads = sorted(
+        {int(m["k"]) for r in runs for key in r.columns if (m := HEAD_RE.match(key)) and m["base"] in (base, *val)}
+    )
     curves = []
     for slot, k in enumerate(heads):
         curves.append(Curve(f"head {k}", f"{base}/head_{k}", slot))
@@ -181,6 +186,7 @@ def _per_head(runs: Sequence[Run], title: str, ylabel: str, base: str, val: Sequ
 
 def report_panels(runs: Sequence[Run]) -> list[Panel]:
     """The panels of a report over these runs: those some run logged a key of, in report order."""
+
     def refs(section: str, key: str, label: str) -> list[tuple[float, str]]:
         values = sorted({v for r in runs if (v := r.config_value(section, key)) is not None})
         return [(v, f"{label} = {v:g} (config)") for v in values]
@@ -193,21 +199,48 @@ def report_panels(runs: Sequence[Run]) -> list[Panel]:
         # The verifiable recipe's held-out twin of loss/head_k (the weighted CE) is val/policy_loss/head_k.
         _per_head(runs, "loss per head", head_loss, "loss", val=("val/loss", "val/policy_loss")),
         _per_head(runs, "unweighted CE per head", "cross-entropy (all pairs)", "ce", val_mean=True),
-        Panel("token weights", "w = clamp(exp(A/β))", [Curve("mean", "weight/mean", 0)], dist="weight",
-              refs=refs("td", "w_min", "w_min") + refs("td", "w_max", "w_max")),
+        Panel(
+            "token weights",
+            "w = clamp(exp(A/β))",
+            [Curve("mean", "weight/mean", 0)],
+            dist="weight",
+            refs=refs("td", "w_min", "w_min") + refs("td", "w_max", "w_max"),
+        ),
         Panel("TD errors", "δ", [Curve("mean", "td/mean", 0)], dist="td", refs=[(0.0, "δ = 0")]),
-        Panel("clipped weight share", "share of response tokens",
-              [Curve("clipped", "weight/clipped_share", 0), Curve("at w_min", "weight/clipped_low_share", 1),
-               Curve("at w_max", "weight/clipped_high_share", 2)], ymin=0.0),
+        Panel(
+            "clipped weight share",
+            "share of response tokens",
+            [
+                Curve("clipped", "weight/clipped_share", 0),
+                Curve("at w_min", "weight/clipped_low_share", 1),
+                Curve("at w_max", "weight/clipped_high_share", 2),
+            ],
+            ymin=0.0,
+        ),
         _per_head(runs, "mean weight per head", "mean weight of the head's targets", "weight", val_mean=True),
-        _per_head(runs, "Rho-1 selected fraction per head", "share of valid pairs", "selected", val_mean=True,
-                  refs=refs("rho1", "ratio", "ratio ρ"), ymin=0.0),
+        _per_head(
+            runs,
+            "Rho-1 selected fraction per head",
+            "share of valid pairs",
+            "selected",
+            val_mean=True,
+            refs=refs("rho1", "ratio", "ratio ρ"),
+            ymin=0.0,
+        ),
         _per_head(runs, "Rho-1 excess per head", "CE − reference CE", "excess", val_mean=True),
-        Panel("critic value: correct vs incorrect", "mean V",
-              _with_val(Curve("correct", "value/correct", 0, "tab:green"),
-                        Curve("incorrect", "value/incorrect", 1, "tab:red"))),
-        Panel("critic AUROC", "AUROC (last-state value vs reward)", _with_val(Curve("AUROC", "auroc", 0)),
-              refs=[(0.5, "chance")]),
+        Panel(
+            "critic value: correct vs incorrect",
+            "mean V",
+            _with_val(
+                Curve("correct", "value/correct", 0, "tab:green"), Curve("incorrect", "value/incorrect", 1, "tab:red")
+            ),
+        ),
+        Panel(
+            "critic AUROC",
+            "AUROC (last-state value vs reward)",
+            _with_val(Curve("AUROC", "auroc", 0)),
+            refs=[(0.5, "chance")],
+        ),
         Panel("learning rate", "lr", [Curve("lr", "lr", 0)]),
         Panel("throughput", "tokens/s (this rank)", [Curve("tokens/s", "tokens_per_s", 0)]),
         Panel("grad norm", "grad norm (before clipping)", [Curve("grad norm", "grad_norm", 0)]),
@@ -234,8 +267,9 @@ def _draw_bands(ax: Axes, dist: str, run: Run, color: str) -> bool:
     steps, mean = run.series(f"{dist}/mean")
     if not steps:
         return False
-    std, lo, hi = (np.array([dict(zip(*run.series(f"{dist}/{s}"))).get(t, np.nan) for t in steps])
-                   for s in ("std", "min", "max"))
+    std, lo, hi = (
+        np.array([dict(zip(*run.series(f"{dist}/{s}"))).get(t, np.nan) for t in steps]) for s in ("std", "min", "max")
+    )
     mean = np.array(mean)
     ax.fill_between(steps, lo, hi, color=color, alpha=0.12, linewidth=0)
     ax.fill_between(steps, np.fmax(mean - std, lo), np.fmin(mean + std, hi), color=color, alpha=0.3, linewidth=0)
@@ -262,8 +296,14 @@ def _draw_panel(ax: Axes, panel: Panel, runs: Sequence[Run], Line2D: Any, Patch:
             if not held_out and len(steps) >= SMOOTH_MIN_POINTS:
                 ax.plot(steps, values, linewidth=0.6, alpha=0.25, **kw)
                 values, smoothed = _ema(values), True
-            ax.plot(steps, values, label=f"{run.name}: {c.label}", gid=f"{run.name}:{c.key}",
-                    linewidth=1.0 if held_out else 1.5, **kw)
+            ax.plot(
+                steps,
+                values,
+                label=f"{run.name}: {c.label}",
+                gid=f"{run.name}:{c.key}",
+                linewidth=1.0 if held_out else 1.5,
+                **kw,
+            )
             legend.setdefault(c.label, Line2D([], [], **{**kw, "color": GREY if multi else color}))
     face = GREY if multi else "C0"
     if banded:
@@ -299,29 +339,39 @@ def build_report(run_dirs: Sequence[str | Path]) -> Figure:
     ncols = min(NCOLS, len(panels))
     nrows = math.ceil(len(panels) / ncols)
     legend_rows = math.ceil(len(runs) / 4) if len(runs) > 1 else 0
-    fig = Figure(figsize=(PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows + 0.7 + 0.25 * legend_rows), dpi=DPI,
-                 layout="constrained")
+    fig = Figure(
+        figsize=(PANEL_SIZE[0] * ncols, PANEL_SIZE[1] * nrows + 0.7 + 0.25 * legend_rows), dpi=DPI, layout="constrained"
+    )
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     smoothed = [_draw_panel(ax, panel, runs, Line2D, Patch) for ax, panel in zip(axes, panels)]
-    for ax in axes[len(panels):]:
+    for ax in axes[len(panels) :]:
         fig.delaxes(ax)
     if len(runs) == 1:
         fig.suptitle(runs[0].header(), fontsize=12)
     else:  # the legend of the runs is the header (a suptitle would overlap it)
-        fig.legend([Line2D([], [], color=f"C{i % 10}", linewidth=2.5) for i in range(len(runs))],
-                   [r.header() for r in runs], loc="outside upper center", ncols=min(len(runs), 4), fontsize=9,
-                   frameon=False)
+        fig.legend(
+            [Line2D([], [], color=f"C{i % 10}", linewidth=2.5) for i in range(len(runs))],
+            [r.header() for r in runs],
+            loc="outside upper center",
+            ncols=min(len(runs), 4),
+            fontsize=9,
+            frameon=False,
+        )
     if any(smoothed):
-        fig.supxlabel(f"training curves with ≥{SMOOTH_MIN_POINTS} points: faint = raw, solid = EMA; "
-                      "markers = held-out (val/)", fontsize=8, color="0.35")
+        fig.supxlabel(
+            f"training curves with ≥{SMOOTH_MIN_POINTS} points: faint = raw, solid = EMA; markers = held-out (val/)",
+            fontsize=8,
+            color="0.35",
+        )
     return fig
 
 
 def panel_lines(fig: Figure) -> dict[str, dict[str, int]]:
     """{panel title: {"run:key": points}} of the data lines drawn (not the faint raw lines under an EMA,
     nor reference lines). For tests and for a quick look at what a report holds."""
-    return {ax.get_title(): {ln.get_gid(): len(ln.get_xdata()) for ln in ax.get_lines() if ln.get_gid()}
-            for ax in fig.axes}
+    return {
+        ax.get_title(): {ln.get_gid(): len(ln.get_xdata()) for ln in ax.get_lines() if ln.get_gid()} for ax in fig.axes
+    }
 
 
 # ------------------------------------------------------------------ entry points

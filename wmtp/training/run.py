@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import shutil
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from tqdm import tqdm
 
-from wmtp.config.loader import config_to_dict, flatten, to_toml
 from wmtp.atomic import TMP_SUFFIX
+from wmtp.config.loader import config_to_dict, flatten, to_toml
 from wmtp.config.sections import DistributedConfig, ModelConfig, OptimizerConfig, S3Config, TrainingConfig
 from wmtp.data.loader import GlobalBatchLoader
 from wmtp.distributed.env import DistInfo, barrier
@@ -31,38 +32,53 @@ from wmtp.training.plots import maybe_plot
 from wmtp.training.s3 import S3Error, S3Sync, shared_attempt_id
 
 
-def setup_policy(model_cfg: ModelConfig, dist_cfg: DistributedConfig, info: DistInfo, *, mesh: DeviceMesh | None,
-                 vocab_size: int, param_dtype: torch.dtype | None, value_head: bool = False,
-                 value_head_path: str | None = None,
-                 trainable: Callable[[str], bool] | None = None) -> MTPTransformer:
+def setup_policy(
+    model_cfg: ModelConfig,
+    dist_cfg: DistributedConfig,
+    info: DistInfo,
+    *,
+    mesh: DeviceMesh | None,
+    vocab_size: int,
+    param_dtype: torch.dtype | None,
+    value_head: bool = False,
+    value_head_path: str | None = None,
+    trainable: Callable[[str], bool] | None = None,
+) -> MTPTransformer:
     """The policy: built on the meta device, parallelised (float8, AC, compile, FSDP2 over `mesh`),
     materialised on the training device and filled with the checkpoint that rank 0 reads.
 
     value_head_path: a critic run's value_head.safetensors for the value head. trainable: which
     parameters (by name) train; the others are frozen before sharding.
     """
-    model = build_mtp(model_cfg.path, vocab_size=vocab_size, value_head=value_head,
-                      max_seq_len=model_cfg.max_seq_len)
+    model = build_mtp(model_cfg.path, vocab_size=vocab_size, value_head=value_head, max_seq_len=model_cfg.max_seq_len)
     if trainable is not None:
         for name, p in model.named_parameters():
             p.requires_grad_(trainable(name))
     model = parallelize(model, dist_cfg, mesh=mesh, device=info.device, param_dtype=param_dtype)
     load_weights(model, lambda: read_checkpoint(model_cfg.path, model, value_head_path=value_head_path), info=info)
     if info.is_main and info.in_process_group:
-        layout = (f"HSDP {mesh.shape[0]} replicas x {mesh.shape[1]} shards" if mesh is not None and mesh.ndim == 2
-                  else f"FSDP2 over {info.world_size} rank(s)")
+        layout = (
+            f"HSDP {mesh.shape[0]} replicas x {mesh.shape[1]} shards"
+            if mesh is not None and mesh.ndim == 2
+            else f"FSDP2 over {info.world_size} rank(s)"
+        )
         print(f"[dist] {layout}, {info.device.type}; weights read by rank 0 and broadcast", flush=True)
     return model
 
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def resume_latest(checkpointer: Checkpointer, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  scheduler: torch.optim.lr_scheduler.LRScheduler, loader: GlobalBatchLoader, *,
-                  required: tuple[str, ...] = ()) -> dict[str, Any] | None:
+def resume_latest(
+    checkpointer: Checkpointer,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: GlobalBatchLoader,
+    *,
+    required: tuple[str, ...] = (),
+) -> dict[str, Any] | None:
     """Restore model, optimizer, schedule and sampler from the newest checkpoint that loads.
 
     Returns its trainer state (step and any recipe extras), or None when there is none. A newer
@@ -83,9 +99,18 @@ def resume_latest(checkpointer: Checkpointer, model: torch.nn.Module, optimizer:
     return state
 
 
-def save_training_state(checkpointer: Checkpointer, step: int, model: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
-                        loader: GlobalBatchLoader, *, s3: S3Sync, local_rank: int, **extra: Any) -> Path:
+def save_training_state(
+    checkpointer: Checkpointer,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: GlobalBatchLoader,
+    *,
+    s3: S3Sync,
+    local_rank: int,
+    **extra: Any,
+) -> Path:
     """Save a training checkpoint (extra: JSON-serialisable recipe state), say where, and queue this
     rank's files for S3 (collective)."""
     state = {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), **extra}
@@ -128,8 +153,11 @@ def fetch_from_s3(s3: S3Sync, checkpointer: Checkpointer, info: DistInfo) -> Non
         try:
             path = s3.download_latest(checkpointer.root)
         except S3Error as exc:
-            print(f"[s3] warning: cannot look for checkpoints on S3 ({exc}); resuming from local ones only",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[s3] warning: cannot look for checkpoints on S3 ({exc}); resuming from local ones only",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
             if path is not None:
                 print(f"[s3] downloaded {path}", flush=True)
@@ -141,8 +169,9 @@ def open_run(cfg: Any, output_dir: Path, *, is_main: bool, step: int, loader: Gl
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.toml").write_text(to_toml(cfg, with_docs=False))
-    logger = MetricLogger(cfg.metrics, output_dir, params=flatten(config_to_dict(cfg)), enabled=is_main,
-                          resume_step=step)
+    logger = MetricLogger(
+        cfg.metrics, output_dir, params=flatten(config_to_dict(cfg)), enabled=is_main, resume_step=step
+    )
     if is_main:
         logger.log_artifact(output_dir / "config.toml")
         print(f"[data] {loader.summary()}", flush=True)
@@ -179,8 +208,9 @@ def run_recipe(recipe: Any) -> None:
 
 def progress_bar(name: str, cfg: TrainingConfig, *, step: int, enabled: bool) -> tqdm:
     """A tqdm bar on rank 0 in a terminal; disabled otherwise (the recipe prints lines instead)."""
-    return tqdm(total=cfg.max_steps, initial=step, desc=name, dynamic_ncols=True,
-                disable=not (enabled and sys.stdout.isatty()))
+    return tqdm(
+        total=cfg.max_steps, initial=step, desc=name, dynamic_ncols=True, disable=not (enabled and sys.stdout.isatty())
+    )
 
 
 def stop_step(cfg: TrainingConfig) -> int:

@@ -44,6 +44,7 @@ Design:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -56,8 +57,9 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from wmtp.atomic import TMP_SUFFIX
 from wmtp.config.sections import S3Config
@@ -125,9 +127,16 @@ class SyncSummary:
         return not self.pending and not self.failed
 
     def __str__(self) -> str:
-        parts = [f"{name}: {', '.join(items)}" for name, items in
-                 (("uploaded", self.uploaded), ("failed", self.failed), ("skipped", self.skipped),
-                  ("still pending", self.pending)) if items]
+        parts = [
+            f"{name}: {', '.join(items)}"
+            for name, items in (
+                ("uploaded", self.uploaded),
+                ("failed", self.failed),
+                ("skipped", self.skipped),
+                ("still pending", self.pending),
+            )
+            if items
+        ]
         return "; ".join(parts) or "nothing to upload"
 
 
@@ -176,8 +185,16 @@ class S3Sync:
     from boto3's usual chain (environment, ~/.aws, instance role).
     """
 
-    def __init__(self, cfg: S3Config, *, output_dir: str | Path, rank: int, world_size: int, attempt: str,
-                 timing: SyncTiming = SyncTiming()) -> None:
+    def __init__(
+        self,
+        cfg: S3Config,
+        *,
+        output_dir: str | Path,
+        rank: int,
+        world_size: int,
+        attempt: str,
+        timing: SyncTiming = SyncTiming(),
+    ) -> None:
         self.cfg = cfg
         self.enabled = bool(cfg.bucket)
         self.output_dir = Path(output_dir)
@@ -216,12 +233,16 @@ class S3Sync:
         from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
-        config = Config(connect_timeout=self.timing.connect_timeout_s, read_timeout=self.timing.read_timeout_s,
-                        retries={"mode": "standard", "total_max_attempts": BOTO_ATTEMPTS},
-                        # S3-compatible stores (MinIO, Ceph) usually serve path-style URLs only.
-                        s3={"addressing_style": "path"} if self.cfg.endpoint_url else None)
-        client = boto3.session.Session().client("s3", endpoint_url=self.cfg.endpoint_url or None,
-                                                region_name=self.cfg.region or None, config=config)
+        config = Config(
+            connect_timeout=self.timing.connect_timeout_s,
+            read_timeout=self.timing.read_timeout_s,
+            retries={"mode": "standard", "total_max_attempts": BOTO_ATTEMPTS},
+            # S3-compatible stores (MinIO, Ceph) usually serve path-style URLs only.
+            s3={"addressing_style": "path"} if self.cfg.endpoint_url else None,
+        )
+        client = boto3.session.Session().client(
+            "s3", endpoint_url=self.cfg.endpoint_url or None, region_name=self.cfg.region or None, config=config
+        )
         return client, TransferConfig()
 
     # ---- keys
@@ -257,7 +278,13 @@ class S3Sync:
             self._enqueue(_Task(label, self._stage(name, local_dir, names), names, step))
         except Exception as e:
             prefix = self._prefix("final") if step is None else self._step_prefix(step)
-            logger.warning("[s3] %s: %s not queued for %s: %s", label, local_dir, self._url(prefix), exception_line(e, S3_REASON_MAX_CHARS))
+            logger.warning(
+                "[s3] %s: %s not queued for %s: %s",
+                label,
+                local_dir,
+                self._url(prefix),
+                exception_line(e, S3_REASON_MAX_CHARS),
+            )
             with self._cond:
                 self._failed.append(f"{label} ({exception_line(e, S3_REASON_MAX_CHARS)})")
 
@@ -291,9 +318,13 @@ class S3Sync:
                     self._queue.remove(old)
                     shutil.rmtree(old.staging, ignore_errors=True)
                     self._skipped.append(old.label)
-                    logger.warning("[s3] %s: skipped, superseded by step %d before its upload to %s started "
-                                   "(uploads are slower than checkpoints)", old.label, task.step,
-                                   self._url(self._step_prefix(old.step)))
+                    logger.warning(
+                        "[s3] %s: skipped, superseded by step %d before its upload to %s started "
+                        "(uploads are slower than checkpoints)",
+                        old.label,
+                        task.step,
+                        self._url(self._step_prefix(old.step)),
+                    )
             self._queue.append(task)
             self._cond.notify_all()
 
@@ -305,8 +336,13 @@ class S3Sync:
                 self._cond.wait(left)
             summary = self._summary()
         if summary.pending:
-            logger.warning("[s3] still pending after waiting %.0f s for s3://%s/%s: %s", timeout_s, self.bucket,
-                           self.root, ", ".join(summary.pending))
+            logger.warning(
+                "[s3] still pending after waiting %.0f s for s3://%s/%s: %s",
+                timeout_s,
+                self.bucket,
+                self.root,
+                ", ".join(summary.pending),
+            )
         return summary
 
     def close(self) -> None:
@@ -321,8 +357,12 @@ class S3Sync:
             self._stop.set()
             self._cond.notify_all()
         if abandoned:
-            logger.warning("[s3] closing with unfinished uploads to s3://%s/%s, abandoned without markers: %s",
-                           self.bucket, self.root, ", ".join(abandoned))
+            logger.warning(
+                "[s3] closing with unfinished uploads to s3://%s/%s, abandoned without markers: %s",
+                self.bucket,
+                self.root,
+                ", ".join(abandoned),
+            )
         for thread in self._threads:
             thread.join(timeout=CLOSE_JOIN_S)
 
@@ -350,7 +390,9 @@ class S3Sync:
                 else:
                     self._upload_checkpoint(task)
             except Exception as e:
-                logger.warning("[s3] %s not uploaded (no marker written): %s", task.label, exception_line(e, S3_REASON_MAX_CHARS))
+                logger.warning(
+                    "[s3] %s not uploaded (no marker written): %s", task.label, exception_line(e, S3_REASON_MAX_CHARS)
+                )
                 with self._cond:
                     self._failed.append(f"{task.label} ({exception_line(e, S3_REASON_MAX_CHARS)})")
             finally:
@@ -362,8 +404,10 @@ class S3Sync:
     def _upload_checkpoint(self, task: _Task) -> None:
         prefix = self._step_prefix(task.step)
         # An earlier launch's marker must go before any of its files is replaced.
-        self._retry(f"delete {self._url(prefix + COMPLETE_MARKER)}",
-                    lambda: self._client.delete_object(Bucket=self.bucket, Key=prefix + COMPLETE_MARKER))
+        self._retry(
+            f"delete {self._url(prefix + COMPLETE_MARKER)}",
+            lambda: self._client.delete_object(Bucket=self.bucket, Key=prefix + COMPLETE_MARKER),
+        )
         files = self._upload_files(task, prefix)
         marker = f"{prefix}{RANKS_DIR}/rank_{self.rank}"
         self._put_json(marker, {"attempt": self.attempt, "rank": self.rank, "files": files})
@@ -384,19 +428,24 @@ class S3Sync:
             self._uploaded.append(task.label)
         # Files of an earlier, different export (e.g. a critic's value head) would only confuse readers.
         try:
-            stale = [k for k in self._list(prefix) if k != marker and k[len(prefix):] not in files]
+            stale = [k for k in self._list(prefix) if k != marker and k[len(prefix) :] not in files]
             self._delete(stale)
         except Exception as e:
-            logger.warning("[s3] final export: could not delete stale keys under %s: %s", self._url(prefix),
-                           exception_line(e, S3_REASON_MAX_CHARS))
+            logger.warning(
+                "[s3] final export: could not delete stale keys under %s: %s",
+                self._url(prefix),
+                exception_line(e, S3_REASON_MAX_CHARS),
+            )
 
     def _upload_files(self, task: _Task, prefix: str) -> dict[str, dict[str, Any]]:
         files = {}
         for rel in task.files:
             path, key = task.staging / rel, prefix + rel
             entry = {"size": path.stat().st_size, "sha256": _sha256(path)}
-            self._retry(f"upload {path} -> {self._url(key)}",
-                        lambda: self._client.upload_file(str(path), self.bucket, key, Config=self._transfer))
+            self._retry(
+                f"upload {path} -> {self._url(key)}",
+                functools.partial(self._client.upload_file, str(path), self.bucket, key, Config=self._transfer),
+            )
             files[rel] = entry
         return files
 
@@ -439,10 +488,15 @@ class S3Sync:
                 files = {name: entry for r in range(self.world_size) for name, entry in pending.confirmed[r].items()}
                 # Every marker is in, so waiting longer cannot bring back an object that went missing.
                 if wrong := [n for n, e in files.items() if listing.get(prefix + n) != e["size"]]:
-                    return self._give_up(step, f"objects missing or of the wrong size under {self._url(prefix)} "
-                                               f"although every rank's marker is there: {wrong}")
-                self._put_json(prefix + COMPLETE_MARKER, {"attempt": self.attempt, "step": step,
-                                                          "world_size": self.world_size, "files": files})
+                    return self._give_up(
+                        step,
+                        f"objects missing or of the wrong size under {self._url(prefix)} "
+                        f"although every rank's marker is there: {wrong}",
+                    )
+                self._put_json(
+                    prefix + COMPLETE_MARKER,
+                    {"attempt": self.attempt, "step": step, "world_size": self.world_size, "files": files},
+                )
                 with self._cond:
                     del self._pending[step]
                     self._uploaded.append(label)
@@ -455,8 +509,12 @@ class S3Sync:
 
     def _give_up(self, step: int, reason: str) -> None:
         label = f"checkpoint step {step}"
-        logger.warning("[s3] %s: %s not written: %s; it stays incomplete on S3", label,
-                       self._url(self._step_prefix(step) + COMPLETE_MARKER), reason)
+        logger.warning(
+            "[s3] %s: %s not written: %s; it stays incomplete on S3",
+            label,
+            self._url(self._step_prefix(step) + COMPLETE_MARKER),
+            reason,
+        )
         with self._cond:
             del self._pending[step]
             self._failed.append(f"{label} ({reason})")
@@ -468,23 +526,31 @@ class S3Sync:
             complete = sorted(s for s, keys in steps.items() if COMPLETE_MARKER in keys)
             if not complete:
                 return
-            doomed = set(complete[:-self.cfg.keep_last]) if self.cfg.keep_last > 0 else set()
+            doomed = set(complete[: -self.cfg.keep_last]) if self.cfg.keep_last > 0 else set()
             doomed |= {s for s in steps if s not in complete and s < complete[-1]}
             with self._cond:
                 for step in sorted(doomed & set(self._pending)):
                     del self._pending[step]
                     self._skipped.append(f"checkpoint step {step}")
-                    logger.warning("[s3] checkpoint step %d: superseded by complete step %d before all rank "
-                                   "markers arrived; deleted from %s", step, complete[-1],
-                                   self._url(self._step_prefix(step)))
+                    logger.warning(
+                        "[s3] checkpoint step %d: superseded by complete step %d before all rank "
+                        "markers arrived; deleted from %s",
+                        step,
+                        complete[-1],
+                        self._url(self._step_prefix(step)),
+                    )
             for step in sorted(doomed):
                 prefix = self._step_prefix(step)
                 if COMPLETE_MARKER in steps[step]:  # the marker first: never a marker over missing files
                     self._delete([prefix + COMPLETE_MARKER])
                 self._delete([prefix + rel for rel in steps[step] if rel != COMPLETE_MARKER])
         except Exception as e:
-            logger.warning("[s3] keep-last-%d under %s failed (old checkpoints stay): %s", self.cfg.keep_last,
-                           self._url(self._prefix("checkpoints")), exception_line(e, S3_REASON_MAX_CHARS))
+            logger.warning(
+                "[s3] keep-last-%d under %s failed (old checkpoints stay): %s",
+                self.cfg.keep_last,
+                self._url(self._prefix("checkpoints")),
+                exception_line(e, S3_REASON_MAX_CHARS),
+            )
 
     # ---- S3 primitives
 
@@ -498,8 +564,12 @@ class S3Sync:
                 break
             delay = min(self.timing.max_backoff_s, self.timing.backoff_s * 2 ** (attempt - 1))
             if attempt == 1:  # an outage shows at once, not only when the last attempt fails
-                logger.warning("[s3] %s: %s; retrying (%d more attempt(s))", what, exception_line(error, S3_REASON_MAX_CHARS),
-                               self.attempts - 1)
+                logger.warning(
+                    "[s3] %s: %s; retrying (%d more attempt(s))",
+                    what,
+                    exception_line(error, S3_REASON_MAX_CHARS),
+                    self.attempts - 1,
+                )
             # Jitter, so that many ranks hitting the same outage do not retry in lockstep.
             if self._stop.wait(delay * random.uniform(0.5, 1.0)):
                 break
@@ -507,34 +577,43 @@ class S3Sync:
 
     def _put_json(self, key: str, body: dict[str, Any]) -> None:
         data = json.dumps(body, indent=1).encode()
-        self._retry(f"write {self._url(key)}",
-                    lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=data,
-                                                    ContentType="application/json"))
+        self._retry(
+            f"write {self._url(key)}",
+            lambda: self._client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType="application/json"),
+        )
 
     def _list(self, prefix: str) -> dict[str, int]:
         """Every key under `prefix` with its size (all pages)."""
         paginator = self._client.get_paginator("list_objects_v2")
-        return {obj["Key"]: obj["Size"]
-                for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix,
-                                               PaginationConfig={"PageSize": LIST_PAGE_SIZE})
-                for obj in page.get("Contents", [])}
+        return {
+            obj["Key"]: obj["Size"]
+            for page in paginator.paginate(
+                Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE_SIZE}
+            )
+            for obj in page.get("Contents", [])
+        }
 
     def _list_steps(self) -> dict[int, list[str]]:
         """step -> its keys relative to the step's prefix (markers included)."""
         root = self._prefix("checkpoints")
         steps: dict[int, list[str]] = {}
         for key in self._list(root):
-            folder, _, rel = key[len(root):].partition("/")
+            folder, _, rel = key[len(root) :].partition("/")
             if (m := STEP_DIR.match(folder)) and rel:
                 steps.setdefault(int(m.group(1)), []).append(rel)
         return steps
 
     def _delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), DELETE_BATCH):
-            batch = keys[i:i + DELETE_BATCH]
-            reply = self._retry(f"delete {len(batch)} key(s) such as {self._url(batch[0])}",
-                                lambda: self._client.delete_objects(
-                                    Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True}))
+            batch = keys[i : i + DELETE_BATCH]
+            reply = self._retry(
+                f"delete {len(batch)} key(s) such as {self._url(batch[0])}",
+                functools.partial(
+                    self._client.delete_objects,
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": k} for k in batch], "Quiet": True},
+                ),
+            )
             if reply.get("Errors"):
                 error = reply["Errors"][0]
                 raise S3Error(f"delete {self._url(error['Key'])}: {error.get('Code')}: {error.get('Message')}")
@@ -564,8 +643,10 @@ class S3Sync:
             raise S3Error(f"cannot download step {step}: S3 is off (s3.bucket is empty)")
         prefix = self._step_prefix(step)
         marker = prefix + COMPLETE_MARKER
-        manifest = self._retry(f"read {self._url(marker)}", lambda: json.loads(
-            self._client.get_object(Bucket=self.bucket, Key=marker)["Body"].read()))
+        manifest = self._retry(
+            f"read {self._url(marker)}",
+            lambda: json.loads(self._client.get_object(Bucket=self.bucket, Key=marker)["Body"].read()),
+        )
         tmp = dest.with_name(f"{dest.name}.download-{socket.gethostname()}{TMP_SUFFIX}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -573,7 +654,7 @@ class S3Sync:
             for rel, entry in manifest["files"].items():
                 path, key = tmp / rel, prefix + rel
                 path.parent.mkdir(parents=True, exist_ok=True)
-                self._retry(f"download {self._url(key)} -> {path}", lambda: self._fetch(key, path, entry))
+                self._retry(f"download {self._url(key)} -> {path}", functools.partial(self._fetch, key, path, entry))
             try:
                 os.rename(tmp, dest)
             except OSError:
@@ -589,8 +670,10 @@ class S3Sync:
         self._client.download_file(self.bucket, key, str(path), Config=self._transfer)
         size, digest = path.stat().st_size, _sha256(path)
         if (size, digest) != (entry["size"], entry["sha256"]):
-            raise S3Error(f"{path}: {size} bytes with sha256 {digest}, the manifest says {entry['size']} "
-                          f"bytes with sha256 {entry['sha256']}")
+            raise S3Error(
+                f"{path}: {size} bytes with sha256 {digest}, the manifest says {entry['size']} "
+                f"bytes with sha256 {entry['sha256']}"
+            )
         with open(path, "rb") as f:  # on disk before the folder is renamed into place
             os.fsync(f.fileno())
 
@@ -599,8 +682,14 @@ class S3Sync:
         one is as new; an older complete one when a download fails (with a warning). Returns the folder
         downloaded, or None when nothing was (nothing newer on S3, or every download failed)."""
         checkpoints_dir = Path(checkpoints_dir)
-        newest_local = max((int(m.group(1)) for p in checkpoints_dir.glob("step_*")
-                            if (m := STEP_DIR.match(p.name)) and (p / TRAINER_STATE).is_file()), default=-1)
+        newest_local = max(
+            (
+                int(m.group(1))
+                for p in checkpoints_dir.glob("step_*")
+                if (m := STEP_DIR.match(p.name)) and (p / TRAINER_STATE).is_file()
+            ),
+            default=-1,
+        )
         for step in reversed(self.complete_steps()):
             if step <= newest_local:
                 return None
@@ -608,6 +697,7 @@ class S3Sync:
             try:
                 return self.download_checkpoint(step, dest)
             except S3Error as e:
-                logger.warning("[s3] checkpoint step %d could not be downloaded to %s, trying an older one: %s",
-                               step, dest, e)
+                logger.warning(
+                    "[s3] checkpoint step %d could not be downloaded to %s, trying an older one: %s", step, dest, e
+                )
         return None

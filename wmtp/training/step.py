@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 
@@ -26,8 +26,12 @@ def resolve_precision(precision: str, dist: DistInfo) -> tuple[torch.dtype | Non
     return None, torch.autocast(dist.device.type, dtype=torch.bfloat16)
 
 
-def clip_and_step(params: Iterable[torch.nn.Parameter], optimizer: torch.optim.Optimizer,
-                  scheduler: torch.optim.lr_scheduler.LRScheduler, max_grad_norm: float | None) -> dict[str, float]:
+def clip_and_step(
+    params: Iterable[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    max_grad_norm: float | None,
+) -> dict[str, float]:
     """Clip the global gradient norm, step optimizer and schedule; returns lr (of this step) and grad_norm."""
     out = {"lr": scheduler.get_last_lr()[0]}
     if max_grad_norm is not None:
@@ -39,8 +43,14 @@ def clip_and_step(params: Iterable[torch.nn.Parameter], optimizer: torch.optim.O
     return out
 
 
-def step_work(micro_batches: list[dict[str, torch.Tensor]], args: ModelArgs, *, heads: int, scored_pairs: int,
-              backward: bool = True) -> tuple[int, float]:
+def step_work(
+    micro_batches: list[dict[str, torch.Tensor]],
+    args: ModelArgs,
+    *,
+    heads: int,
+    scored_pairs: int,
+    backward: bool = True,
+) -> tuple[int, float]:
     """(tokens, model FLOPs) of this rank's step; see `wmtp.training.flops.step_flops`."""
     lengths = torch.cat([mb["lengths"] for mb in micro_batches]).tolist()
     return sum(lengths), step_flops(args, lengths, heads=heads, scored_pairs=scored_pairs, backward=backward)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from kernels.backend import accumulation_dtype
 from wmtp.atomic import atomic_write_text
 from wmtp.config.sections import ValidationConfig
 from wmtp.constants import IGNORE_INDEX
@@ -25,6 +24,7 @@ from wmtp.data.loader import eval_micro_batches, load_index
 from wmtp.data.samplers import fits_max_seq_len
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import DistInfo, all_reduce_sum
+from wmtp.kernels.backend import accumulation_dtype
 
 PREFIX = "val/"
 BEST_DIR = "best"
@@ -37,8 +37,17 @@ HIGHER_IS_BETTER = ("auroc",)
 class Validation:
     """The held-out rows of one run and when they are scored."""
 
-    def __init__(self, cfg: ValidationConfig, tokenizer: SentencePieceTokenizer, *, info: DistInfo,
-                 max_seq_len: int, n_future: int, micro_batch_size: int, max_steps: int) -> None:
+    def __init__(
+        self,
+        cfg: ValidationConfig,
+        tokenizer: SentencePieceTokenizer,
+        *,
+        info: DistInfo,
+        max_seq_len: int,
+        n_future: int,
+        micro_batch_size: int,
+        max_steps: int,
+    ) -> None:
         self.cfg, self.tokenizer, self.info = cfg, tokenizer, info
         self.max_seq_len, self.n_future, self.micro_batch_size = max_seq_len, n_future, micro_batch_size
         self.max_steps = max_steps
@@ -55,10 +64,17 @@ class Validation:
 
     def batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """This rank's share of the held-out micro-batches (fill-up rows have no targets and no mask)."""
-        return eval_micro_batches(self.index, self.tokenizer, max_seq_len=self.max_seq_len, n_future=self.n_future,
-                                  micro_batch_size=self.micro_batch_size, rank=self.info.rank,
-                                  world_size=self.info.world_size, device=self.info.device,
-                                  max_rows=self.cfg.max_rows)
+        return eval_micro_batches(
+            self.index,
+            self.tokenizer,
+            max_seq_len=self.max_seq_len,
+            n_future=self.n_future,
+            micro_batch_size=self.micro_batch_size,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            device=self.info.device,
+            max_rows=self.cfg.max_rows,
+        )
 
 
 class HeadSums:
@@ -109,8 +125,10 @@ class BestExport:
         if not self.metric:
             return False
         if self.metric not in metrics:
-            raise KeyError(f"checkpoint.keep_best: validation logs no {self.metric!r}; it logs "
-                           f"{sorted(k for k in metrics if k.startswith(PREFIX))}")
+            raise KeyError(
+                f"checkpoint.keep_best: validation logs no {self.metric!r}; it logs "
+                f"{sorted(k for k in metrics if k.startswith(PREFIX))}"
+            )
         value = metrics[self.metric]
         if not math.isfinite(value):
             return False
@@ -121,5 +139,7 @@ class BestExport:
 
     def record(self, step: int) -> None:
         """Note the step and value in the (just written) best/ export."""
-        atomic_write_text(self.folder / BEST_RECORD,
-                          json.dumps({"metric": self.metric, "value": self.best, "step": step}, indent=2) + "\n")
+        atomic_write_text(
+            self.folder / BEST_RECORD,
+            json.dumps({"metric": self.metric, "value": self.best, "step": step}, indent=2) + "\n",
+        )

@@ -5,6 +5,14 @@ from wmtp.weighting.rho1 import reference_token_ce, rho1_excess, rho1_select, rh
 from wmtp.weighting.td import td_weights
 
 __all__ = [
-    "binary_auroc", "critic_targets", "last_states", "reference_token_ce", "response_states", "rho1_excess",
-    "rho1_select", "rho1_selected_counts", "td_weights", "value_loss",
+    "binary_auroc",
+    "critic_targets",
+    "last_states",
+    "reference_token_ce",
+    "response_states",
+    "rho1_excess",
+    "rho1_select",
+    "rho1_selected_counts",
+    "td_weights",
+    "value_loss",
 ]

@@ -39,8 +39,9 @@ def last_states(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(states, positions, torch.full_like(positions, -1)).amax(dim=1)
 
 
-def critic_targets(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *,
-                   lam: float = 1.0) -> torch.Tensor:
+def critic_targets(
+    values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *, lam: float = 1.0
+) -> torch.Tensor:
     """λ-return targets G [B, L] (fp32, no gradient): G_{t*} = R, G_t = (1-λ) V_{t+1} + λ G_{t+1}.
 
     values [B, L] (V_t at position t; detached here), rewards [B], mask [B, L]. λ = 1 gives the
@@ -50,8 +51,10 @@ def critic_targets(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tens
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"critic lambda must be in [0, 1], got {lam}")
     if values.dim() != 2 or mask.shape != values.shape or rewards.shape != values.shape[:1]:
-        raise ValueError(f"expected values [B, L], rewards [B], mask [B, L]; got {tuple(values.shape)}, "
-                         f"{tuple(rewards.shape)}, {tuple(mask.shape)}")
+        raise ValueError(
+            f"expected values [B, L], rewards [B], mask [B, L]; got {tuple(values.shape)}, "
+            f"{tuple(rewards.shape)}, {tuple(mask.shape)}"
+        )
     v = values.detach().float()
     r = rewards.detach().float().to(v.device)
     states = response_states(mask)
@@ -66,9 +69,14 @@ def critic_targets(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tens
     return targets
 
 
-def value_loss(values: torch.Tensor, targets: torch.Tensor, states: torch.Tensor, *,
-               kind: Literal["mse", "huber"] = "mse", huber_delta: float = 1.0
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def value_loss(
+    values: torch.Tensor,
+    targets: torch.Tensor,
+    states: torch.Tensor,
+    *,
+    kind: Literal["mse", "huber"] = "mse",
+    huber_delta: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum of the per-state loss over `states`, number of those states), differentiable in values.
 
     "mse": (V_t - G_t)^2. "huber": torch's Huber loss, 0.5 d^2 for |d| <= delta and
@@ -77,8 +85,10 @@ def value_loss(values: torch.Tensor, targets: torch.Tensor, states: torch.Tensor
     an int64 tensor, ready to be all-reduced.
     """
     if values.shape != targets.shape or states.shape != values.shape:
-        raise ValueError(f"values, targets and states must share a shape; got {tuple(values.shape)}, "
-                         f"{tuple(targets.shape)}, {tuple(states.shape)}")
+        raise ValueError(
+            f"values, targets and states must share a shape; got {tuple(values.shape)}, "
+            f"{tuple(targets.shape)}, {tuple(states.shape)}"
+        )
     v, target = values.float(), targets.detach().float()
     if kind == "mse":
         per_state = (v - target).square()
@@ -99,8 +109,7 @@ def binary_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     and a negative counts one half. NaN when only one class is present.
     """
     if scores.dim() != 1 or labels.shape != scores.shape:
-        raise ValueError(f"scores and labels must both be [N], got {tuple(scores.shape)} and "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(f"scores and labels must both be [N], got {tuple(scores.shape)} and {tuple(labels.shape)}")
     # Host-side numpy in float64: exact ranks whatever the device (MPS has no float64).
     s = scores.detach().float().cpu().numpy().astype(np.float64)
     positive = labels.detach().float().cpu().numpy() > CORRECT_THRESHOLD

@@ -41,8 +41,7 @@ def rho1_selected_counts(counts: torch.Tensor, *, ratio: float, select_head0: bo
     return keep.to(counts.dtype)
 
 
-def rho1_select(excess: torch.Tensor, valid: torch.Tensor, *, ratio: float,
-                select_head0: bool = False) -> torch.Tensor:
+def rho1_select(excess: torch.Tensor, valid: torch.Tensor, *, ratio: float, select_head0: bool = False) -> torch.Tensor:
     """0/1 selection [N, n] of the pairs whose excess is among the largest of their head.
 
     For each head k >= 1 (and head 0 when `select_head0`), the ceil(ratio * N_k) valid pairs with
@@ -54,8 +53,7 @@ def rho1_select(excess: torch.Tensor, valid: torch.Tensor, *, ratio: float,
     excess [N, n] float, valid [N, n] bool. Returns a tensor of excess's dtype, without gradient.
     """
     if excess.dim() != 2 or valid.shape != excess.shape:
-        raise ValueError(f"excess and valid must both be [N, n], got {tuple(excess.shape)} and "
-                         f"{tuple(valid.shape)}")
+        raise ValueError(f"excess and valid must both be [N, n], got {tuple(excess.shape)} and {tuple(valid.shape)}")
     if valid.dtype != torch.bool:
         raise ValueError(f"valid must be a bool mask, got {valid.dtype}")
     n_rows, n_heads = excess.shape
@@ -82,13 +80,15 @@ def rho1_excess(ce: torch.Tensor, ref_ce: torch.Tensor, valid: torch.Tensor) -> 
     valid [B, T, n] bool: pairs with a valid target (targets != IGNORE_INDEX).
     """
     if ce.dim() != 3 or valid.shape != ce.shape or ref_ce.shape != ce.shape[:2]:
-        raise ValueError(f"expected ce [B, T, n], ref_ce [B, T], valid [B, T, n]; got {tuple(ce.shape)}, "
-                         f"{tuple(ref_ce.shape)}, {tuple(valid.shape)}")
+        raise ValueError(
+            f"expected ce [B, T, n], ref_ce [B, T], valid [B, T, n]; got {tuple(ce.shape)}, "
+            f"{tuple(ref_ce.shape)}, {tuple(valid.shape)}"
+        )
     batch, seq_len, n_heads = ce.shape
     ref = ref_ce.detach().float()
     padded = torch.cat([ref, ref.new_zeros(batch, n_heads)], dim=1)
     # unfold(1, n, 1)[:, s, k] = padded[:, s + k]; windows starting at s = t + 1 hold r_{t+1+k}.
-    ref_per_head = padded.unfold(1, n_heads, 1)[:, 1: seq_len + 1]
+    ref_per_head = padded.unfold(1, n_heads, 1)[:, 1 : seq_len + 1]
     excess = ce.detach().float() - ref_per_head
     return torch.where(valid, excess, torch.zeros_like(excess))
 
@@ -103,15 +103,15 @@ def reference_token_ce(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tens
     logits per chunk (and at least one position), so the fp32 copy never spans the whole batch.
     """
     if logits.dim() != 3 or tokens.shape != logits.shape[:2]:
-        raise ValueError(f"expected logits [B, T, V] and tokens [B, T]; got {tuple(logits.shape)} and "
-                         f"{tuple(tokens.shape)}")
+        raise ValueError(
+            f"expected logits [B, T, V] and tokens [B, T]; got {tuple(logits.shape)} and {tuple(tokens.shape)}"
+        )
     batch, seq_len, vocab = logits.shape
     out = torch.zeros(batch, seq_len, dtype=torch.float32, device=logits.device)
     chunk = max(1, REFERENCE_CHUNK_ELEMENTS // max(1, batch * vocab))
     for start in range(1, seq_len, chunk):
         end = min(seq_len, start + chunk)
-        pred = logits[:, start - 1: end - 1].float().reshape(-1, vocab)
-        ce = F.cross_entropy(pred, tokens[:, start:end].reshape(-1), ignore_index=IGNORE_INDEX,
-                             reduction="none")
+        pred = logits[:, start - 1 : end - 1].float().reshape(-1, vocab)
+        ce = F.cross_entropy(pred, tokens[:, start:end].reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
         out[:, start:end] = ce.view(batch, end - start)
     return out

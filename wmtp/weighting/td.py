@@ -12,37 +12,79 @@ import math
 import torch
 import torch.distributed as dist
 
-from kernels.td_weights import (N_SUM_STATS, STAT_ADV_MAX, STAT_ADV_SUM, STAT_ADV_SUMSQ, STAT_CLIP_HIGH,
-                                STAT_CLIP_LOW, STAT_COUNT, STAT_NEG_ADV_MIN, STAT_NEG_W_MIN, STAT_W_MAX,
-                                STAT_W_SUM, STAT_W_SUMSQ, TDWeights, empty_td_stats, merge_td_stats,
-                                td_head_weights, td_weights_fused)
+from wmtp.kernels.td_weights import (
+    N_SUM_STATS,
+    STAT_ADV_MAX,
+    STAT_ADV_SUM,
+    STAT_ADV_SUMSQ,
+    STAT_CLIP_HIGH,
+    STAT_CLIP_LOW,
+    STAT_COUNT,
+    STAT_NEG_ADV_MIN,
+    STAT_NEG_W_MIN,
+    STAT_W_MAX,
+    STAT_W_SUM,
+    STAT_W_SUMSQ,
+    TDWeights,
+    empty_td_stats,
+    merge_td_stats,
+    td_head_weights,
+    td_weights_fused,
+)
 
-__all__ = ["AdvantageNormalizer", "TDWeights", "all_reduce_td_stats", "empty_td_stats", "merge_td_stats",
-           "td_head_weights", "td_stats", "td_weights", "td_weights_with_stats"]
+__all__ = [
+    "AdvantageNormalizer",
+    "TDWeights",
+    "all_reduce_td_stats",
+    "empty_td_stats",
+    "merge_td_stats",
+    "td_head_weights",
+    "td_stats",
+    "td_weights",
+    "td_weights_with_stats",
+]
 
 DEFAULT_MOMENTUM = 0.99
 DEFAULT_MIN_STD = 1e-6
 """Floor of the running std, so a batch of (nearly) equal advantages cannot divide by zero."""
 
 
-def td_weights(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *, beta: float, w_min: float,
-               w_max: float, gamma: float = 1.0, lam: float = 0.0) -> torch.Tensor:
+def td_weights(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    w_min: float,
+    w_max: float,
+    gamma: float = 1.0,
+    lam: float = 0.0,
+) -> torch.Tensor:
     """Token weight w_j [B, L] (fp32) of each target token x_j; 0 where m_j = 0 and at j = 0.
 
     values [B, L] (V_t at position t; detached here), rewards [B], mask [B, L] (m_j).
     """
-    return td_weights_fused(values, rewards, mask, beta=beta, w_min=w_min, w_max=w_max, gamma=gamma,
-                            lam=lam).weights
+    return td_weights_fused(values, rewards, mask, beta=beta, w_min=w_min, w_max=w_max, gamma=gamma, lam=lam).weights
 
 
-def td_weights_with_stats(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *, beta: float,
-                          w_min: float, w_max: float, gamma: float = 1.0, lam: float = 0.0,
-                          normalizer: AdvantageNormalizer | None = None) -> TDWeights:
+def td_weights_with_stats(
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    beta: float,
+    w_min: float,
+    w_max: float,
+    gamma: float = 1.0,
+    lam: float = 0.0,
+    normalizer: AdvantageNormalizer | None = None,
+) -> TDWeights:
     """`td_weights` plus the statistics partial sums; with `normalizer`, A is normalised by its
     current running mean/std before the exp (the caller updates it afterwards from the stats)."""
     mean, std = (normalizer.mean, normalizer.std) if normalizer is not None else (None, None)
-    return td_weights_fused(values, rewards, mask, beta=beta, w_min=w_min, w_max=w_max, gamma=gamma, lam=lam,
-                            adv_mean=mean, adv_std=std)
+    return td_weights_fused(
+        values, rewards, mask, beta=beta, w_min=w_min, w_max=w_max, gamma=gamma, lam=lam, adv_mean=mean, adv_std=std
+    )
 
 
 def all_reduce_td_stats(stats: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
@@ -66,15 +108,36 @@ def td_stats(stats: torch.Tensor) -> dict[str, float]:
     """
     s = stats.tolist()
     count = s[STAT_COUNT]
-    keys = ("td/mean", "td/std", "td/min", "td/max", "weight/mean", "weight/std", "weight/min", "weight/max",
-            "weight/clipped_share", "weight/clipped_low_share", "weight/clipped_high_share")
+    keys = (
+        "td/mean",
+        "td/std",
+        "td/min",
+        "td/max",
+        "weight/mean",
+        "weight/std",
+        "weight/min",
+        "weight/max",
+        "weight/clipped_share",
+        "weight/clipped_low_share",
+        "weight/clipped_high_share",
+    )
     if count == 0:
         return dict.fromkeys(keys, math.nan)
     adv_mean, adv_std = _mean_std(s[STAT_ADV_SUM], s[STAT_ADV_SUMSQ], count)
     w_mean, w_std = _mean_std(s[STAT_W_SUM], s[STAT_W_SUMSQ], count)
-    values = (adv_mean, adv_std, -s[STAT_NEG_ADV_MIN], s[STAT_ADV_MAX], w_mean, w_std, -s[STAT_NEG_W_MIN],
-              s[STAT_W_MAX], (s[STAT_CLIP_LOW] + s[STAT_CLIP_HIGH]) / count, s[STAT_CLIP_LOW] / count,
-              s[STAT_CLIP_HIGH] / count)
+    values = (
+        adv_mean,
+        adv_std,
+        -s[STAT_NEG_ADV_MIN],
+        s[STAT_ADV_MAX],
+        w_mean,
+        w_std,
+        -s[STAT_NEG_W_MIN],
+        s[STAT_W_MAX],
+        (s[STAT_CLIP_LOW] + s[STAT_CLIP_HIGH]) / count,
+        s[STAT_CLIP_LOW] / count,
+        s[STAT_CLIP_HIGH] / count,
+    )
     return dict(zip(keys, values))
 
 
@@ -86,8 +149,9 @@ class AdvantageNormalizer:
     `device` as fp32 tensors and updates are tensor ops, so training never waits on the host.
     """
 
-    def __init__(self, momentum: float = DEFAULT_MOMENTUM, min_std: float = DEFAULT_MIN_STD,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, momentum: float = DEFAULT_MOMENTUM, min_std: float = DEFAULT_MIN_STD, device: torch.device | str = "cpu"
+    ) -> None:
         if not 0 <= momentum < 1:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = momentum
