@@ -36,22 +36,18 @@ from tqdm import tqdm
 from wmtp.config.inputs import check_inputs_or_exit
 from wmtp.config.loader import config_to_dict, flatten, main_config, to_toml
 from wmtp.config.sections import EvalConfig, MetricsConfig, ModelConfig, TokenizerConfig
+from wmtp.data.problems import MBPP, MBPP_TASK_PREFIX, Problem, load_problems
 from wmtp.distributed.env import barrier, destroy, init_distributed
 from wmtp.eval.generate import generate
 from wmtp.eval.passk import mean_pass_at_k
 from wmtp.eval.policy import load_policy, resolve_policy
-from wmtp.eval.problems import (
-    MBPP,
-    MBPP_TASK_PREFIX,
-    Problem,
-    build_prompt,
-    completion_to_program,
-    load_problems,
-    stop_sequences,
-    truncate_at_stop,
-)
+from wmtp.eval.problems import build_prompt, completion_to_program, stop_sequences, truncate_at_stop
 from wmtp.eval.sandbox import run_programs, sandbox_protections
+from wmtp.layout import RUN_CONFIG
+from wmtp.logs import get_logger, setup_logging
 from wmtp.training.metrics import FINISHED, MetricLogger, raise_on_sigterm, status_for
+
+log = get_logger("recipe")
 
 EXEC_CHUNK = 64
 """Programs handed to the sandbox at once: the progress bar moves after each chunk."""
@@ -113,19 +109,20 @@ class EvaluateRecipe:
             self.policy = source.describe()
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.toml").write_text(to_toml(cfg, with_docs=False))
+            (self.out / RUN_CONFIG).write_text(to_toml(cfg, with_docs=False))
         self.metrics = MetricLogger(
             cfg.metrics, self.out, params=flatten(config_to_dict(cfg)), enabled=self.dist.is_main
         )
-        if self.dist.is_main:
-            active = sandbox_protections()
-            missing = [name for name, on in active.items() if not on]
-            print(
-                f"[eval] {len(self.problems)} {ev.dataset} problems from {ev.problems}; sandbox: "
-                f"{', '.join(n for n, on in active.items() if on)}"
-                f"{'; NOT available here: ' + ', '.join(missing) if missing else ''}",
-                flush=True,
-            )
+        active = sandbox_protections()
+        missing = [name for name, on in active.items() if not on]
+        log.info(
+            "[eval] %d %s problems from %s; sandbox: %s%s",
+            len(self.problems),
+            ev.dataset,
+            ev.problems,
+            ", ".join(n for n, on in active.items() if on),
+            "; NOT available here: " + ", ".join(missing) if missing else "",
+        )
 
     # --------------------------------------------------------------- evaluate
     def evaluate(self) -> dict:
@@ -304,6 +301,7 @@ class EvaluateRecipe:
         return results
 
     def print_summary(self, results: dict) -> None:
+        """The results as a table on stdout (the command's output, not a log line)."""
         print(
             f"\n{results['dataset']}: {results['problems']} problems, {results['samples']} samples "
             f"({results['template']} prompts){' [scored only]' if results['score_only'] else ''}"
@@ -318,7 +316,7 @@ class EvaluateRecipe:
             g = results["generation"]
             print(f"| tokens/s (generation) | {g['tokens_per_s']:.1f} |")
             print(f"| tokens/forward | {g['tokens_per_forward']:.2f} |")
-        print(f"[eval] {self.out / RESULTS_FILE}", flush=True)
+        log.info("[eval] %s", self.out / RESULTS_FILE)
 
     def cleanup(self, status: str) -> None:
         self.metrics.close(status)
@@ -326,6 +324,7 @@ class EvaluateRecipe:
 
 
 def main(argv: list[str] | None = None) -> dict | None:
+    setup_logging()
     cfg = main_config(EvaluateConfig, argv)
     check_inputs_or_exit(cfg)
     raise_on_sigterm()

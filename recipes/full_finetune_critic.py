@@ -40,6 +40,8 @@ from wmtp.data.loader import GlobalBatchLoader
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import all_gather_cat, all_reduce_sum, barrier, destroy, full_tensor, init_distributed
 from wmtp.distributed.parallelize import build_mesh
+from wmtp.layout import BEST_DIR, FINAL_DIR
+from wmtp.logs import get_logger, setup_logging
 from wmtp.losses import accumulation_dtype
 from wmtp.models.checkpoint import VALUE_HEAD_KEY, save_value_head
 from wmtp.training.checkpointer import Checkpointer
@@ -60,8 +62,10 @@ from wmtp.training.run import (
     stop_step,
 )
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
-from wmtp.training.validation import BEST_DIR, PREFIX, BestExport, HeadSums, Validation
+from wmtp.training.validation import PREFIX, BestExport, HeadSums, Validation
 from wmtp.weighting.critic import binary_auroc, critic_targets, response_states, value_loss, value_stats
+
+log = get_logger("recipe")
 
 
 class ValueStats:
@@ -207,9 +211,9 @@ class CriticRecipe:
                 self.metrics.log(self.step, metrics)
                 if not bar.disable:
                     bar.set_postfix(value_loss=f"{metrics['value_loss']:.4f}", auroc=f"{metrics['auroc']:.3f}")
-                elif self.dist.is_main:
+                else:
                     keys = ["value_loss", "value/correct", "value/incorrect", "auroc", "lr"]
-                    print(step_line("critic", self.step, cfg.max_steps, metrics, keys), flush=True)
+                    log.info(step_line("critic", self.step, cfg.max_steps, metrics, keys))
             bar.update(1)
             if checkpoint_due(self.step, cfg, self.cfg.checkpoint.save_every):
                 self.save_checkpoint()
@@ -217,8 +221,8 @@ class CriticRecipe:
                 self.log_validation()
         bar.close()
         if self.step >= cfg.max_steps and self.cfg.checkpoint.export_final:
-            self.export(self.out / "final")
-            self.s3.upload_final(self.out / "final")
+            self.export(self.out / FINAL_DIR)
+            self.s3.upload_final(self.out / FINAL_DIR)
         # Ranks leave together: a barrier also waits for this rank's pending collectives, and a
         # process group torn down with work in flight can abort its process.
         barrier()
@@ -277,9 +281,8 @@ class CriticRecipe:
     def log_validation(self) -> None:
         metrics = self.validate()
         self.metrics.log(self.step, metrics)
-        if self.dist.is_main:
-            keys = ["val/value_loss", "val/value/correct", "val/value/incorrect", "val/auroc", "val/rows"]
-            print(step_line("critic val", self.step, self.cfg.training.max_steps, metrics, keys), flush=True)
+        keys = ["val/value_loss", "val/value/correct", "val/value/incorrect", "val/auroc", "val/rows"]
+        log.info(step_line("critic val", self.step, self.cfg.training.max_steps, metrics, keys))
         if self.best.improved(metrics):
             self.export(self.out / BEST_DIR)
             if self.dist.is_main:
@@ -302,7 +305,7 @@ class CriticRecipe:
         """`folder`/value_head.safetensors (final/ or best/): the value head the verifiable recipe starts from."""
         weight = full_tensor(self.model.value_head.weight)
         if self.dist.is_main:
-            print(f"[export] {save_value_head(folder, weight)}", flush=True)
+            log.info("[export] %s", save_value_head(folder, weight))
 
     def cleanup(self, status: str) -> None:
         """Wait (bounded) for S3 uploads, draw report.png, end the MLflow run with `status`."""
@@ -311,6 +314,7 @@ class CriticRecipe:
 
 
 def main(argv: list[str] | None = None) -> None:
+    setup_logging()
     cfg = main_config(CriticRecipeConfig, argv)
     check_inputs_or_exit(cfg)
     run_recipe(CriticRecipe(cfg))

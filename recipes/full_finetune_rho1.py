@@ -44,6 +44,8 @@ from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import all_reduce_sum, barrier, destroy, init_distributed
 from wmtp.distributed.load import load_weights
 from wmtp.distributed.parallelize import build_mesh, shard_frozen
+from wmtp.layout import BEST_DIR, FINAL_DIR
+from wmtp.logs import get_logger, setup_logging
 from wmtp.losses import accumulation_dtype
 from wmtp.losses.normalization import valid_pair_counts
 from wmtp.models import save_mtp
@@ -66,8 +68,10 @@ from wmtp.training.run import (
     stop_step,
 )
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
-from wmtp.training.validation import BEST_DIR, BestExport, HeadSums, Validation, per_head_means, valid_pairs
+from wmtp.training.validation import BestExport, HeadSums, Validation, per_head_means, valid_pairs
 from wmtp.weighting.rho1 import rho1_excess, rho1_select, rho1_selected_counts
+
+log = get_logger("recipe")
 
 
 @dataclasses.dataclass
@@ -188,14 +192,14 @@ class Rho1Recipe:
                 self.metrics.log(self.step, metrics)
                 if not bar.disable:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-                elif self.dist.is_main:
+                else:
                     keys = [
                         "loss",
                         *(f"loss/head_{k}" for k in range(self.n_future)),
                         *(f"selected/head_{k}" for k in range(1, self.n_future)),
                         "lr",
                     ]
-                    print(step_line("rho1", self.step, cfg.max_steps, metrics, keys), flush=True)
+                    log.info(step_line("rho1", self.step, cfg.max_steps, metrics, keys))
             bar.update(1)
             if checkpoint_due(self.step, cfg, self.cfg.checkpoint.save_every):
                 self.save_checkpoint()
@@ -203,8 +207,8 @@ class Rho1Recipe:
                 self.log_validation()
         bar.close()
         if self.step >= cfg.max_steps and self.cfg.checkpoint.export_final:
-            self.export(self.out / "final")
-            self.s3.upload_final(self.out / "final")
+            self.export(self.out / FINAL_DIR)
+            self.s3.upload_final(self.out / FINAL_DIR)
         # Ranks leave together: a barrier also waits for this rank's pending collectives, and a
         # process group torn down with work in flight can abort its process.
         barrier()
@@ -281,13 +285,12 @@ class Rho1Recipe:
     def log_validation(self) -> None:
         metrics = self.validate()
         self.metrics.log(self.step, metrics)
-        if self.dist.is_main:
-            keys = [
-                "val/loss",
-                *(f"val/loss/head_{k}" for k in range(self.n_future)),
-                *(f"val/selected/head_{k}" for k in range(1, self.n_future)),
-            ]
-            print(step_line("rho1 val", self.step, self.cfg.training.max_steps, metrics, keys), flush=True)
+        keys = [
+            "val/loss",
+            *(f"val/loss/head_{k}" for k in range(self.n_future)),
+            *(f"val/selected/head_{k}" for k in range(1, self.n_future)),
+        ]
+        log.info(step_line("rho1 val", self.step, self.cfg.training.max_steps, metrics, keys))
         if self.best.improved(metrics):
             self.export(self.out / BEST_DIR)
             if self.dist.is_main:
@@ -310,7 +313,7 @@ class Rho1Recipe:
         """params.json + model.safetensors (+ tokenizer.model) in `folder` (final/ or best/)."""
         sd = full_model_state_dict(self.model)
         if self.dist.is_main:
-            print(f"[export] {save_mtp(folder, self.model_args, sd, extra_files=(self.tokenizer.path,))}", flush=True)
+            log.info("[export] %s", save_mtp(folder, self.model_args, sd, extra_files=(self.tokenizer.path,)))
 
     def cleanup(self, status: str) -> None:
         """Wait (bounded) for S3 uploads, draw report.png, end the MLflow run with `status`."""
@@ -319,6 +322,7 @@ class Rho1Recipe:
 
 
 def main(argv: list[str] | None = None) -> None:
+    setup_logging()
     cfg = main_config(Rho1RecipeConfig, argv)
     check_inputs_or_exit(cfg)
     run_recipe(Rho1Recipe(cfg))

@@ -44,6 +44,8 @@ from wmtp.data.loader import GlobalBatchLoader
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import all_reduce_sum, barrier, destroy, init_distributed
 from wmtp.distributed.parallelize import build_mesh
+from wmtp.layout import BEST_DIR, FINAL_DIR
+from wmtp.logs import get_logger, setup_logging
 from wmtp.losses import accumulation_dtype
 from wmtp.losses.normalization import global_valid_pair_counts, head_mean_weights
 from wmtp.models import save_mtp
@@ -65,7 +67,7 @@ from wmtp.training.run import (
     stop_step,
 )
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
-from wmtp.training.validation import BEST_DIR, BestExport, HeadSums, Validation, per_head_means, valid_pairs
+from wmtp.training.validation import BestExport, HeadSums, Validation, per_head_means, valid_pairs
 from wmtp.weighting.critic import critic_targets, response_states, value_loss
 from wmtp.weighting.td import (
     AdvantageNormalizer,
@@ -76,6 +78,8 @@ from wmtp.weighting.td import (
     td_stats,
     td_weights_with_stats,
 )
+
+log = get_logger("recipe")
 
 
 def _default_data() -> DataConfig:
@@ -114,8 +118,8 @@ class VerifiableRecipe:
         param_dtype, self.autocast = resolve_precision(cfg.training.precision, self.dist)
 
         self.tokenizer = SentencePieceTokenizer(cfg.tokenizer.path)
-        if not cfg.critic.value_head and self.dist.is_main:
-            print("[verifiable] no critic.value_head given: the value head starts at zero", flush=True)
+        if not cfg.critic.value_head:
+            log.info("[verifiable] no critic.value_head given: the value head starts at zero")
         # Built on the meta device and sharded first; rank 0 alone reads the checkpoint and value head.
         self.model = setup_policy(
             cfg.model,
@@ -195,7 +199,7 @@ class VerifiableRecipe:
                 self.metrics.log(self.step, metrics)
                 if not bar.disable:
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}", w=f"{metrics['weight/mean']:.3f}")
-                elif self.dist.is_main:
+                else:
                     keys = [
                         "loss",
                         "value_loss",
@@ -205,7 +209,7 @@ class VerifiableRecipe:
                         "weight/clipped_share",
                         "lr",
                     ]
-                    print(step_line("verifiable", self.step, cfg.max_steps, metrics, keys), flush=True)
+                    log.info(step_line("verifiable", self.step, cfg.max_steps, metrics, keys))
             bar.update(1)
             if checkpoint_due(self.step, cfg, self.cfg.checkpoint.save_every):
                 self.save_checkpoint()
@@ -213,8 +217,8 @@ class VerifiableRecipe:
                 self.log_validation()
         bar.close()
         if self.step >= cfg.max_steps and self.cfg.checkpoint.export_final:
-            self.export(self.out / "final")
-            self.s3.upload_final(self.out / "final")
+            self.export(self.out / FINAL_DIR)
+            self.s3.upload_final(self.out / FINAL_DIR)
         # Ranks leave together: a barrier also waits for this rank's pending collectives, and a
         # process group torn down with work in flight can abort its process.
         barrier()
@@ -343,15 +347,14 @@ class VerifiableRecipe:
     def log_validation(self) -> None:
         metrics = self.validate()
         self.metrics.log(self.step, metrics)
-        if self.dist.is_main:
-            keys = [
-                "val/loss",
-                "val/policy_loss",
-                "val/value_loss",
-                *(f"val/ce/head_{k}" for k in range(self.n_future)),
-                "val/weight",
-            ]
-            print(step_line("verifiable val", self.step, self.cfg.training.max_steps, metrics, keys), flush=True)
+        keys = [
+            "val/loss",
+            "val/policy_loss",
+            "val/value_loss",
+            *(f"val/ce/head_{k}" for k in range(self.n_future)),
+            "val/weight",
+        ]
+        log.info(step_line("verifiable val", self.step, self.cfg.training.max_steps, metrics, keys))
         if self.best.improved(metrics):
             self.export(self.out / BEST_DIR)
             if self.dist.is_main:
@@ -376,7 +379,7 @@ class VerifiableRecipe:
         (final/ or best/)."""
         sd = full_model_state_dict(self.model)
         if self.dist.is_main:
-            print(f"[export] {save_mtp(folder, self.model_args, sd, extra_files=(self.tokenizer.path,))}", flush=True)
+            log.info("[export] %s", save_mtp(folder, self.model_args, sd, extra_files=(self.tokenizer.path,)))
 
     def cleanup(self, status: str) -> None:
         """Wait (bounded) for S3 uploads, draw report.png, end the MLflow run with `status`."""
@@ -385,6 +388,7 @@ class VerifiableRecipe:
 
 
 def main(argv: list[str] | None = None) -> None:
+    setup_logging()
     cfg = main_config(VerifiableRecipeConfig, argv)
     check_inputs_or_exit(cfg)
     run_recipe(VerifiableRecipe(cfg))

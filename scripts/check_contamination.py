@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wmtp.atomic import atomic_write_text  # noqa: E402
 from wmtp.data.contamination import DEFAULT_N, OverlapChecker, check_files, drop_contaminated  # noqa: E402
-from wmtp.eval.problems import ProblemFileError, load_humaneval, load_mbpp  # noqa: E402
+from wmtp.data.problems import ProblemFileError, load_humaneval, load_mbpp  # noqa: E402
+from wmtp.logs import setup_logging  # noqa: E402
 
 EXAMPLES_SHOWN = 10
 
@@ -83,4 +84,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    setup_logging()
     main()

@@ -19,6 +19,7 @@ import tomllib
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from wmtp.layout import METRICS_FILE, RUN_CONFIG  # noqa: E402
 from wmtp.training.metrics import read_metrics  # noqa: E402
 
 RECIPE_SECTIONS = (("rho1", "rho1"), ("td", "verifiable"), ("critic", "critic"))
@@ -27,13 +28,13 @@ EVAL_DIR = "eval"
 
 
 def recipe_of(run: Path) -> str:
-    sections = tomllib.loads((run / "config.toml").read_text()) if (run / "config.toml").is_file() else {}
+    sections = tomllib.loads((run / RUN_CONFIG).read_text()) if (run / RUN_CONFIG).is_file() else {}
     return next((name for section, name in RECIPE_SECTIONS if section in sections), "baseline")
 
 
 def final_losses(run: Path) -> dict[str, float]:
     """The last logged loss, value loss and per-head losses."""
-    if not (run / "metrics.jsonl").is_file():
+    if not (run / METRICS_FILE).is_file():
         return {}
     rows = read_metrics(run)
     last: dict[str, float] = {}

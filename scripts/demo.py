@@ -21,7 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from wmtp.eval.problems import load_humaneval  # noqa: E402
+from wmtp.data.problems import load_humaneval  # noqa: E402
+from wmtp.layout import FINAL_DIR, MLFLOW_DB, TOKENIZER_FILENAME, VALUE_HEAD_FILENAME  # noqa: E402
 from wmtp.training.metrics import read_metrics  # noqa: E402
 
 TINY = ROOT / "artifacts" / "tiny_synthetic"
@@ -31,7 +32,7 @@ TOY_EVAL = TINY / "data" / "toy_eval.json"
 HUMANEVAL = ROOT.parent / "shared" / "data" / "HumanEval.jsonl.gz"
 OUT = ROOT / "outputs" / "demo"
 N_HEADS = 4
-TRACKING_URI = f"sqlite:///{OUT / 'mlflow.db'}"
+TRACKING_URI = f"sqlite:///{OUT / MLFLOW_DB}"
 """One MLflow store for the four demo runs, so the UI shows them side by side."""
 
 
@@ -54,7 +55,7 @@ def recipe(name: str, config: str, *extra: str) -> Path:
             "--model.path",
             str(TINY / "mtp_model"),
             "--tokenizer.path",
-            str(TINY / "tokenizer.model"),
+            str(TINY / TOKENIZER_FILENAME),
             "--data.train_path",
             str(TINY / "data" / "train.jsonl"),
             "--validation.path",
@@ -149,7 +150,7 @@ def main() -> None:
         "verifiable",
         "verifiable_tiny.toml",
         "--critic.value_head",
-        str(runs["critic"] / "final" / "value_head.safetensors"),
+        str(runs["critic"] / FINAL_DIR / VALUE_HEAD_FILENAME),
     )
     runs["rho1"] = recipe("rho1", "rho1_tiny.toml", "--reference.path", str(TINY / "reference"))
 

@@ -42,6 +42,7 @@ from wmtp.eval.judge import judge  # noqa: E402
 from wmtp.eval.labelling import LABELLED_FILE, SKIP_PROMPT_TOO_LONG, LabellingSet, LabelStore, labelled_rows  # noqa: E402
 from wmtp.eval.policy import load_policy, resolve_policy  # noqa: E402
 from wmtp.eval.problems import build_prompt, stop_sequences, truncate_at_stop  # noqa: E402
+from wmtp.logs import setup_logging  # noqa: E402
 
 JUDGE_PROBLEMS = 8
 """Problems whose samples are judged together (and then written): keeps the sandbox workers busy."""
@@ -211,4 +212,5 @@ def label(args: argparse.Namespace) -> dict | None:
 
 
 if __name__ == "__main__":
+    setup_logging()
     main()

@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 
 from wmtp.atomic import atomic_directory
-from wmtp.data.mbpp import mbpp_rows
 from wmtp.data.synthetic import synthetic_problems, synthetic_rows
 from wmtp.data.template import format_prompt
 from wmtp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from wmtp.eval.mutants import mbpp_rows_with_incorrect
+from wmtp.logs import setup_logging
 from wmtp.models import ModelArgs, MTPTransformer
 
 DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -52,10 +53,9 @@ def build_rows(source: str, shared: Path, max_problems: int | None, seed: int) -
     if source == "auto":
         source = "mbpp" if (shared / "mbpp_train.json").is_file() else "synthetic"
     if source == "mbpp":
-        train, stats = mbpp_rows(shared / "mbpp_train.json", with_incorrect=True, max_problems=max_problems, seed=seed)
-        valid, _ = mbpp_rows(
+        train, stats = mbpp_rows_with_incorrect(shared / "mbpp_train.json", max_problems=max_problems, seed=seed)
+        valid, _ = mbpp_rows_with_incorrect(
             shared / "mbpp_validation.json",
-            with_incorrect=True,
             max_problems=None if max_problems is None else max(8, max_problems // 4),
             seed=seed,
         )
@@ -137,4 +137,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    setup_logging()
     main()

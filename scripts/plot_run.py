@@ -16,7 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wmtp.training.plots import REPORT_NAME, PlotsUnavailable, plot_runs  # noqa: E402
+from wmtp.layout import METRICS_FILE, REPORT_NAME  # noqa: E402
+from wmtp.logs import setup_logging  # noqa: E402
+from wmtp.training.plots import PlotsUnavailable, plot_runs  # noqa: E402
 
 MULTI_DEFAULT = "runs_report.png"
 
@@ -31,9 +33,9 @@ def main(argv: list[str] | None = None) -> None:
         help=f"PNG to write (default: RUN_DIR/{REPORT_NAME} for one run, ./{MULTI_DEFAULT} for several)",
     )
     args = parser.parse_args(argv)
-    missing = [str(r) for r in args.runs if not (r / "metrics.jsonl").is_file()]
+    missing = [str(r) for r in args.runs if not (r / METRICS_FILE).is_file()]
     if missing:
-        parser.error(f"no metrics.jsonl in: {', '.join(missing)}")
+        parser.error(f"no {METRICS_FILE} in: {', '.join(missing)}")
     out = args.out or (args.runs[0] / REPORT_NAME if len(args.runs) == 1 else Path(MULTI_DEFAULT))
     try:
         path = plot_runs(args.runs, out)
@@ -43,4 +45,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    setup_logging()
     main()

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wmtp.data.codecontests import DEFAULT_TOKEN_LIMIT, SPLITS, SchemaError, convert, format_table  # noqa: E402
 from wmtp.data.tokenizer import SentencePieceTokenizer  # noqa: E402
+from wmtp.logs import setup_logging  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,4 +75,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    setup_logging()
     main()

@@ -26,7 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wmtp.atomic import atomic_directory  # noqa: E402
 from wmtp.data.humaneval import humaneval_rows  # noqa: E402
 from wmtp.data.mbpp import MBPP_SPLITS, mbpp_rows, mbpp_split  # noqa: E402
-from wmtp.eval.problems import ProblemFileError, load_mbpp  # noqa: E402
+from wmtp.data.problems import ProblemFileError, load_mbpp  # noqa: E402
+from wmtp.eval.mutants import mbpp_rows_with_incorrect  # noqa: E402
+from wmtp.logs import setup_logging  # noqa: E402
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> dict[str, int]:
@@ -80,13 +82,12 @@ def main(argv: list[str] | None = None) -> None:
             chosen = [p for p in problems if mbpp_split(p.task_id) == split]
             if not chosen:
                 continue
-            rows, stats = mbpp_rows(
-                chosen,
-                with_incorrect=args.incorrect_per_problem > 0,
-                incorrect_per_problem=max(1, args.incorrect_per_problem),
-                seed=args.seed,
-                workers=args.workers,
-            )
+            if args.incorrect_per_problem > 0:
+                rows, stats = mbpp_rows_with_incorrect(
+                    chosen, incorrect_per_problem=args.incorrect_per_problem, seed=args.seed, workers=args.workers
+                )
+            else:
+                rows, stats = mbpp_rows(chosen)
             report[f"mbpp_{split}.jsonl"] = {**_write_jsonl(tmp / f"mbpp_{split}.jsonl", rows), "build": stats}
         if he_rows:
             report["humaneval_test.jsonl"] = _write_jsonl(tmp / "humaneval_test.jsonl", he_rows)
@@ -98,4 +99,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    setup_logging()
     main()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from wmtp.logs import setup_logging  # noqa: E402
 from wmtp.training.metrics import sync_folder  # noqa: E402
 
 
@@ -39,4 +40,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    setup_logging()
     main()

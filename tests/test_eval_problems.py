@@ -10,21 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from wmtp.data.problems import HUMANEVAL, MBPP, Problem, ProblemFileError, load_humaneval, load_mbpp, load_problems
 from wmtp.data.template import format_prompt
 from wmtp.eval.problems import (
     ALPACA,
-    HUMANEVAL,
-    MBPP,
     RAW,
-    Problem,
-    ProblemFileError,
     build_program,
     build_prompt,
     completion_to_program,
     extract_code,
-    load_humaneval,
-    load_mbpp,
-    load_problems,
     reference_program,
     stop_sequences,
     truncate_at_stop,
@@ -298,7 +292,7 @@ def test_mbpp_prompts_exact() -> None:
 def test_mbpp_alpaca_prompt_is_the_training_rows_prompt(mbpp_test: list[Problem]) -> None:
     from wmtp.data.mbpp import mbpp_rows
 
-    rows, _ = mbpp_rows(MBPP_TEST_PATH, with_incorrect=False, max_problems=20)
+    rows, _ = mbpp_rows(MBPP_TEST_PATH, max_problems=20)
     assert len(rows) == 20
     for row, problem in zip(rows, mbpp_test):
         assert row["task_id"] == problem.task_id

@@ -12,19 +12,11 @@ from conftest import ROOT, run_script
 
 from wmtp.data.contamination import OverlapChecker
 from wmtp.data.index import build_index
+from wmtp.data.problems import HUMANEVAL, MBPP, Problem, load_humaneval, load_mbpp, problem_from_row
 from wmtp.data.rows import validate_row
 from wmtp.data.template import format_prompt
 from wmtp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
-from wmtp.eval.problems import (
-    HUMANEVAL,
-    MBPP,
-    Problem,
-    build_prompt,
-    load_humaneval,
-    load_mbpp,
-    problem_from_row,
-    reference_program,
-)
+from wmtp.eval.problems import build_prompt, reference_program
 from wmtp.eval.sandbox import run_programs
 
 SHARED = ROOT.parent / "shared" / "data"

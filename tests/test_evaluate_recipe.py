@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, SHARED_DATA, load_recipe, recipe_args, run_script, torchrun
-from wmtp.eval.problems import load_humaneval, load_mbpp
+from wmtp.data.problems import load_humaneval, load_mbpp
 
 pytestmark = pytest.mark.slow
 

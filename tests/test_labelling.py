@@ -13,10 +13,10 @@ from conftest import load_recipe, recipe_args, run_script, torchrun
 from test_codecontests import PUBLISHED_SCHEMA
 
 from wmtp.data.codecontests import convert
+from wmtp.data.problems import CODECONTESTS, MBPP, Problem
 from wmtp.data.rows import validate_row
 from wmtp.eval.judge import NO_TESTS, PASSED, WRONG_ANSWER, judge, outputs_match
 from wmtp.eval.labelling import LabellingProblem, labelled_rows
-from wmtp.eval.problems import CODECONTESTS, MBPP, Problem
 from wmtp.eval.sandbox import run_program
 from wmtp.training.metrics import read_metrics
 

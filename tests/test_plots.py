@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, TEST_ENV, load_recipe, recipe_args
-from wmtp.training.plots import DPI, NCOLS, PANEL_SIZE, REPORT_NAME, build_report, maybe_plot, panel_lines, plot_run
+from wmtp.layout import REPORT_NAME
+from wmtp.training.plots import DPI, NCOLS, PANEL_SIZE, build_report, maybe_plot, panel_lines, plot_run
 
 pytest.importorskip("matplotlib")
 

@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from wmtp.data.mbpp import build_program, mbpp_difficulty, mbpp_rows
+from wmtp.data.mbpp import mbpp_difficulty, mbpp_rows
 from wmtp.data.mutate import mutants
+from wmtp.data.problems import MBPP, Problem
 from wmtp.data.rows import make_row, validate_row
 from wmtp.data.synthetic import ROW_MAX_CHARS, synthetic_rows
+from wmtp.eval.mutants import mbpp_rows_with_incorrect
+from wmtp.eval.problems import build_program
 from wmtp.eval.sandbox import run_programs
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -21,8 +24,10 @@ N_MBPP_PROBLEMS = 15
 
 
 def _row_program(row: dict) -> str:
+    # MBPP and synthetic rows alike: the solution, the setup code, the asserts.
     meta = row["metadata"]
-    return build_program(row["output"], meta["tests"], meta.get("test_setup_code", ""))
+    tests = Problem(row["task_id"], MBPP, "", test_list=tuple(meta["tests"]), test_setup_code=meta["test_setup_code"])
+    return build_program(tests, row["output"])
 
 
 def _passes(rows: list[dict]) -> list[bool]:
@@ -146,9 +151,7 @@ def mbpp_train() -> Path:
 
 
 def test_mbpp_rows_correct_pass_and_incorrect_fail(mbpp_train: Path) -> None:
-    rows, stats = mbpp_rows(
-        mbpp_train, with_incorrect=True, max_problems=N_MBPP_PROBLEMS, incorrect_per_problem=2, seed=0
-    )
+    rows, stats = mbpp_rows_with_incorrect(mbpp_train, max_problems=N_MBPP_PROBLEMS, incorrect_per_problem=2, seed=0)
     assert all(validate_row(r) is None for r in rows)
     correct = [r for r in rows if r["is_correct"]]
     incorrect = [r for r in rows if not r["is_correct"]]
@@ -164,7 +167,7 @@ def test_mbpp_rows_correct_pass_and_incorrect_fail(mbpp_train: Path) -> None:
 
 
 def test_mbpp_rows_without_incorrect_is_deterministic(mbpp_train: Path) -> None:
-    rows, stats = mbpp_rows(mbpp_train, with_incorrect=False, max_problems=N_MBPP_PROBLEMS)
+    rows, stats = mbpp_rows(mbpp_train, max_problems=N_MBPP_PROBLEMS)
     assert len(rows) == stats["correct_rows"] == N_MBPP_PROBLEMS
     assert all(r["is_correct"] and r["input"] == "" for r in rows)
     first = rows[0]
@@ -172,7 +175,7 @@ def test_mbpp_rows_without_incorrect_is_deterministic(mbpp_train: Path) -> None:
     assert first["instruction"].startswith("Write a function to find the longest chain")
     assert "\nYour code should pass these tests:\nassert max_chain_length(" in first["instruction"]
     assert first["metadata"]["difficulty"] == 2
-    assert mbpp_rows(mbpp_train, with_incorrect=False, max_problems=N_MBPP_PROBLEMS)[0] == rows
+    assert mbpp_rows(mbpp_train, max_problems=N_MBPP_PROBLEMS)[0] == rows
 
 
 def test_mbpp_difficulty_bins() -> None:

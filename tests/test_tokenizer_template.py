@@ -12,7 +12,8 @@ from wmtp.data.collate import collate, encode_rows
 from wmtp.data.index import build_index
 from wmtp.data.rows import make_row
 from wmtp.data.template import assemble, format_prompt, tokenize_row
-from wmtp.data.tokenizer import TOKENIZER_FILENAME, SentencePieceTokenizer, train_sentencepiece
+from wmtp.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from wmtp.layout import TOKENIZER_FILENAME
 
 CODE = [
     "def add(a, b):\n    return a + b\n",

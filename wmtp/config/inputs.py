@@ -17,19 +17,17 @@ never a full read.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
 import zipfile
 from pathlib import Path
 from typing import Any
 
 from wmtp.config.loader import ConfigError
+from wmtp.layout import PARAMS_FILENAME, RUN_CONFIG, SAFETENSORS_FILENAME, TOKENIZER_FILENAME
 
-PARAMS_FILENAME = "params.json"
-SAFETENSORS_FILENAME = "model.safetensors"
-TOKENIZER_FILENAME = "tokenizer.model"
-RUN_CONFIG = "config.toml"
-"""A training run folder's resolved config: evaluation takes such a folder as model.path."""
+log = logging.getLogger(__name__)
+
 _MAX_SAFETENSORS_HEADER = 100 << 20
 
 
@@ -86,8 +84,7 @@ def check_inputs_or_exit(cfg: Any) -> None:
     try:
         check_inputs(cfg)
     except InputError as exc:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+        log.error("error: %s", exc)
         raise SystemExit(2) from None
 
 

@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import logging
 import math
 import sys
 import textwrap
@@ -25,6 +26,8 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
+
+log = logging.getLogger(__name__)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -349,7 +352,7 @@ def parse_config(config_cls: type[C], argv: list[str] | None = None) -> C:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--help" in argv or "-h" in argv:
-        print(format_help(config_cls))
+        print(format_help(config_cls))  # the command's output (stdout), as argparse's --help
         raise SystemExit(0)
     config_path, dry_run, cli = _split_argv(argv)
 
@@ -370,7 +373,7 @@ def parse_config(config_cls: type[C], argv: list[str] | None = None) -> C:
     cfg = dataclasses.replace(cfg, **replaced)
 
     if dry_run:
-        print(to_toml(cfg, with_docs=True), end="")
+        print(to_toml(cfg, with_docs=True), end="")  # the command's output (stdout)
         raise SystemExit(0)
     return cfg
 
@@ -389,7 +392,7 @@ def main_config(config_cls: type[C], argv: list[str] | None = None) -> C:
     try:
         return parse_config(config_cls, argv)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        log.error("error: %s", exc)
         raise SystemExit(2) from None
 
 

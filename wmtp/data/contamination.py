@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from wmtp.atomic import atomic_write
-from wmtp.eval.problems import HUMANEVAL, Problem
+from wmtp.data.problems import HUMANEVAL, Problem
 
 DEFAULT_N = 13
 MIN_WORD_SHARE = 0.5

@@ -1,6 +1,6 @@
 """HumanEval problems as processed rows (one correct row each, from the canonical solution).
 
-The instruction is evaluation's alpaca instruction (``wmtp.eval.problems.humaneval_instruction``)
+The instruction is evaluation's alpaca instruction (``wmtp.data.problems.humaneval_instruction``)
 and the output the whole function: the prompt (its leading blank lines trimmed, as in the
 instruction) followed by the canonical body, which is what a fine-tuned model is asked to write.
 Metadata keeps what evaluation needs to rebuild the problem: the prompt, the ``check`` source as
@@ -13,8 +13,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from wmtp.data.problems import HUMANEVAL, Problem, humaneval_instruction, load_humaneval
 from wmtp.data.rows import make_row
-from wmtp.eval.problems import HUMANEVAL, Problem, humaneval_instruction, load_humaneval
 
 SOURCE = "humaneval"
 DIFFICULTY = 0

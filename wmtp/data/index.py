@@ -31,7 +31,7 @@ from wmtp.data.rows import validate_row
 from wmtp.data.template import format_prompt
 from wmtp.data.tokenizer import SentencePieceTokenizer
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 INDEX_FORMAT_VERSION = 3
 """Bumped when the saved index changes for the same file and tokenizer (3: compact columns)."""
@@ -360,7 +360,7 @@ class _Merger:
         )
         _save(index, tokenizer_sha256(tokenizer))
         if self.skipped:
-            logger.warning("%s: skipped %d bad rows: %s", path, sum(self.skipped.values()), index.skip_summary())
+            log.warning("%s: skipped %d bad rows: %s", path, sum(self.skipped.values()), index.skip_summary())
         return index
 
 
@@ -424,10 +424,10 @@ def load_or_build_index(jsonl_path: str | Path, tokenizer: SentencePieceTokenize
     jsonl_path = Path(jsonl_path)
     index = _load_fresh(jsonl_path, tokenizer_sha256(tokenizer))
     if index is None:
-        logger.info("%s: building the row index", jsonl_path)
+        log.info("%s: building the row index", jsonl_path)
         return build_index(jsonl_path, tokenizer, workers=workers)
     if index.skipped:
-        logger.warning(
+        log.warning(
             "%s: %d bad rows were skipped when indexing: %s",
             jsonl_path,
             sum(index.skipped.values()),

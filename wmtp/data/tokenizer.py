@@ -10,8 +10,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from wmtp.errors import exception_line
-
-TOKENIZER_FILENAME = "tokenizer.model"
+from wmtp.layout import TOKENIZER_FILENAME
 
 
 def resolve_tokenizer_file(path: str | Path) -> Path:

@@ -11,8 +11,10 @@ parameters casts to the model's dtype.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -126,3 +128,11 @@ def _broadcast_buffers(model: nn.Module, source: nn.Module | None, info: DistInf
                 buf.copy_(source_buffers[f"{module_name}.{name}" if module_name else name])
             if info.in_process_group:
                 dist.broadcast(buf, src=0)
+
+
+@contextlib.contextmanager
+def dcp_quietly() -> Iterator[None]:
+    """DCP warns on every save/load without a process group that it assumes one process: it is."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield

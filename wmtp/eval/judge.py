@@ -20,7 +20,8 @@ import math
 import re
 from collections.abc import Sequence
 
-from wmtp.eval.problems import ALPACA, CODECONTESTS, Problem, completion_to_program
+from wmtp.data.problems import CODECONTESTS, Problem
+from wmtp.eval.problems import ALPACA, completion_to_program
 from wmtp.eval.sandbox import MAX_OUTPUT_BYTES, ExecResult, run_programs
 
 FLOAT_TOLERANCE = 1e-5

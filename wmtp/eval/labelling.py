@@ -27,9 +27,9 @@ import numpy as np
 
 from wmtp.atomic import atomic_write, atomic_write_text
 from wmtp.data.index import RowIndex
+from wmtp.data.problems import CODECONTESTS, Problem, ProblemFileError, problem_from_row
 from wmtp.data.rows import TEST_COLUMNS
 from wmtp.eval.judge import Verdict
-from wmtp.eval.problems import CODECONTESTS, Problem, ProblemFileError, problem_from_row
 
 TESTS_SUFFIX = "_tests.jsonl"
 """CodeContests' tests sidecar of ``<split>.jsonl`` is ``<split>_tests.jsonl``."""

@@ -18,16 +18,22 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from wmtp.data.tokenizer import TOKENIZER_FILENAME, SentencePieceTokenizer
+from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import DistInfo
-from wmtp.distributed.load import load_weights
+from wmtp.distributed.load import dcp_quietly, load_weights
+from wmtp.layout import (
+    CHECKPOINTS_DIR,
+    FINAL_DIR,
+    PARAMS_FILENAME,
+    RUN_CONFIG,
+    TOKENIZER_FILENAME,
+    VALUE_HEAD_FILENAME,
+    complete_steps,
+    step_dir_name,
+)
 from wmtp.models import MTPTransformer
-from wmtp.models.args import PARAMS_FILENAME
-from wmtp.models.checkpoint import VALUE_HEAD_FILENAME, build_mtp, read_checkpoint
-from wmtp.training.checkpointer import Checkpointer, dcp_quietly
+from wmtp.models.checkpoint import build_mtp, read_checkpoint
 
-RUN_CONFIG = "config.toml"
-FINAL = "final"
 DCP_MODEL_KEY = "model"
 """The checkpointer saves {"model": ..., "optim": ...}; evaluation reads the model part."""
 
@@ -65,16 +71,16 @@ def resolve_policy(path: str | Path, tokenizer: str | Path = "") -> PolicySource
         raise FileNotFoundError(
             f"model.path {folder}: neither a model folder ({PARAMS_FILENAME}) nor a training run folder ({RUN_CONFIG})"
         )
-    if (folder / FINAL / PARAMS_FILENAME).is_file():
-        return resolve_policy(folder / FINAL, tokenizer)
+    if (folder / FINAL_DIR / PARAMS_FILENAME).is_file():
+        return resolve_policy(folder / FINAL_DIR, tokenizer)
     run = tomllib.loads(config.read_text())
     base = PolicySource(weights=Path(run["model"]["path"]), tokenizer=Path(tokenizer or run["tokenizer"]["path"]))
-    steps = Checkpointer(folder, keep_last=0, is_main=True).complete_steps()
+    steps = complete_steps(folder)
     if steps:
-        return dataclasses.replace(base, checkpoint=folder / "checkpoints" / f"step_{steps[-1]:06d}")
-    if (folder / FINAL / VALUE_HEAD_FILENAME).is_file():
+        return dataclasses.replace(base, checkpoint=folder / CHECKPOINTS_DIR / step_dir_name(steps[-1]))
+    if (folder / FINAL_DIR / VALUE_HEAD_FILENAME).is_file():
         return base
-    raise FileNotFoundError(f"model.path {folder}: a run folder with neither {FINAL}/ nor a complete checkpoint")
+    raise FileNotFoundError(f"model.path {folder}: a run folder with neither {FINAL_DIR}/ nor a complete checkpoint")
 
 
 def load_policy(

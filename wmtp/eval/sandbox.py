@@ -69,7 +69,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 STATUSES = {
     "passed": "exited with status 0 within the limits",
@@ -327,7 +327,7 @@ def _probe(sandbox: _Sandbox) -> dict | None:
         max_output_bytes=MAX_OUTPUT_BYTES,
     )
     if not result.passed:
-        logger.debug("sandbox probe with %s failed: %s", sandbox.python, result.stderr.strip())
+        log.debug("sandbox probe with %s failed: %s", sandbox.python, result.stderr.strip())
         return None
     return json.loads(result.stdout)
 
@@ -385,9 +385,9 @@ def _find_sandbox() -> _Sandbox:
             + ("by nothing: root ignores RLIMIT_NPROC)" if report["uid"] == 0 else "only by the user's RLIMIT_NPROC)")
         )
     if missing:
-        logger.warning("wmtp sandbox: this OS lacks %s", "; ".join(missing))
+        log.warning("wmtp sandbox: this OS lacks %s", "; ".join(missing))
     if sandbox.python != sys.executable:
-        logger.info(
+        log.info(
             "wmtp sandbox: programs run with %s (%s is not usable by the sandbox uid)", sandbox.python, sys.executable
         )
     return _Sandbox(sandbox.python, namespaces, setpriv, uids, not namespaces, protections)
@@ -488,7 +488,7 @@ def _kill_uid(uid: int) -> None:
         for pid in pids:
             _kill(pid)
         time.sleep(_POLL_S)  # let the killed exit before looking again
-    logger.warning("wmtp sandbox: processes of uid %d survived 100 rounds of SIGKILL", uid)
+    log.warning("wmtp sandbox: processes of uid %d survived 100 rounds of SIGKILL", uid)
 
 
 def _read_head(f: IO[bytes], size: int, limit: int) -> bytes:

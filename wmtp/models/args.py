@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-PARAMS_FILENAME = "params.json"
+from wmtp.layout import PARAMS_FILENAME
 
 
 @dataclasses.dataclass

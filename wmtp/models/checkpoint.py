@@ -11,15 +11,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from wmtp.atomic import atomic_directory
-from wmtp.data.tokenizer import TOKENIZER_FILENAME, SentencePieceTokenizer
+from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.errors import exception_line
-from wmtp.models.args import PARAMS_FILENAME, ModelArgs
+from wmtp.layout import PARAMS_FILENAME, SAFETENSORS_FILENAME, TOKENIZER_FILENAME, VALUE_HEAD_FILENAME
+from wmtp.models.args import ModelArgs
 from wmtp.models.mtp_transformer import MTPTransformer
 
-SAFETENSORS_FILENAME = "model.safetensors"
 VALUE_HEAD_KEY = "value_head.weight"
-VALUE_HEAD_FILENAME = "value_head.safetensors"
-"""A critic run's export: just the value head, next to an unchanged base model."""
 IGNORED_META_KEYS = ("rope.freqs",)
 """Precomputed RoPE table that some Meta releases store; it is recomputed from params instead."""
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wmtp.data.tokenizer import TOKENIZER_FILENAME, SentencePieceTokenizer
-from wmtp.models.args import PARAMS_FILENAME
+from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.layout import PARAMS_FILENAME, TOKENIZER_FILENAME
 from wmtp.models.checkpoint import build_mtp, read_checkpoint
 from wmtp.weighting.rho1 import reference_token_ce
 

@@ -28,11 +28,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
-import re
 import shutil
-import sys
-import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -53,10 +51,12 @@ from torch.distributed.checkpoint.state_dict import (
 
 from wmtp.atomic import TMP_SUFFIX, WriteError, atomic_write_text, describe_write_failure, fsync_dir
 from wmtp.distributed.env import barrier, broadcast_object
+from wmtp.distributed.load import dcp_quietly
 from wmtp.errors import exception_line
+from wmtp.layout import CHECKPOINTS_DIR, STEP_DIR, TRAINER_STATE, complete_steps, step_dir_name
 
-STEP_DIR = re.compile(r"^step_(\d{6,})$")
-TRAINER_STATE = "trainer_state.json"
+log = logging.getLogger(__name__)
+
 METADATA = ".metadata"
 """DCP's global metadata file: every tensor's shards and where they lie in the shard files."""
 DAMAGED_SUFFIX = ".damaged"
@@ -88,7 +88,8 @@ class CheckpointSaveError(WriteError):
 
 class Checkpointer:
     def __init__(self, output_dir: str | Path, *, keep_last: int, is_main: bool, trainable_only: bool = False) -> None:
-        self.root = Path(output_dir) / "checkpoints"
+        self.output_dir = Path(output_dir)
+        self.root = self.output_dir / CHECKPOINTS_DIR
         self.keep_last = keep_last
         self.is_main = is_main
         # A recipe that freezes most of the model (the critic) saves only what it trains.
@@ -96,21 +97,14 @@ class Checkpointer:
 
     def complete_steps(self) -> list[int]:
         """Steps of the complete checkpoints (not `.tmp`, not moved aside), oldest first."""
-        if not self.root.is_dir():
-            return []
-        steps = [
-            int(m.group(1))
-            for p in self.root.iterdir()
-            if (m := STEP_DIR.match(p.name)) and (p / TRAINER_STATE).is_file()
-        ]
-        return sorted(steps)
+        return complete_steps(self.output_dir)
 
     def latest(self) -> Path | None:
         steps = broadcast_object(self.complete_steps() if self.is_main else None)
         return self.path_of(steps[-1]) if steps else None
 
     def path_of(self, step: int) -> Path:
-        return self.root / f"step_{step:06d}"
+        return self.root / step_dir_name(step)
 
     # ------------------------------------------------------------------ save
     def save(
@@ -165,7 +159,7 @@ class Checkpointer:
             return
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
-        steps = [s for s in self.complete_steps() if f"step_{s:06d}" != tmp.name[: -len(TMP_SUFFIX)]]
+        steps = [s for s in self.complete_steps() if step_dir_name(s) != tmp.name[: -len(TMP_SUFFIX)]]
         newest = f"; the newest complete checkpoint is {self.path_of(steps[-1]).name}" if steps else ""
         message = (
             f"{_summary(problems)}; nothing was saved ({tmp.name} removed){newest}. "
@@ -285,8 +279,8 @@ class Checkpointer:
             shutil.rmtree(self.path_of(step), ignore_errors=True)
 
     def _warn(self, line: str) -> None:
-        if self.is_main:
-            print(line, file=sys.stderr, flush=True)
+        if self.is_main:  # every rank reaches the same verdict (gathered); one says it
+            log.warning(line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,14 +432,6 @@ class _RecordingFileSystem(FileSystem):
             if any(c in mode for c in "wax+"):
                 self.failures.append((Path(path), exc))
             raise
-
-
-@contextlib.contextmanager
-def dcp_quietly() -> Iterator[None]:
-    """DCP warns on every save/load without a process group that it assumes one process: it is."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-        yield
 
 
 def full_model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -30,13 +30,13 @@ from typing import TYPE_CHECKING, Any
 from wmtp.atomic import atomic_write_text
 from wmtp.config.sections import MetricsConfig
 from wmtp.errors import exception_line
+from wmtp.layout import METRICS_FILE, MLFLOW_ARTIFACTS, MLFLOW_DB
 
 if TYPE_CHECKING:
     from mlflow.entities import Metric, Run
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
 STATE_FILE = "mlflow_state.json"
 LOCK_FILE = "mlflow_state.lock"
 """Held (flock) by the process that sends a run folder to MLflow, so a sync cannot race a live run."""
@@ -69,14 +69,14 @@ PERMANENT_ERRORS = frozenset({"INVALID_PARAMETER_VALUE", "BAD_REQUEST", "INVALID
 
 
 def embedded_tracking_uri(output_dir: Path) -> str:
-    return f"{SQLITE_PREFIX}{(output_dir / 'mlflow.db').resolve()}"
+    return f"{SQLITE_PREFIX}{(output_dir / MLFLOW_DB).resolve()}"
 
 
 def sqlite_artifact_root(tracking_uri: str) -> str | None:
     """`mlartifacts/` beside a SQLite store (set explicitly: MLflow's default is relative to the CWD)."""
     if not tracking_uri.startswith(SQLITE_PREFIX):
         return None
-    return (Path(tracking_uri[len(SQLITE_PREFIX) :]).parent / "mlartifacts").resolve().as_uri()
+    return (Path(tracking_uri[len(SQLITE_PREFIX) :]).parent / MLFLOW_ARTIFACTS).resolve().as_uri()
 
 
 def resolve_tracking_uri(cfg: MetricsConfig, output_dir: Path) -> str:
@@ -240,7 +240,7 @@ class _Sender:
         except MlflowException as e:
             if e.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
-        logger.warning("[mlflow] run %s is not at %s: this folder goes to a new run there", st.run_id, st.tracking_uri)
+        log.warning("[mlflow] run %s is not at %s: this folder goes to a new run there", st.run_id, st.tracking_uri)
         with self.lock:
             st.run_id, st.params_logged, st.sent = None, False, {}
         self._offset, self._pending, self._planned = 0, [], {}
@@ -303,7 +303,7 @@ class _Sender:
                 except MlflowException as e:
                     if e.error_code not in PERMANENT_ERRORS:
                         raise
-                    logger.warning("[mlflow] dropped %d metric values MLflow refused: %s", len(batch), e)
+                    log.warning("[mlflow] dropped %d metric values MLflow refused: %s", len(batch), e)
                 else:
                     with self.lock:
                         for m in batch:
@@ -347,7 +347,7 @@ class _Sender:
         for path in todo:
             sent = not Path(path).is_file()
             if sent:
-                logger.warning("[mlflow] artifact %s no longer exists: not logged", path)
+                log.warning("[mlflow] artifact %s no longer exists: not logged", path)
             else:
                 try:
                     self.client.log_artifact(self.state.run_id, path)
@@ -355,7 +355,7 @@ class _Sender:
                     self.counts["artifacts"] += 1
                 except Exception as e:  # best effort: an artifact never stops the metrics
                     self._failed_artifacts.add(path)
-                    logger.warning("[mlflow] artifact %s not logged (%s); scripts/sync_mlflow.py retries it", path, e)
+                    log.warning("[mlflow] artifact %s not logged (%s); scripts/sync_mlflow.py retries it", path, e)
             if sent:
                 with self.lock:
                     self.state.artifacts.remove(path)
@@ -409,14 +409,12 @@ class MetricLogger:
         out = self.output_dir
         self._lock_fd = _lock_folder(out)
         if self._lock_fd is None:
-            logger.warning("[mlflow] another process is sending %s to MLflow; this one writes metrics.jsonl only", out)
+            log.warning("[mlflow] another process is sending %s to MLflow; this one writes metrics.jsonl only", out)
             return
         uri = resolve_tracking_uri(cfg, out)
         state = MlflowState.load(out)
         if state is not None and state.tracking_uri != uri:
-            logger.warning(
-                "[mlflow] %s was tracked at %s; it now goes to a new run at %s", out, state.tracking_uri, uri
-            )
+            log.warning("[mlflow] %s was tracked at %s; it now goes to a new run at %s", out, state.tracking_uri, uri)
             state = None
         if state is None:
             state = MlflowState(
@@ -452,7 +450,7 @@ class MetricLogger:
             except Exception as exc:  # noqa: BLE001 - MLflow must never stop training
                 sender.connected = False
                 if not down:
-                    logger.warning(
+                    log.warning(
                         "[mlflow] %s unreachable (%s); training goes on, metrics stay in %s and are "
                         "sent when it is back (or by scripts/sync_mlflow.py %s)",
                         sender.state.tracking_uri,
@@ -468,7 +466,7 @@ class MetricLogger:
                 delay = min(2 * delay, RETRY_MAX_S)
                 continue
             if down:
-                logger.warning("[mlflow] %s is reachable again: the backlog was sent", sender.state.tracking_uri)
+                log.warning("[mlflow] %s is reachable again: the backlog was sent", sender.state.tracking_uri)
                 down, delay = False, 1.0
             self._wake.wait()
             self._wake.clear()
@@ -508,7 +506,7 @@ class MetricLogger:
         if self._thread.is_alive() or self._gave_up:
             with self._lock:
                 unsent = count_unsent(self.output_dir, state.sent)
-            logger.warning(
+            log.warning(
                 "[mlflow] %d metric values and the status %s are not in MLflow at %s; they are kept: "
                 "`python scripts/sync_mlflow.py %s` sends them",
                 unsent,

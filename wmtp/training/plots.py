@@ -35,6 +35,7 @@ matplotlib backend (a notebook's) is left as it is.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import sys
@@ -43,7 +44,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wmtp.layout import METRICS_FILE, REPORT_NAME, RUN_CONFIG
 from wmtp.training.metrics import read_metrics
+
+log = logging.getLogger(__name__)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -56,7 +60,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PlotsUnavailable", "build_report", "maybe_plot", "panel_lines", "plot_run", "plot_runs"]
 
-REPORT_NAME = "report.png"
 RECIPE_SECTIONS = (("rho1", "rho1"), ("td", "verifiable"), ("critic", "critic"))
 """As scripts/compare_runs.py: the section only that recipe's config has, checked in this order; none: baseline."""
 VAL = "val/"
@@ -101,9 +104,9 @@ class Run:
 
     @classmethod
     def load(cls, path: Path, name: str) -> Run:
-        if not (path / "metrics.jsonl").is_file():
-            raise FileNotFoundError(f"{path}: no metrics.jsonl (not a run folder, or nothing logged yet)")
-        config = tomllib.loads((path / "config.toml").read_text()) if (path / "config.toml").is_file() else {}
+        if not (path / METRICS_FILE).is_file():
+            raise FileNotFoundError(f"{path}: no {METRICS_FILE} (not a run folder, or nothing logged yet)")
+        config = tomllib.loads((path / RUN_CONFIG).read_text()) if (path / RUN_CONFIG).is_file() else {}
         columns: dict[str, tuple[list[int], list[float]]] = {}
         for row in read_metrics(path):
             for key, value in row.items():
@@ -396,10 +399,10 @@ def maybe_plot(run_dir: str | Path) -> Path | None:
     try:
         path = plot_run(run_dir)
     except PlotsUnavailable:
-        print("[plots] matplotlib not installed, no report.png (pip install 'wmtp[plots]')", flush=True)
+        log.info("[plots] matplotlib not installed, no %s (pip install 'wmtp[plots]')", REPORT_NAME)
         return None
     except Exception as exc:  # noqa: BLE001 - see the docstring; the tests cover the drawing itself
-        print(f"[plots] no report: {type(exc).__name__}: {exc}", flush=True)
+        log.warning("[plots] no report: %s: %s", type(exc).__name__, exc)
         return None
-    print(f"[plots] report -> {path}", flush=True)
+    log.info("[plots] report -> %s", path)
     return path

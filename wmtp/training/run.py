@@ -6,6 +6,7 @@ inline the same lines.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 from collections.abc import Callable, Iterable
@@ -24,12 +25,15 @@ from wmtp.data.loader import GlobalBatchLoader
 from wmtp.distributed.env import DistInfo, barrier
 from wmtp.distributed.load import load_weights
 from wmtp.distributed.parallelize import parallelize
+from wmtp.layout import RUN_CONFIG
 from wmtp.models import MTPTransformer
 from wmtp.models.checkpoint import build_mtp, read_checkpoint
 from wmtp.training.checkpointer import Checkpointer
 from wmtp.training.metrics import FINISHED, MetricLogger, raise_on_sigterm, status_for
 from wmtp.training.plots import maybe_plot
 from wmtp.training.s3 import S3Error, S3Sync, shared_attempt_id
+
+log = logging.getLogger(__name__)
 
 
 def setup_policy(
@@ -56,13 +60,13 @@ def setup_policy(
             p.requires_grad_(trainable(name))
     model = parallelize(model, dist_cfg, mesh=mesh, device=info.device, param_dtype=param_dtype)
     load_weights(model, lambda: read_checkpoint(model_cfg.path, model, value_head_path=value_head_path), info=info)
-    if info.is_main and info.in_process_group:
+    if info.in_process_group:
         layout = (
             f"HSDP {mesh.shape[0]} replicas x {mesh.shape[1]} shards"
             if mesh is not None and mesh.ndim == 2
             else f"FSDP2 over {info.world_size} rank(s)"
         )
-        print(f"[dist] {layout}, {info.device.type}; weights read by rank 0 and broadcast", flush=True)
+        log.info("[dist] %s, %s; weights read by rank 0 and broadcast", layout, info.device.type)
     return model
 
 
@@ -94,8 +98,7 @@ def resume_latest(
     path, state = found
     scheduler.load_state_dict(state["scheduler"])
     loader.load_state_dict(state["loader"])
-    if checkpointer.is_main:
-        print(f"[checkpoint] resumed from {path} (step {state['step']})", flush=True)
+    log.info("[checkpoint] resumed from %s (step %d)", path, state["step"])
     return state
 
 
@@ -115,8 +118,7 @@ def save_training_state(
     rank's files for S3 (collective)."""
     state = {"scheduler": scheduler.state_dict(), "loader": loader.state_dict(), **extra}
     path = checkpointer.save(step, model, optimizer, state)
-    if checkpointer.is_main:
-        print(f"[checkpoint] step {step} -> {path}", flush=True)
+    log.info("[checkpoint] step %d -> %s", step, path)
     if s3.enabled:
         # A node that does not share rank 0's filesystem holds its part in the .tmp folder rank 0 never
         # renamed there. Then no node holds a whole checkpoint (rank 0's folder lacks the other nodes'
@@ -127,8 +129,8 @@ def save_training_state(
         split = _any_rank(local != path)  # collective: every rank has staged its part
         if split and local_rank == 0:
             shutil.rmtree(local, ignore_errors=True)
-        if split and checkpointer.is_main:
-            print(f"[s3] step {step}: the nodes share no filesystem; the checkpoint is kept on S3 only", flush=True)
+        if split:
+            log.info("[s3] step %d: the nodes share no filesystem; the checkpoint is kept on S3 only", step)
     return path
 
 
@@ -153,14 +155,10 @@ def fetch_from_s3(s3: S3Sync, checkpointer: Checkpointer, info: DistInfo) -> Non
         try:
             path = s3.download_latest(checkpointer.root)
         except S3Error as exc:
-            print(
-                f"[s3] warning: cannot look for checkpoints on S3 ({exc}); resuming from local ones only",
-                file=sys.stderr,
-                flush=True,
-            )
+            log.warning("[s3] warning: cannot look for checkpoints on S3 (%s); resuming from local ones only", exc)
         else:
             if path is not None:
-                print(f"[s3] downloaded {path}", flush=True)
+                log.info("[s3] downloaded %s", path)
     barrier()
 
 
@@ -168,13 +166,13 @@ def open_run(cfg: Any, output_dir: Path, *, is_main: bool, step: int, loader: Gl
     """Write the resolved config, start the metric sinks at `step`, and report the data counts (rank 0)."""
     if is_main:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "config.toml").write_text(to_toml(cfg, with_docs=False))
+        (output_dir / RUN_CONFIG).write_text(to_toml(cfg, with_docs=False))
     logger = MetricLogger(
         cfg.metrics, output_dir, params=flatten(config_to_dict(cfg)), enabled=is_main, resume_step=step
     )
     if is_main:
-        logger.log_artifact(output_dir / "config.toml")
-        print(f"[data] {loader.summary()}", flush=True)
+        logger.log_artifact(output_dir / RUN_CONFIG)
+        log.info("[data] %s", loader.summary())
         if step == 0:
             logger.log(step, {f"data/{k}": v for k, v in loader.counts().items()})
     return logger
@@ -184,7 +182,7 @@ def close_run(metrics: MetricLogger, s3: S3Sync, *, status: str, report: bool, w
     """End of a run: wait (bounded) for S3 uploads and report them, draw report.png (rank 0, when
     matplotlib is installed), and close the metric sinks with the run's status."""
     if s3.enabled:
-        print(f"[s3] rank {s3.rank}: {s3.wait(wait_s)}", flush=True)
+        log.info("[s3] rank %d: %s", s3.rank, s3.wait(wait_s))
         s3.close()
     if report and metrics.enabled:  # rank 0
         report = maybe_plot(metrics.output_dir)

@@ -65,9 +65,9 @@ from wmtp.atomic import TMP_SUFFIX
 from wmtp.config.sections import S3Config
 from wmtp.distributed.env import broadcast_object
 from wmtp.errors import exception_line
-from wmtp.training.checkpointer import STEP_DIR, TRAINER_STATE
+from wmtp.layout import CHECKPOINTS_DIR, FINAL_DIR, STEP_DIR, TRAINER_STATE, step_dir_name
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 S3_REASON_MAX_CHARS = 400
@@ -254,19 +254,19 @@ class S3Sync:
         return "/".join(p for p in (self.root, *parts) if p) + "/"
 
     def _step_prefix(self, step: int) -> str:
-        return self._prefix("checkpoints", f"step_{step:06d}")
+        return self._prefix(CHECKPOINTS_DIR, step_dir_name(step))
 
     # ---- the training thread's side
 
     def upload_checkpoint(self, step: int, local_dir: str | Path) -> None:
         """Queue this rank's files of the checkpoint in `local_dir` (call on every rank after the save)."""
-        if self.enabled and self.cfg.upload in ("checkpoints", "both"):
-            self._queue_upload(f"checkpoint step {step}", Path(local_dir), f"step_{step:06d}", step)
+        if self.enabled and self.cfg.upload in (CHECKPOINTS_DIR, "both"):
+            self._queue_upload(f"checkpoint step {step}", Path(local_dir), step_dir_name(step), step)
 
     def upload_final(self, local_dir: str | Path) -> None:
         """Queue the final export in `local_dir` (rank 0 alone uploads it; a no-op on other ranks)."""
-        if self.enabled and self.rank == 0 and self.cfg.upload in ("final", "both"):
-            self._queue_upload("final export", Path(local_dir), "final", None)
+        if self.enabled and self.rank == 0 and self.cfg.upload in (FINAL_DIR, "both"):
+            self._queue_upload("final export", Path(local_dir), FINAL_DIR, None)
 
     def _queue_upload(self, label: str, local_dir: Path, name: str, step: int | None) -> None:
         try:
@@ -277,8 +277,8 @@ class S3Sync:
                 names = [n for n in names if self._writes(n)]
             self._enqueue(_Task(label, self._stage(name, local_dir, names), names, step))
         except Exception as e:
-            prefix = self._prefix("final") if step is None else self._step_prefix(step)
-            logger.warning(
+            prefix = self._prefix(FINAL_DIR) if step is None else self._step_prefix(step)
+            log.warning(
                 "[s3] %s: %s not queued for %s: %s",
                 label,
                 local_dir,
@@ -318,7 +318,7 @@ class S3Sync:
                     self._queue.remove(old)
                     shutil.rmtree(old.staging, ignore_errors=True)
                     self._skipped.append(old.label)
-                    logger.warning(
+                    log.warning(
                         "[s3] %s: skipped, superseded by step %d before its upload to %s started "
                         "(uploads are slower than checkpoints)",
                         old.label,
@@ -336,7 +336,7 @@ class S3Sync:
                 self._cond.wait(left)
             summary = self._summary()
         if summary.pending:
-            logger.warning(
+            log.warning(
                 "[s3] still pending after waiting %.0f s for s3://%s/%s: %s",
                 timeout_s,
                 self.bucket,
@@ -357,7 +357,7 @@ class S3Sync:
             self._stop.set()
             self._cond.notify_all()
         if abandoned:
-            logger.warning(
+            log.warning(
                 "[s3] closing with unfinished uploads to s3://%s/%s, abandoned without markers: %s",
                 self.bucket,
                 self.root,
@@ -390,7 +390,7 @@ class S3Sync:
                 else:
                     self._upload_checkpoint(task)
             except Exception as e:
-                logger.warning(
+                log.warning(
                     "[s3] %s not uploaded (no marker written): %s", task.label, exception_line(e, S3_REASON_MAX_CHARS)
                 )
                 with self._cond:
@@ -419,7 +419,7 @@ class S3Sync:
             self._cond.notify_all()
 
     def _upload_final(self, task: _Task) -> None:
-        prefix = self._prefix("final")
+        prefix = self._prefix(FINAL_DIR)
         marker = prefix + COMPLETE_MARKER
         self._retry(f"delete {self._url(marker)}", lambda: self._client.delete_object(Bucket=self.bucket, Key=marker))
         files = self._upload_files(task, prefix)
@@ -431,7 +431,7 @@ class S3Sync:
             stale = [k for k in self._list(prefix) if k != marker and k[len(prefix) :] not in files]
             self._delete(stale)
         except Exception as e:
-            logger.warning(
+            log.warning(
                 "[s3] final export: could not delete stale keys under %s: %s",
                 self._url(prefix),
                 exception_line(e, S3_REASON_MAX_CHARS),
@@ -509,7 +509,7 @@ class S3Sync:
 
     def _give_up(self, step: int, reason: str) -> None:
         label = f"checkpoint step {step}"
-        logger.warning(
+        log.warning(
             "[s3] %s: %s not written: %s; it stays incomplete on S3",
             label,
             self._url(self._step_prefix(step) + COMPLETE_MARKER),
@@ -532,7 +532,7 @@ class S3Sync:
                 for step in sorted(doomed & set(self._pending)):
                     del self._pending[step]
                     self._skipped.append(f"checkpoint step {step}")
-                    logger.warning(
+                    log.warning(
                         "[s3] checkpoint step %d: superseded by complete step %d before all rank "
                         "markers arrived; deleted from %s",
                         step,
@@ -545,10 +545,10 @@ class S3Sync:
                     self._delete([prefix + COMPLETE_MARKER])
                 self._delete([prefix + rel for rel in steps[step] if rel != COMPLETE_MARKER])
         except Exception as e:
-            logger.warning(
+            log.warning(
                 "[s3] keep-last-%d under %s failed (old checkpoints stay): %s",
                 self.cfg.keep_last,
-                self._url(self._prefix("checkpoints")),
+                self._url(self._prefix(CHECKPOINTS_DIR)),
                 exception_line(e, S3_REASON_MAX_CHARS),
             )
 
@@ -564,7 +564,7 @@ class S3Sync:
                 break
             delay = min(self.timing.max_backoff_s, self.timing.backoff_s * 2 ** (attempt - 1))
             if attempt == 1:  # an outage shows at once, not only when the last attempt fails
-                logger.warning(
+                log.warning(
                     "[s3] %s: %s; retrying (%d more attempt(s))",
                     what,
                     exception_line(error, S3_REASON_MAX_CHARS),
@@ -595,7 +595,7 @@ class S3Sync:
 
     def _list_steps(self) -> dict[int, list[str]]:
         """step -> its keys relative to the step's prefix (markers included)."""
-        root = self._prefix("checkpoints")
+        root = self._prefix(CHECKPOINTS_DIR)
         steps: dict[int, list[str]] = {}
         for key in self._list(root):
             folder, _, rel = key[len(root) :].partition("/")
@@ -637,7 +637,7 @@ class S3Sync:
         against its manifest, atomically. Raises S3Error (leaving nothing at `dest`) on failure."""
         dest = Path(dest)
         if dest.exists():
-            logger.info("[s3] %s exists; not downloading step %d", dest, step)
+            log.info("[s3] %s exists; not downloading step %d", dest, step)
             return dest
         if not self.enabled:
             raise S3Error(f"cannot download step {step}: S3 is off (s3.bucket is empty)")
@@ -693,11 +693,11 @@ class S3Sync:
         for step in reversed(self.complete_steps()):
             if step <= newest_local:
                 return None
-            dest = checkpoints_dir / f"step_{step:06d}"
+            dest = checkpoints_dir / step_dir_name(step)
             try:
                 return self.download_checkpoint(step, dest)
             except S3Error as e:
-                logger.warning(
+                log.warning(
                     "[s3] checkpoint step %d could not be downloaded to %s, trying an older one: %s", step, dest, e
                 )
         return None

@@ -25,9 +25,9 @@ from wmtp.data.samplers import fits_max_seq_len
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import DistInfo, all_reduce_sum
 from wmtp.kernels.backend import accumulation_dtype
+from wmtp.layout import BEST_DIR
 
 PREFIX = "val/"
-BEST_DIR = "best"
 BEST_RECORD = "best.json"
 """In best/: the step and the metric value of the export."""
 HIGHER_IS_BETTER = ("auroc",)

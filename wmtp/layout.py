@@ -1,0 +1,47 @@
+"""The names of the files and folders a model folder and a run folder hold, defined once.
+
+A model folder: ``params.json`` + ``model.safetensors`` (or Meta's ``consolidated.*.pth``) +
+``tokenizer.model``, and a critic's ``value_head.safetensors``. A run folder (``training.output_dir``):
+``config.toml``, ``metrics.jsonl``, ``checkpoints/step_NNNNNN/`` (with ``trainer_state.json``),
+``final/`` and ``best/`` (model folders), ``report.png``, and the embedded MLflow store
+(``mlflow.db``, artifacts in ``mlartifacts/``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+PARAMS_FILENAME = "params.json"
+SAFETENSORS_FILENAME = "model.safetensors"
+VALUE_HEAD_FILENAME = "value_head.safetensors"
+"""A critic run's export: just the value head, next to an unchanged base model."""
+TOKENIZER_FILENAME = "tokenizer.model"
+
+RUN_CONFIG = "config.toml"
+"""A training run folder's resolved config: evaluation takes such a folder as model.path."""
+METRICS_FILE = "metrics.jsonl"
+REPORT_NAME = "report.png"
+FINAL_DIR = "final"
+BEST_DIR = "best"
+CHECKPOINTS_DIR = "checkpoints"
+TRAINER_STATE = "trainer_state.json"
+"""In each checkpoint folder, written last: step, sampler and scheduler state."""
+STEP_DIR = re.compile(r"^step_(\d{6,})$")
+MLFLOW_DB = "mlflow.db"
+MLFLOW_ARTIFACTS = "mlartifacts"
+
+
+def step_dir_name(step: int) -> str:
+    """The checkpoint folder of ``step``: step_000010."""
+    return f"step_{step:06d}"
+
+
+def complete_steps(run_dir: str | Path) -> list[int]:
+    """Steps of a run folder's complete checkpoints (not `.tmp`, not moved aside), oldest first."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted(
+        int(m.group(1)) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and (p / TRAINER_STATE).is_file()
+    )
