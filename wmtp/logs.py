@@ -13,8 +13,26 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import NoReturn
 
 ROOT_LOGGER = "wmtp"
+
+
+class _Console(logging.StreamHandler):
+    """A stream handler on ``sys.stdout`` or ``sys.stderr`` as they are at each line (pytest and
+    other tools replace them after the handler is made)."""
+
+    def __init__(self, which: str) -> None:
+        self._which = which
+        super().__init__()
+
+    @property
+    def stream(self):  # noqa: ANN201 - a text stream, as StreamHandler.stream
+        return getattr(sys, self._which)
+
+    @stream.setter
+    def stream(self, _value) -> None:  # StreamHandler.__init__ assigns one; the property wins
+        pass
 
 
 class _Below(logging.Filter):
@@ -44,11 +62,19 @@ def setup_logging(rank: int | None = None, world_size: int | None = None, *, lev
     root.setLevel(level)
     root.propagate = False  # our lines print once, whatever the application does with the root logger
     if rank == 0:
-        info = logging.StreamHandler(sys.stdout)
+        info = _Console("stdout")
         info.addFilter(_Below(logging.WARNING))
         info.setFormatter(logging.Formatter("%(message)s"))
         root.addHandler(info)
-    problems = logging.StreamHandler(sys.stderr)
+    problems = _Console("stderr")
     problems.setLevel(logging.WARNING)
     problems.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if world_size > 1 else "%(message)s"))
     root.addHandler(problems)
+
+
+def exit_with_error(message: str, code: int = 2) -> NoReturn:
+    """A command-line error before any work (a bad config key, a missing input): ``error: ...`` on
+    stderr, from rank 0 only (every rank reads the same config), and exit ``code``."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)

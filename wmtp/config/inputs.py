@@ -17,7 +17,6 @@ never a full read.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import zipfile
 from pathlib import Path
@@ -25,8 +24,7 @@ from typing import Any
 
 from wmtp.config.loader import ConfigError
 from wmtp.layout import PARAMS_FILENAME, RUN_CONFIG, SAFETENSORS_FILENAME, TOKENIZER_FILENAME
-
-log = logging.getLogger(__name__)
+from wmtp.logs import exit_with_error
 
 _MAX_SAFETENSORS_HEADER = 100 << 20
 
@@ -84,8 +82,7 @@ def check_inputs_or_exit(cfg: Any) -> None:
     try:
         check_inputs(cfg)
     except InputError as exc:
-        log.error("error: %s", exc)
-        raise SystemExit(2) from None
+        exit_with_error(str(exc))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import dataclasses
 import difflib
 import functools
 import inspect
-import logging
 import math
 import sys
 import textwrap
@@ -27,7 +26,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
-log = logging.getLogger(__name__)
+from wmtp.logs import exit_with_error
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -392,8 +391,7 @@ def main_config(config_cls: type[C], argv: list[str] | None = None) -> C:
     try:
         return parse_config(config_cls, argv)
     except ConfigError as exc:
-        log.error("error: %s", exc)
-        raise SystemExit(2) from None
+        exit_with_error(str(exc))
 
 
 def format_help(config_cls: type) -> str:
