@@ -25,7 +25,7 @@ import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
 ROOT = Path(__file__).resolve().parents[1]
-PROJECT_DIRS = tuple(str(ROOT / name) + "/" for name in ("wmtp", "kernels", "recipes", "tests"))
+PROJECT_DIRS = tuple(str(ROOT / name) + "/" for name in ("wmtp", "recipes", "tests"))
 FACTORIES = {
     torch.zeros,
     torch.ones,

@@ -1,7 +1,7 @@
 """The library's rooms keep their boundaries (read from the source, so the test needs no imports).
 
 Recipes sit on top; training, data, models, losses, weighting, distributed and eval below; the
-kernels (``wmtp.kernels``, folder ``kernels/``) at the bottom. Two rooms never import each other,
+kernels (``wmtp.kernels``) at the bottom. Two rooms never import each other,
 evaluation never reaches up into training, data never into evaluation, the kernels import no room,
 and recipes take what they need from the library, never from the kernels directly.
 """
@@ -16,6 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 ROOMS = ("config", "data", "distributed", "eval", "losses", "models", "training", "weighting")
+"""Rooms above the kernels (wmtp/kernels)."""
 FORBIDDEN = {("eval", "training"), ("data", "eval")}
 """(importer, imported) pairs named by the layout rules, besides any pair of rooms in both directions."""
 
@@ -46,7 +47,7 @@ def _room_edges() -> dict[tuple[str, str], list[str]]:
                 target = _room(module)
                 if target is not None and target != room:
                     edges[(room, target)].append(f"{path.relative_to(ROOT)} imports {module}")
-    for path in sorted((ROOT / "kernels").rglob("*.py")):
+    for path in sorted((ROOT / "wmtp" / "kernels").rglob("*.py")):
         for module in _imported_modules(path):
             if module.startswith("wmtp") and not module.startswith("wmtp.kernels"):
                 edges[("kernels", _room(module) or module)].append(f"{path.relative_to(ROOT)} imports {module}")

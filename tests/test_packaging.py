@@ -1,7 +1,7 @@
-"""The kernels install under our own import name, beside any other top-level `kernels` package.
+"""The kernels import under our own name, beside any other top-level `kernels` package.
 
-Hugging Face's `kernels` distribution (used by transformers for hub kernels) installs a top-level
-`kernels` package; ours is `wmtp.kernels`, so a user who has both imports each of them.
+Hugging Face's `kernels` distribution (transformers depends on it, for hub kernels) installs a
+top-level `kernels` package; ours is `wmtp.kernels`, so a user who has both imports each of them.
 """
 
 import json
@@ -48,18 +48,24 @@ def test_standin_kernels_distribution_and_ours_both_import(tmp_path):
                           "dist": importlib.metadata.version("kernels")}))
         """
     )
-    # Run from the temporary folder with the stand-in's site directory first on the path, as a
-    # user whose environment holds both distributions would.
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        cwd=tmp_path,
-        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    # A user whose environment holds both distributions: from any folder, and from the checkout's
+    # root, which `python -c` and `python -m pytest` put first on the path.
+    for cwd in (tmp_path, ROOT):
+        out = subprocess.run(
+            [sys.executable, "-c", probe],
+            cwd=cwd,
+            env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        found = json.loads(out)
+        assert found["standin"] == "stand-in" and found["dist"] == "0.0.1", cwd
+        assert Path(found["standin_file"]).parent == site / "kernels", cwd
+        assert Path(found["ours"]) == ROOT / "wmtp" / "kernels" / "backend.py", cwd
 
-    found = json.loads(out)
-    assert found["standin"] == "stand-in" and found["dist"] == "0.0.1"
-    assert Path(found["standin_file"]).parent == site / "kernels"
-    assert Path(found["ours"]) == ROOT / "kernels" / "backend.py"
+
+def test_no_top_level_kernels_package_in_the_checkout():
+    # A `kernels` package at the root would shadow Hugging Face's (which transformers imports)
+    # whenever the checkout is on the path: an uninstalled checkout (PYTHONPATH), `python -m pytest`.
+    assert not (ROOT / "kernels" / "__init__.py").exists()

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import ROOT, TEST_ENV, load_recipe, recipe_args
 from wmtp.layout import REPORT_NAME
+from wmtp.logs import setup_logging
 from wmtp.training.plots import DPI, NCOLS, PANEL_SIZE, build_report, maybe_plot, panel_lines, plot_run
 
 pytest.importorskip("matplotlib")
@@ -227,6 +228,7 @@ def test_non_finite_and_missing_values_leave_points_out(tmp_path):
 
 
 def test_maybe_plot_returns_the_path_or_none_with_the_reason(tmp_path, capsys, monkeypatch):
+    setup_logging()  # as a recipe's entry point does: rank 0's info lines on stdout
     run = write_run(tmp_path / "c", "critic")
     assert maybe_plot(run) == run / REPORT_NAME and png_size(run / REPORT_NAME)
     assert "[plots] report ->" in capsys.readouterr().out

@@ -2,10 +2,10 @@
 
 Every module logs to a logger under ``wmtp`` (``logging.getLogger(__name__)`` in the library,
 ``get_logger("recipe")`` in a recipe, whose ``__name__`` is ``__main__``). ``setup_logging``, called
-once by an entry point, sends info lines of rank 0 to stdout and warnings and errors of every rank to
-stderr, each as its bare message; with more than one rank, warnings and errors start with
-``[rank N]`` so that a line says where it came from. Other ranks' info lines are dropped: every rank
-would say the same. Without ``setup_logging`` (library use, tests), Python's defaults apply.
+once by an entry point, prints rank 0's info lines on stdout and every rank's warnings and errors on
+stderr. Rank 0 is the run's voice: its lines are the bare messages. Other ranks' info lines are
+dropped (every rank would say the same); their warnings and errors start with ``[rank N]``, so that
+a line says where it came from. Without ``setup_logging`` (library use), Python's defaults apply.
 """
 
 from __future__ import annotations
@@ -51,16 +51,14 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name if name == ROOT_LOGGER or name.startswith(ROOT_LOGGER + ".") else f"wmtp.{name}")
 
 
-def setup_logging(rank: int | None = None, world_size: int | None = None, *, level: int = logging.INFO) -> None:
-    """Route the ``wmtp`` loggers as the module docstring says. ``rank`` and ``world_size`` default to
-    torchrun's RANK and WORLD_SIZE (0 and 1 without torchrun). Calling it again replaces the handlers."""
+def setup_logging(rank: int | None = None, *, level: int = logging.INFO) -> None:
+    """Route the ``wmtp`` loggers as the module docstring says. ``rank`` defaults to torchrun's RANK
+    (0 without torchrun). Calling it again replaces the handlers."""
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
-    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     root = logging.getLogger(ROOT_LOGGER)
     for handler in list(root.handlers):
         root.removeHandler(handler)
     root.setLevel(level)
-    root.propagate = False  # our lines print once, whatever the application does with the root logger
     if rank == 0:
         info = _Console("stdout")
         info.addFilter(_Below(logging.WARNING))
@@ -68,7 +66,7 @@ def setup_logging(rank: int | None = None, world_size: int | None = None, *, lev
         root.addHandler(info)
     problems = _Console("stderr")
     problems.setLevel(logging.WARNING)
-    problems.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if world_size > 1 else "%(message)s"))
+    problems.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s" if rank > 0 else "%(message)s"))
     root.addHandler(problems)
 
 

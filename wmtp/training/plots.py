@@ -402,7 +402,7 @@ def maybe_plot(run_dir: str | Path) -> Path | None:
         log.info("[plots] matplotlib not installed, no %s (pip install 'wmtp[plots]')", REPORT_NAME)
         return None
     except Exception as exc:  # noqa: BLE001 - see the docstring; the tests cover the drawing itself
-        log.warning("[plots] no report: %s: %s", type(exc).__name__, exc)
+        log.info("[plots] no report: %s: %s", type(exc).__name__, exc)
         return None
     log.info("[plots] report -> %s", path)
     return path

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from tqdm import tqdm
 
@@ -22,7 +21,7 @@ from wmtp.atomic import TMP_SUFFIX
 from wmtp.config.loader import config_to_dict, flatten, to_toml
 from wmtp.config.sections import DistributedConfig, ModelConfig, OptimizerConfig, S3Config, TrainingConfig
 from wmtp.data.loader import GlobalBatchLoader
-from wmtp.distributed.env import DistInfo, barrier
+from wmtp.distributed.env import DistInfo, all_gather_objects
 from wmtp.distributed.load import load_weights
 from wmtp.distributed.parallelize import parallelize
 from wmtp.layout import RUN_CONFIG
@@ -136,11 +135,7 @@ def save_training_state(
 
 def _any_rank(flag: bool) -> bool:
     """True on every rank when `flag` is true on any rank (collective)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    flags: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(flags, flag)
-    return any(flags)
+    return any(all_gather_objects(flag))
 
 
 def open_s3(cfg: S3Config, output_dir: Path, info: DistInfo) -> S3Sync:
@@ -151,15 +146,16 @@ def open_s3(cfg: S3Config, output_dir: Path, info: DistInfo) -> S3Sync:
 def fetch_from_s3(s3: S3Sync, checkpointer: Checkpointer, info: DistInfo) -> None:
     """Resume from S3: on each node, local rank 0 downloads the newest complete checkpoint there when no
     local one is as new (a preempted job restarted on a fresh machine). Collective."""
+    path = None
     if s3.enabled and info.local_rank == 0:
         try:
             path = s3.download_latest(checkpointer.root)
         except S3Error as exc:
             log.warning("[s3] warning: cannot look for checkpoints on S3 (%s); resuming from local ones only", exc)
-        else:
-            if path is not None:
-                log.info("[s3] downloaded %s", path)
-    barrier()
+    # Rank 0 says what every node downloaded (other ranks' info lines are not printed).
+    for rank, downloaded in enumerate(all_gather_objects(path)):
+        if downloaded is not None:
+            log.info("[s3] downloaded %s (rank %d)", downloaded, rank)
 
 
 def open_run(cfg: Any, output_dir: Path, *, is_main: bool, step: int, loader: GlobalBatchLoader) -> MetricLogger:

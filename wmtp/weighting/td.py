@@ -1,6 +1,6 @@
 """Verifiable objective: TD-error token weights, running advantage normalisation, logged statistics.
 
-The math lives in `kernels/td_weights.py`. The statistics vector it returns holds partial sums, so
+The math lives in `wmtp/kernels/td_weights.py`. The statistics vector it returns holds partial sums, so
 the recipe merges micro-batches with `merge_td_stats`, then calls `all_reduce_td_stats` once per
 optimizer step; every rank then updates its `AdvantageNormalizer` from the same numbers.
 """
