@@ -178,8 +178,9 @@ _POLL_S = 0.002
 # hold none of its names. argv: [-c, path, address space, cpu s, file size, open files, processes,
 # block socket, uid (-1: keep), isolate files, channel fd, exit ok]. Linux constants: mount(2)'s
 # MS_BIND; mount_setattr(2) (syscall 442 on every architecture but alpha) with AT_FDCWD,
-# AT_RECURSIVE, MOUNT_ATTR_RDONLY; unshare(2)'s CLONE_NEWUSER | CLONE_NEWNS; capset(2)'s version 3;
-# prctl(2)'s PR_SET_NO_NEW_PRIVS and PR_SET_PDEATHSIG.
+# AT_RECURSIVE and a struct mount_attr (u64 attr_set, attr_clr, propagation, userns_fd) setting or
+# clearing MOUNT_ATTR_RDONLY; unshare(2)'s CLONE_NEWUSER | CLONE_NEWNS; capset(2)'s version 3 header
+# (u32 version, i32 pid) and zeroed data; prctl(2)'s PR_SET_NO_NEW_PRIVS and PR_SET_PDEATHSIG.
 _PRELUDE = r"""
 def _wmtp_sandbox(main):
     del main["_wmtp_sandbox"]
@@ -189,40 +190,41 @@ def _wmtp_sandbox(main):
     token = os.pread(channel, 64, 0)
     os.ftruncate(channel, 0)
     if sys.platform == "linux":
-        import ctypes
+        # ctypes' own C module: importing ctypes itself would add ~4 ms to every program's start.
+        import _ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        c_long, c_ulong = ctypes.c_long, ctypes.c_ulong
+        class libc:  # what a function pointer made from (name, library) reads: the library's handle
+            _handle = _ctypes.dlopen(None, os.RTLD_NOW)
 
-        def check(result, what):
-            if result != 0:
-                number = ctypes.get_errno()
-                raise OSError(number, "wmtp sandbox: %s: %s" % (what, os.strerror(number)))
+        class Function(_ctypes.CFuncPtr):
+            _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO  # ints in, an int out
 
-        def set_mount_attr(target, flags, attr_set, attr_clr):
-            attr = (ctypes.c_uint64 * 4)(attr_set, attr_clr, 0, 0)
-            check(libc.syscall(c_long(442), ctypes.c_int(-100), ctypes.c_char_p(target), ctypes.c_uint(flags),
-                               ctypes.byref(attr), ctypes.c_size_t(ctypes.sizeof(attr))), "mount_setattr")
+        def call(name, *args):
+            if Function((name, libc))(*args) != 0:
+                number = _ctypes.get_errno()
+                raise OSError(number, "wmtp sandbox: %s: %s" % (name, os.strerror(number)))
+
+        def packed(*fields):  # a C struct of unsigned (size, value) fields, for the kernel to read
+            return b"".join(value.to_bytes(size, sys.byteorder) for size, value in fields)
 
         if isolate == "1":
             here = os.getcwd().encode()
-            check(libc.mount(here, here, None, c_ulong(4096), None), "bind mount of the temporary directory")
-            set_mount_attr(b"/", 0x8000, 1, 0)  # everything read-only,
-            set_mount_attr(here, 0, 0, 1)  # but the temporary directory
+            call("mount", here, here, None, 4096, None)  # a bind mount of the temporary directory
+            call("syscall", 442, -100, b"/", 0x8000, packed((8, 1), (8, 0), (8, 0), (8, 0)), 32)  # all read-only,
+            call("syscall", 442, -100, here, 0, packed((8, 0), (8, 1), (8, 0), (8, 0)), 32)  # but that directory
             os.chdir(here)  # into the bind mount
             if uid < 0:
                 # Mounts copied into a namespace of a less privileged user namespace get their
                 # read-only flag locked; then no capability is left to the program.
-                check(libc.unshare(ctypes.c_int(0x10000000 | 0x00020000)), "unshare")
-                header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
-                check(libc.capset(ctypes.byref(header), ctypes.byref(data)), "capset")
+                call("unshare", 0x10000000 | 0x00020000)
+                call("capset", packed((4, 0x20080522), (4, 0)), bytes(24))
     if uid >= 0:
         os.setgroups([])
         os.setresgid(uid, uid, uid)
         os.setresuid(uid, uid, uid)
     if sys.platform == "linux":
-        check(libc.prctl(38, c_ulong(1), c_ulong(0), c_ulong(0), c_ulong(0)), "no_new_privs")
-        check(libc.prctl(1, c_ulong(9), c_ulong(0), c_ulong(0), c_ulong(0)), "pdeathsig")  # after setresuid
+        call("prctl", 38, 1, 0, 0, 0)  # no_new_privs
+        call("prctl", 1, 9, 0, 0, 0)  # SIGKILL when the launcher dies (set after setresuid, which clears it)
     if os.getpid() == 1:
         # Init of a PID namespace: run the program as a child (init ignores the signals a process
         # of its namespace sends it, its own), reap orphans, leave with the program's status.
