@@ -44,6 +44,8 @@ handler = logging.Handler()
 handler.emit = lambda record: warnings.append(record.getMessage())
 logging.getLogger("sandbox").addHandler(handler)
 task = json.loads(sys.argv[1])
+if task["without_namespaces"]:  # as where user namespaces are not allowed
+    sandbox._namespace_command = lambda root, isolate: ((), "disabled by the test")
 out = {
     "uid": os.getuid(),
     "python": sys.executable,
@@ -98,8 +100,12 @@ class UnprivilegedHarness:
             os.chown(path, NOBODY, NOBODY)
         return path
 
-    def start(self, programs: list[str], *, workers: int, timeout_s: float) -> subprocess.Popen:
-        task = json.dumps({"programs": programs, "workers": workers, "timeout_s": timeout_s})
+    def start(
+        self, programs: list[str], *, workers: int, timeout_s: float, without_namespaces: bool = False
+    ) -> subprocess.Popen:
+        task = json.dumps(
+            {"programs": programs, "workers": workers, "timeout_s": timeout_s, "without_namespaces": without_namespaces}
+        )
         prlimit = [shutil.which("prlimit") or "prlimit", f"--nproc={SAFETY_NPROC}:{SAFETY_NPROC}", "--"]
         return subprocess.Popen(
             [*prlimit, *self.prefix, self.python, str(self.home / "driver.py"), task],
@@ -110,13 +116,13 @@ class UnprivilegedHarness:
             text=True,
         )
 
-    def report(self, proc: subprocess.Popen) -> dict:
+    def report(self, proc: subprocess.Popen, *, refusal: bool = False) -> dict:
         stdout, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 0, stderr[-3000:]
         report = json.loads(stdout.splitlines()[-1])
         # The venv in the unreadable home is the programs' interpreter too.
         assert report["uid"] == self.uid and report["python"] == report["sandbox_python"] == self.python
-        if "refused" in report:
+        if "refused" in report and not refusal:
             assert report["warnings"] and "require_isolation" in report["warnings"][0]
             pytest.skip(f"this OS does not isolate an unprivileged user's programs: {report['refused']}")
         return report
@@ -216,3 +222,12 @@ def test_a_fork_bomb_stays_under_the_limit_while_the_others_finish(harness: Unpr
     print(f"fork bomb: peak {peak} processes in its namespace, limit {PROCESS_LIMIT}")
     assert PROCESS_LIMIT // 2 < peak <= PROCESS_LIMIT, f"peak {peak} processes, limit {PROCESS_LIMIT}"
     assert not programs_namespaces & set(_pid_namespaces_of(harness.uid)), "processes outlived their program"
+
+
+def test_without_namespaces_the_harness_warns_once_and_require_isolation_refuses(harness: UnprivilegedHarness) -> None:
+    report = harness.report(harness.start([], workers=1, timeout_s=1.0, without_namespaces=True), refusal=True)
+    assert len(report["warnings"]) == 1, report["warnings"]
+    assert "PROGRAMS CAN CHANGE AND DELETE EVERY FILE OF THIS USER" in report["warnings"][0]
+    assert "refused" in report and "results" not in report
+    for missing in ("files", "pid_namespace", "network_namespace", "process_limit"):
+        assert missing in report["refused"]

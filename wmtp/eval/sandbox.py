@@ -549,7 +549,8 @@ def _warn_missing(protections: dict[str, bool], *, root: bool, no_namespaces: st
             if not root
             else "PROGRAMS RUN AS ROOT"
         )
-        missing.append(f"a read-only view of the files{why}: {exposed}")
+        failed = why or " (the prelude could not make them read-only: Linux >= 5.12 is needed; see the debug log)"
+        missing.append(f"a read-only view of the files{failed}: {exposed}")
     if not protections["network_namespace"]:
         missing.append(
             f"a network namespace{why}: network is blocked in-process only, which ctypes or a child process gets around"
@@ -569,7 +570,7 @@ def _warn_missing(protections: dict[str, bool], *, root: bool, no_namespaces: st
             + (
                 "by nothing (root ignores RLIMIT_NPROC)"
                 if not protections["not_root"]
-                else "only by the user's RLIMIT_NPROC"
+                else "only by the user's RLIMIT_NPROC (Linux counts it per user namespace since 5.14)"
             )
         )
     if missing:
