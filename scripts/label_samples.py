@@ -13,7 +13,9 @@ temperature / top-p sampling), one batch of k per problem seeded by the problem'
 problem's samples do not depend on the world size or on a restart. CodeContests samples run on
 every test (public, private, generated; the first --max-tests if set) with the problem's time
 limit (times --time-scale) and memory limit, outputs compared as AlphaCode compares them; MBPP and
-HumanEval samples run their test program.
+HumanEval samples run their test program, which passes iff its code ran to the end (a sample that
+leaves early, exit() or sys.exit(0) included, is labelled incorrect); a CodeContests sample may end
+with exit(). --require-isolation stops the run unless the sandbox isolates programs fully here.
 
 OUT/labelled.jsonl        the labelled rows, problems in file order (written at the end)
 OUT/stats.json            problems labelled and skipped by reason, rows, correct, statuses
@@ -42,6 +44,7 @@ from wmtp.eval.judge import judge  # noqa: E402
 from wmtp.eval.labelling import LABELLED_FILE, SKIP_PROMPT_TOO_LONG, LabellingSet, LabelStore, labelled_rows  # noqa: E402
 from wmtp.eval.policy import load_policy, resolve_policy  # noqa: E402
 from wmtp.eval.problems import build_prompt, stop_sequences, truncate_at_stop  # noqa: E402
+from wmtp.eval.sandbox import SandboxIsolationError, require_isolation  # noqa: E402
 from wmtp.logs import setup_logging  # noqa: E402
 
 JUDGE_PROBLEMS = 8
@@ -89,6 +92,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="address space of a test program, and of problems without a memory limit",
     )
     parser.add_argument("--workers", type=int, default=0, help="programs run at once per rank (0: cores / ranks)")
+    parser.add_argument(
+        "--require-isolation",
+        action="store_true",
+        help="refuse to run unless the sandbox isolates programs fully on this machine",
+    )
     parser.add_argument("--max-seq-len", type=int, default=2048, help="the model's positions (RoPE table / 2)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
@@ -108,12 +116,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     try:
         return label(args)
-    except (ValueError, FileNotFoundError) as exc:  # bad input or settings: one line, no traceback
+    except (ValueError, FileNotFoundError, SandboxIsolationError) as exc:  # bad input, settings, machine: one line
         sys.exit(f"error: {exc}")
 
 
 def label(args: argparse.Namespace) -> dict | None:
     t0 = time.perf_counter()
+    if args.require_isolation:
+        require_isolation()
     info = init_distributed(args.device)
     store = LabelStore(args.out, info.rank)
     settings = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in SETTINGS}

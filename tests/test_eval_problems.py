@@ -69,7 +69,7 @@ MBPP_RECORDS = [
 
 
 def run_all(programs: list[str]) -> list[bool]:
-    """Whether each program exits 0 in the evaluation sandbox."""
+    """Whether each program runs to its end in the evaluation sandbox."""
     return [r.passed for r in run_programs(programs, timeout_s=RUN_TIMEOUT_S)]
 
 

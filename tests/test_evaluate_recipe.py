@@ -1,5 +1,6 @@
-"""recipes/evaluate.py end to end: the harness on the datasets' own solutions, generation from a
-tiny model and from training run folders, torchrun against one process, score-only mode."""
+"""recipes/evaluate.py end to end: generation from a tiny model and from training run folders,
+torchrun against one process, score-only mode. The verdicts on the datasets' own solutions,
+against OpenAI's harness and a reference: tests/test_pass_rule.py."""
 
 from __future__ import annotations
 
@@ -9,19 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SHARED_DATA, load_recipe, recipe_args, run_script, torchrun
-from wmtp.data.problems import load_humaneval, load_mbpp
+from tests.conftest import ROOT, load_recipe, recipe_args, run_script, torchrun
 
 pytestmark = pytest.mark.slow
-
-HUMANEVAL = SHARED_DATA / "HumanEval.jsonl.gz"
-MBPP_TEST = SHARED_DATA / "mbpp_test.json"
-needs_humaneval = pytest.mark.skipif(not HUMANEVAL.is_file(), reason=f"no {HUMANEVAL} (shared data beside the repo)")
-needs_mbpp = pytest.mark.skipif(not MBPP_TEST.is_file(), reason=f"no {MBPP_TEST} (shared data beside the repo)")
-BUG = "    return None  # a deliberate bug: every solution returns None at once\n"
-SLOW_REFERENCE_TIMEOUT_S = 60.0
-"""mbpp/123's reference solution (amicable numbers below 9999, brute force) takes ~5 s alone and
-several times that on a loaded 2-core machine."""
 
 
 def evaluate(out: Path, *args: str) -> dict:
@@ -35,59 +26,6 @@ def write_samples(path: Path, rows: list[dict]) -> Path:
 
 def samples_of(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
-
-
-@needs_humaneval
-def test_humaneval_canonical_solutions_all_pass_and_bugged_ones_all_fail(tmp_path):
-    problems = load_humaneval(HUMANEVAL)
-    rows = [
-        row
-        for p in problems
-        for row in (
-            {"task_id": p.task_id, "completion": p.reference},
-            {"task_id": p.task_id, "completion": BUG + p.reference},
-        )
-    ]
-    results = evaluate(
-        tmp_path,
-        "--eval.dataset",
-        "humaneval",
-        "--eval.problems",
-        str(HUMANEVAL),
-        "--eval.template",
-        "raw",
-        "--eval.samples",
-        str(write_samples(tmp_path / "in.jsonl", rows)),
-    )
-    assert results["problems"] == len(problems) == 164
-    samples = samples_of(tmp_path)
-    canonical = [s for s in samples if s["sample"] == 0]
-    bugged = [s for s in samples if s["sample"] == 1]
-    assert [s["task_id"] for s in canonical if not s["passed"]] == []
-    assert [s["task_id"] for s in bugged if s["passed"]] == []
-    assert {s["status"] for s in bugged} == {"failed"}
-    assert results["pass_at_k"]["pass@1"] == pytest.approx(0.5)
-
-
-@needs_mbpp
-def test_mbpp_test_split_reference_solutions_pass(tmp_path):
-    problems = load_mbpp(MBPP_TEST)
-    rows = [{"task_id": int(p.task_id.split("/")[1]), "completion": p.reference} for p in problems]
-    results = evaluate(
-        tmp_path,
-        "--eval.dataset",
-        "mbpp",
-        "--eval.problems",
-        str(MBPP_TEST),
-        "--eval.template",
-        "raw",
-        "--eval.timeout_s",
-        str(SLOW_REFERENCE_TIMEOUT_S),
-        "--eval.samples",
-        str(write_samples(tmp_path / "in.jsonl", rows)),
-    )
-    failed = {s["task_id"]: s["status"] for s in samples_of(tmp_path) if not s["passed"]}
-    assert results["problems"] == 500 and failed == {}, f"MBPP references that fail: {failed}"
 
 
 def toy_args(tiny: Path, out: Path, *extra: str) -> list[str]:

@@ -83,6 +83,9 @@ def test_stdin_stdout_solutions_are_labelled_by_execution():
         "wrong": "a, b = map(int, input().split())\nprint(a * b + 1)",  # right on test 1 only
         "slow": "a, b = map(int, input().split())\nwhile True:\n    pass",
         "crash": "raise ValueError('no')",
+        # A stdin/stdout program may end with exit(): judged by its output, it passes.
+        "exits": "a, b = map(int, input().split())\nprint(a + b)\nexit()",
+        "exits 1": "import sys\nprint(sum(map(int, input().split())))\nsys.exit(1)",
     }
     verdicts = dict(zip(completions, judge([(problem, c) for c in completions.values()], workers=2)))
     assert verdicts["correct"].passed and verdicts["fenced"].passed
@@ -98,6 +101,8 @@ def test_stdin_stdout_solutions_are_labelled_by_execution():
     assert not slow.passed and slow.status == "timeout" and slow.tests_run == 1
     assert slow.reason == "test 1 of 3: time limit exceeded (0.5 s)" and slow.seconds >= 0.5
     assert verdicts["crash"].status == "failed" and "ValueError: no" in verdicts["crash"].reason
+    assert verdicts["exits"].passed and verdicts["exits"].tests_passed == 3
+    assert (verdicts["exits 1"].status, verdicts["exits 1"].reason) == ("failed", "test 1 of 3: runtime error")
 
     item = LabellingProblem(
         0,
@@ -117,10 +122,10 @@ def test_stdin_stdout_solutions_are_labelled_by_execution():
             },
         },
     )
-    rows = labelled_rows(item, list(completions.values()), list(verdicts.values()), policy="p", new_tokens=[1] * 5)
+    rows = labelled_rows(item, list(completions.values()), list(verdicts.values()), policy="p", new_tokens=[1] * 7)
     assert all(validate_row(r) is None for r in rows)
-    assert [r["is_correct"] for r in rows] == [True, True, False, False, False]
-    assert all(r["metadata"]["samples_passed"] == 2 and r["metadata"]["samples"] == 5 for r in rows)
+    assert [r["is_correct"] for r in rows] == [True, True, False, False, False, True, False]
+    assert all(r["metadata"]["samples_passed"] == 3 and r["metadata"]["samples"] == 7 for r in rows)
     assert rows[3]["metadata"]["reason"] == slow.reason and rows[3]["metadata"]["status"] == "timeout"
     assert rows[0]["metadata"]["solution_id"] == "1_A. Sum/sample/0" and rows[0]["metadata"]["difficulty"] == 7
 

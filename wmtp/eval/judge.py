@@ -1,6 +1,11 @@
 """Judge completions by running them in the sandbox: one test program (HumanEval, MBPP) or one
 run per stdin/stdout test (CodeContests), compared as AlphaCode's tester compares outputs.
 
+A test program passes iff its code ran to the end (``wmtp.eval.sandbox``): one that leaves early,
+``exit()`` or ``sys.exit(0)`` included, fails ("exited"). A CodeContests run is judged by its
+output, and ``exit()`` is a normal way for such a program to stop: it passes a test iff it exits
+with status 0 within the limits and its output is accepted.
+
 Output comparison (``outputs_match``): both outputs are split on whitespace and lowercased; the
 token counts must agree and each pair of tokens must be equal as text, or both integers of equal
 value (exact, whatever their size), or both numbers within ``FLOAT_TOLERANCE`` (absolute). "nan"
@@ -34,6 +39,7 @@ PASSED = "passed"
 WRONG_ANSWER = "wrong_answer"
 NO_TESTS = "no_tests"
 _REASONS = {
+    "exited": "left before its tests finished",
     "timeout": "time limit exceeded",
     "failed": "runtime error",
     "memory": "memory limit exceeded",
@@ -82,6 +88,8 @@ class Verdict:
 
 def _failure(status: str, result: ExecResult, timeout_s: float) -> str:
     reason = _REASONS.get(status, status)
+    if status == "exited":
+        return result.reason
     if status == "timeout":
         return f"{reason} ({timeout_s:g} s)"
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
@@ -182,6 +190,7 @@ def _judge_io(streams: list[_Progress], *, workers: int) -> None:
                 timeout_s=timeout_s,
                 memory_mb=memory_mb,
                 max_output_bytes=max(MAX_OUTPUT_BYTES, 2 * longest + OUTPUT_SLACK_BYTES),
+                exit_ok=True,
             )
             outcome.update({(id(s), t): r for (s, t), r in zip(group, results)})
         for s, t in runs:

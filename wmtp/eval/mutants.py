@@ -2,8 +2,9 @@
 
 Incorrect rows are single-site mutants of the reference (``wmtp.data.mutate``) that fail the
 problem's tests in the sandbox, judged by the same rule as evaluation (``wmtp.eval.problems``
-builds the program); a mutant that times out is not kept, because a timeout on a busy machine does
-not prove the program wrong. Problems whose reference does not pass are dropped and counted.
+builds the program; it passes iff its last assert completed); a mutant that times out is not kept,
+because a timeout on a busy machine does not prove the program wrong. Problems whose reference does
+not pass are dropped and counted.
 """
 
 from __future__ import annotations

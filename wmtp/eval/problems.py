@@ -9,7 +9,8 @@ Two prompt templates:
 - ``"raw"`` (base models): HumanEval's function prompt as is, to be continued; MBPP's prompt of the
   MBPP paper and bigcode-evaluation-harness, the text and its first test in a docstring.
 
-Programs (a program passes iff it exits 0 within the limits):
+Programs (a test program passes iff its code runs to the end, the last test included, within the
+limits: ``wmtp.eval.sandbox``; leaving early with ``sys.exit``/``exit()``/``os._exit`` fails):
 
 - HumanEval: ``prompt + completion + "\\n" + test + "\\ncheck(" + entry_point + ")"``. A raw
   completion continues the prompt. An alpaca response (its code: first fenced block, if any) comes
@@ -21,8 +22,8 @@ Programs (a program passes iff it exits 0 within the limits):
 - MBPP: ``completion + "\\n" + test_setup_code + "\\n" + the asserts of test_list`` (the setup code
   may use the solution's classes, e.g. mbpp/367).
 - CodeContests: the code itself, run once per test with the test's input on stdin; its stdout is
-  compared with the expected output (``wmtp.eval.judge``). Alpaca prompts only: the instruction is
-  the problem statement, as in the training rows.
+  compared with the expected output (``wmtp.eval.judge``), and an exit with status 0 is its normal
+  end. Alpaca prompts only: the instruction is the problem statement, as in the training rows.
 """
 
 from __future__ import annotations
