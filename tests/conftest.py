@@ -17,6 +17,25 @@ TEST_ENV = {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1", "TOKENIZE
 os.environ.update(TEST_ENV)
 
 
+def _import_installed_kernels() -> None:
+    """transformers (5.2x) imports Hugging Face's `kernels` package, which the checkout's kernels/
+    folder (the source of wmtp.kernels) shadows while the repository root is on sys.path, as it
+    is under `python -m pytest`: import the installed one first, from the other paths."""
+    if importlib.util.find_spec("transformers") is None:
+        return
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if Path(p or ".").resolve() != ROOT]
+    try:
+        import kernels  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+_import_installed_kernels()
+
+
 def needs_cuda(test):
     """A CUDA-only test: `pytest -m cuda` selects it; without a GPU it is skipped, saying so."""
     return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
