@@ -51,6 +51,7 @@ from wmtp.eval.problems import (
     truncate_at_stop,
 )
 from wmtp.eval.sandbox import run_programs, sandbox_protections
+from wmtp.models.hf import NewHeads
 from wmtp.training.metrics import FINISHED, MetricLogger, raise_on_sigterm, status_for
 
 EXEC_CHUNK = 64
@@ -103,7 +104,8 @@ class EvaluateRecipe:
         if not ev.samples:
             cuda = self.dist.device.type == "cuda"
             bf16 = ev.precision == "bf16" or (ev.precision == "auto" and cuda)
-            source = resolve_policy(cfg.model.path, cfg.tokenizer.path)
+            heads = NewHeads(cfg.model.n_future_tokens, cfg.model.new_heads)  # a Hugging Face folder's
+            source = resolve_policy(cfg.model.path, cfg.tokenizer.path, heads)
             self.model, self.tokenizer = load_policy(
                 source,
                 info=self.dist,

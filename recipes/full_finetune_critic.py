@@ -37,7 +37,7 @@ from wmtp.config.sections import (
     ValidationConfig,
 )
 from wmtp.data.loader import GlobalBatchLoader
-from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.data.tokenizer import load_tokenizer
 from wmtp.distributed.env import all_gather_cat, all_reduce_sum, barrier, destroy, full_tensor, init_distributed
 from wmtp.distributed.parallelize import build_mesh
 from wmtp.losses import accumulation_dtype
@@ -126,7 +126,7 @@ class CriticRecipe:
         torch.manual_seed(cfg.training.seed)
         param_dtype, self.autocast = resolve_precision(cfg.training.precision, self.dist)
 
-        self.tokenizer = SentencePieceTokenizer(cfg.tokenizer.path)
+        self.tokenizer = load_tokenizer(cfg.tokenizer.path)
         # Trunk, heads, norm and output stay frozen: only the value head learns. Built on the meta
         # device and sharded first; rank 0 alone reads the checkpoint (and critic.value_head).
         self.model = setup_policy(
