@@ -75,8 +75,10 @@ BLOCK_KEYS = {
     "ffn_norm": "post_attention_layernorm",
 }
 """Meta's block sub-module -> Hugging Face's decoder-layer sub-module."""
-ROPE_ROWS = ("attention.wq", "attention.wk")
-"""Their rows (weight and bias) carry RoPE's pairing and are permuted between the conventions."""
+ARCHITECTURE_FIELDS = (
+    "n_layers", "dim", "n_heads", "kv_heads", "vocab_size", "ffn_hidden_dim", "norm_eps", "rope_theta"
+)  # fmt: skip
+"""What an exported folder's stored params must share with its config.json."""
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 """Buffers that older Hugging Face checkpoints store; recomputed from the config."""
 
@@ -207,9 +209,6 @@ def model_args(config: dict[str, Any], *, n_future_tokens: int, source: str) -> 
     )
 
 
-ARCHITECTURE_FIELDS = ("dim", "n_heads", "kv_heads", "vocab_size", "ffn_hidden_dim", "norm_eps", "rope_theta")
-
-
 def folder_args(folder: str | Path, heads: NewHeads | None) -> ModelArgs:
     """The MTP model of a Hugging Face folder: an exported one's own params (its side file), else
     config.json's blocks with `heads.n_future_tokens` heads."""
@@ -226,7 +225,7 @@ def folder_args(folder: str | Path, heads: NewHeads | None) -> ModelArgs:
             f"{folder / HEADS_FILENAME}: holds {args.n_future_tokens} heads; model.n_future_tokens asks {wanted}"
         )
     derived = model_args(config, n_future_tokens=args.n_future_tokens, source=source)
-    differ = [f for f in ("n_layers", *ARCHITECTURE_FIELDS) if getattr(derived, f) != getattr(args, f)]
+    differ = [f for f in ARCHITECTURE_FIELDS if getattr(derived, f) != getattr(args, f)]
     if differ:
         raise ValueError(f"{folder / HEADS_FILENAME}: its params differ from {HF_CONFIG} in {differ}")
     return args
@@ -278,7 +277,8 @@ def interleaved_to_rotate_half(rows: torch.Tensor, n_heads: int) -> torch.Tensor
 
 
 def _rope_heads(args: ModelArgs, meta_sub: str) -> int | None:
-    """Heads whose RoPE rows a block tensor holds (None: not a q/k tensor)."""
+    """Heads whose RoPE rows a block tensor holds: q's and k's rows (weight and bias) carry RoPE's
+    pairing and are permuted between the conventions; None for the others."""
     return {"attention.wq": args.n_heads, "attention.wk": args.kv_heads}.get(meta_sub)
 
 
