@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import torch
 
+from tests.conftest import ROOT
 from wmtp.data.template import format_prompt
 from wmtp.data.tokenizer_bpe import train_bpe
 
@@ -71,3 +73,24 @@ def make_hf_folder(out: Path, data: Path, *, style: str = "qwen2.5", layers: int
     model.config.bos_token_id, model.config.eos_token_id = tokenizer.bos_id, tokenizer.eos_id
     model.save_pretrained(out, max_shard_size="200KB")
     return out
+
+
+def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |ours - reference| over max |reference|."""
+    return float((ours - reference).abs().max() / reference.abs().max())
+
+
+def transformers_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits of the causal LM that transformers loads from `folder` (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.no_grad():
+        return AutoModelForCausalLM.from_pretrained(folder).eval()(input_ids=tokens).logits
+
+
+def script(name: str):
+    """scripts/<name>.py as a module, to call its main() in this process."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

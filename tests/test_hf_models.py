@@ -12,7 +12,15 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, load_recipe, recipe_args
-from tests.hf_tiny import FAMILIES, LLAMA3_SCALING, hf_model, make_hf_folder
+from tests.hf_tiny import (
+    FAMILIES,
+    LLAMA3_SCALING,
+    hf_model,
+    make_hf_folder,
+    relative_error,
+    script,
+    transformers_logits,
+)
 from wmtp.config.inputs import check_inputs_or_exit, input_problems
 from wmtp.models import load_mtp
 from wmtp.models.hf import (
@@ -29,20 +37,6 @@ PARITY_RTOL = 1e-5
 VOCAB = 96
 SEQ = 72
 """Positions 0..71: past the scaled models' original context (16) and past max_position_embeddings (64)."""
-
-
-def script(name: str):
-    """scripts/<name>.py as a module, to call its main() in this process."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((ours - reference).abs().max() / reference.abs().max())
 
 
 @pytest.fixture(scope="module")
@@ -106,13 +100,6 @@ def test_llama3_frequency_scaling_equals_transformers():
     assert torch.equal(ours, reference.float())
     kept, stretched = ours == plain, ours == plain / 8
     assert kept.any() and stretched.any() and not (kept | stretched).all()  # all three bands
-
-
-def transformers_logits(folder: Path, tokens: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    with torch.no_grad():
-        return AutoModelForCausalLM.from_pretrained(folder).eval()(input_ids=tokens).logits
 
 
 def test_export_loads_in_transformers_and_round_trips_exactly(hf_data, tmp_path):

@@ -14,8 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, recipe_args, torchrun
-from tests.hf_tiny import make_hf_folder
-from tests.test_hf_models import relative_error, script, transformers_logits
+from tests.hf_tiny import make_hf_folder, relative_error, script, transformers_logits
 from wmtp.models import load_mtp
 from wmtp.training.metrics import read_metrics
 
