@@ -2,6 +2,7 @@
 
     python benchmarks/bench_load.py                       # ~348M parameters (1.39 GB fp32), 2 ranks
     python benchmarks/bench_load.py --dim 512 --layers 8  # smaller, quicker
+    python benchmarks/bench_load.py --hf --layers 19      # a Hugging Face Llama folder, 4 heads added
 
 Makes (once, under --work) a Meta-format checkpoint (params.json + consolidated.00.pth) of random
 weights with vocabulary 32,000, a sentencepiece tokenizer of that size (the tiny tokenizer with
@@ -11,6 +12,11 @@ model and with the tiny one, each rank in `benchmarks/load_worker.py`, which rec
 resident set (ru_maxrss) and the setup time, and checks that the loaded parameters equal a
 single-process `load_mtp` bit for bit. Printed: per rank, peak RSS above the tiny-model run (what
 the checkpoint costs that rank) as MB and as a share of the checkpoint file, and setup time.
+
+With --hf the large checkpoint is a Hugging Face folder instead, made by transformers: a random
+LlamaForCausalLM of --layers layers, fp32, in safetensors shards of at most 300 MB with their
+index; the recipe reads it as model.path with model.n_future_tokens = 4 (3 heads added, copies of
+the last block), so the trained model has --layers + 3 blocks.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from wmtp.models import ModelArgs, MTPTransformer  # noqa: E402
 VOCAB = 32000
 WORKER = Path(__file__).resolve().with_name("load_worker.py")
 TINY_MAX_PROBLEMS = 40
+N_FUTURE = 4
+HF_SHARD_SIZE = "300MB"
 
 
 def padded_tokenizer(src: Path, dst: Path, vocab: int) -> None:
@@ -74,7 +82,35 @@ def make_checkpoint(folder: Path, *, dim: int, layers: int, heads: int, seed: in
     return pth.stat().st_size
 
 
-def run_ranks(model: Path, tokenizer: Path, data: Path, out: Path, ranks: int) -> list[dict]:
+def make_hf_checkpoint(folder: Path, *, dim: int, layers: int, heads: int, seed: int = 0) -> int:
+    """Random Hugging Face Llama folder (fp32 safetensors shards + index); returns the shards' size in bytes."""
+    if not (folder / "model.safetensors.index.json").is_file():
+        # transformers imports Hugging Face's `kernels` package, which the checkout's kernels/ folder
+        # would shadow while the repository root is on sys.path.
+        saved = sys.path[:]
+        sys.path[:] = [p for p in saved if Path(p or ".").resolve() != ROOT]
+        try:
+            from transformers import LlamaConfig, LlamaForCausalLM
+        finally:
+            sys.path[:] = saved
+        ffn = ModelArgs(dim=dim, n_layers=2, n_heads=heads, multiple_of=256).ffn_hidden_dim  # Llama 2's rule
+        config = LlamaConfig(
+            hidden_size=dim,
+            intermediate_size=ffn,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            vocab_size=VOCAB,
+            rms_norm_eps=1e-5,
+            max_position_embeddings=4096,
+        )
+        torch.manual_seed(seed)
+        tmp = folder.with_name(folder.name + ".tmp")
+        LlamaForCausalLM(config).save_pretrained(tmp, max_shard_size=HF_SHARD_SIZE)
+        tmp.rename(folder)
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def run_ranks(model: Path, tokenizer: Path, data: Path, out: Path, ranks: int, *extra: str) -> list[dict]:
     """The worker under torchrun; one JSON result per rank."""
     out.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -103,6 +139,7 @@ def run_ranks(model: Path, tokenizer: Path, data: Path, out: Path, ranks: int) -
         "fp32",
         "--training.device",
         "cpu",
+        *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -118,6 +155,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=22)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--hf", action="store_true", help="a Hugging Face Llama folder (sharded safetensors)")
     args = parser.parse_args()
 
     tiny = args.work / "tiny"
@@ -138,29 +176,35 @@ def main() -> None:
     )
     tokenizer = args.work / "tokenizer32k" / "tokenizer.model"
     padded_tokenizer(tiny / "tokenizer.model", tokenizer, VOCAB)
-    large = args.work / f"mtp_d{args.dim}_l{args.layers}"
-    size = make_checkpoint(large, dim=args.dim, layers=args.layers, heads=args.heads)
+    if args.hf:
+        large = args.work / f"hf_llama_d{args.dim}_l{args.layers}"
+        size = make_hf_checkpoint(large, dim=args.dim, layers=args.layers, heads=args.heads)
+        model_layers, extra = args.layers + N_FUTURE - 1, ["--model.n_future_tokens", str(N_FUTURE)]
+    else:
+        large = args.work / f"mtp_d{args.dim}_l{args.layers}"
+        size = make_checkpoint(large, dim=args.dim, layers=args.layers, heads=args.heads)
+        model_layers, extra = args.layers, []
     with torch.device("meta"):
         n_params = sum(
             p.numel()
             for p in MTPTransformer(
                 ModelArgs(
                     dim=args.dim,
-                    n_layers=args.layers,
+                    n_layers=model_layers,
                     n_heads=args.heads,
                     vocab_size=VOCAB,
                     multiple_of=256,
-                    n_future_tokens=4,
+                    n_future_tokens=N_FUTURE,
                 )
             ).parameters()
         )
 
     data = tiny / "data" / "train.jsonl"
     small = run_ranks(tiny / "mtp_model", tiny / "tokenizer.model", data, args.work / "run_tiny", args.ranks)
-    big = run_ranks(large, tokenizer, data, args.work / "run_large", args.ranks)
+    big = run_ranks(large, tokenizer, data, args.work / "run_large", args.ranks, *extra)
     print(
         f"\n{cpu_model()} ({os.cpu_count()} cores), torch {torch.__version__}, {args.ranks} ranks; "
-        f"checkpoint {large.name}: ~{n_params / 1e6:.0f}M parameters, {size / 1e6:,.0f} MB"
+        f"checkpoint {large.name}: {size / 1e6:,.0f} MB, a model of ~{n_params / 1e6:.0f}M parameters"
     )
     print(
         "| rank | peak RSS, tiny model | peak RSS, large model | above tiny | share of checkpoint | "

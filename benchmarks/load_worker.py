@@ -17,6 +17,7 @@ import torch  # noqa: E402
 
 from tests.conftest import load_recipe  # noqa: E402
 from wmtp.models import load_mtp  # noqa: E402
+from wmtp.models.hf import NewHeads  # noqa: E402
 from wmtp.training.checkpointer import full_model_state_dict  # noqa: E402
 
 
@@ -36,7 +37,9 @@ def main() -> None:
     }
     loaded = full_model_state_dict(recipe.model)
     if result["rank"] == 0:
-        reference = load_mtp(cfg.model.path, dtype=torch.float32, vocab_size=recipe.tokenizer.vocab_size).state_dict()
+        heads = NewHeads(cfg.model.n_future_tokens, cfg.model.new_heads, seed=cfg.training.seed)
+        vocab = recipe.tokenizer.vocab_size
+        reference = load_mtp(cfg.model.path, dtype=torch.float32, vocab_size=vocab, heads=heads).state_dict()
         result["bitwise_equal"] = set(loaded) == set(reference) and all(
             torch.equal(loaded[k], reference[k]) for k in reference
         )

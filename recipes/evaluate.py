@@ -50,6 +50,7 @@ from wmtp.eval.problems import build_prompt, completion_to_program, stop_sequenc
 from wmtp.eval.sandbox import require_isolation, run_programs, sandbox_protections
 from wmtp.layout import RUN_CONFIG
 from wmtp.logs import get_logger, setup_logging
+from wmtp.models.hf import NewHeads
 from wmtp.training.metrics import FINISHED, MetricLogger, raise_on_sigterm, status_for
 
 log = get_logger("recipe")
@@ -108,7 +109,8 @@ class EvaluateRecipe:
         if not ev.samples:
             cuda = self.dist.device.type == "cuda"
             bf16 = ev.precision == "bf16" or (ev.precision == "auto" and cuda)
-            source = resolve_policy(cfg.model.path, cfg.tokenizer.path)
+            heads = NewHeads(cfg.model.n_future_tokens, cfg.model.new_heads)  # a Hugging Face folder's
+            source = resolve_policy(cfg.model.path, cfg.tokenizer.path, heads)
             self.model, self.tokenizer = load_policy(
                 source,
                 info=self.dist,

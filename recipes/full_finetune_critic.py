@@ -37,13 +37,13 @@ from wmtp.config.sections import (
     ValidationConfig,
 )
 from wmtp.data.loader import GlobalBatchLoader
-from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.data.tokenizer import load_tokenizer
 from wmtp.distributed.env import all_gather_cat, all_reduce_sum, barrier, destroy, full_tensor, init_distributed
 from wmtp.distributed.parallelize import build_mesh
-from wmtp.layout import BEST_DIR, FINAL_DIR
+from wmtp.layout import BEST_DIR, FINAL_DIR, VALUE_HEAD_KEY
 from wmtp.logs import get_logger, setup_logging
 from wmtp.losses import accumulation_dtype
-from wmtp.models.checkpoint import VALUE_HEAD_KEY, save_value_head
+from wmtp.models.checkpoint import save_value_head
 from wmtp.training.checkpointer import Checkpointer
 from wmtp.training.lr_schedule import build_scheduler
 from wmtp.training.run import (
@@ -130,7 +130,7 @@ class CriticRecipe:
         torch.manual_seed(cfg.training.seed)
         param_dtype, self.autocast = resolve_precision(cfg.training.precision, self.dist)
 
-        self.tokenizer = SentencePieceTokenizer(cfg.tokenizer.path)
+        self.tokenizer = load_tokenizer(cfg.tokenizer.path)
         # Trunk, heads, norm and output stay frozen: only the value head learns. Built on the meta
         # device and sharded first; rank 0 alone reads the checkpoint (and critic.value_head).
         self.model = setup_policy(

@@ -40,7 +40,7 @@ from wmtp.config.sections import (
 )
 from wmtp.constants import IGNORE_INDEX
 from wmtp.data.loader import GlobalBatchLoader
-from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.data.tokenizer import load_tokenizer
 from wmtp.distributed.env import all_reduce_sum, barrier, destroy, init_distributed
 from wmtp.distributed.load import load_weights
 from wmtp.distributed.parallelize import build_mesh, shard_frozen
@@ -105,7 +105,7 @@ class Rho1Recipe:
         torch.manual_seed(cfg.training.seed)
         param_dtype, self.autocast = resolve_precision(cfg.training.precision, self.dist)
 
-        self.tokenizer = SentencePieceTokenizer(cfg.tokenizer.path)
+        self.tokenizer = load_tokenizer(cfg.tokenizer.path)
         # The reference is checked first: a tokenizer mismatch stops the run before any work. Like
         # the policy it is built on the meta device, sharded, and read by rank 0 alone.
         self.reference = ReferenceModel(
@@ -310,10 +310,10 @@ class Rho1Recipe:
         )
 
     def export(self, folder: Path) -> None:
-        """params.json + model.safetensors (+ tokenizer.model) in `folder` (final/ or best/)."""
+        """params.json + model.safetensors (+ the tokenizer files) in `folder` (final/ or best/)."""
         sd = full_model_state_dict(self.model)
         if self.dist.is_main:
-            log.info("[export] %s", save_mtp(folder, self.model_args, sd, extra_files=(self.tokenizer.path,)))
+            log.info("[export] %s", save_mtp(folder, self.model_args, sd, extra_files=self.tokenizer.files))
 
     def cleanup(self, status: str) -> None:
         """Wait (bounded) for S3 uploads, draw report.png, end the MLflow run with `status`."""

@@ -41,7 +41,7 @@ from wmtp.config.sections import (
     ValidationConfig,
 )
 from wmtp.data.loader import GlobalBatchLoader
-from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.data.tokenizer import load_tokenizer
 from wmtp.distributed.env import all_reduce_sum, barrier, destroy, init_distributed
 from wmtp.distributed.parallelize import build_mesh
 from wmtp.layout import BEST_DIR, FINAL_DIR
@@ -117,7 +117,7 @@ class VerifiableRecipe:
         torch.manual_seed(cfg.training.seed)
         param_dtype, self.autocast = resolve_precision(cfg.training.precision, self.dist)
 
-        self.tokenizer = SentencePieceTokenizer(cfg.tokenizer.path)
+        self.tokenizer = load_tokenizer(cfg.tokenizer.path)
         if not cfg.critic.value_head:
             log.info("[verifiable] no critic.value_head given: the value head starts at zero")
         # Built on the meta device and sharded first; rank 0 alone reads the checkpoint and value head.
@@ -375,11 +375,11 @@ class VerifiableRecipe:
         )
 
     def export(self, folder: Path) -> None:
-        """params.json + model.safetensors (value_head.weight included) + tokenizer.model in `folder`
+        """params.json + model.safetensors (value_head.weight included) + the tokenizer files in `folder`
         (final/ or best/)."""
         sd = full_model_state_dict(self.model)
         if self.dist.is_main:
-            log.info("[export] %s", save_mtp(folder, self.model_args, sd, extra_files=(self.tokenizer.path,)))
+            log.info("[export] %s", save_mtp(folder, self.model_args, sd, extra_files=self.tokenizer.files))
 
     def cleanup(self, status: str) -> None:
         """Wait (bounded) for S3 uploads, draw report.png, end the MLflow run with `status`."""

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wmtp.data.codecontests import DEFAULT_TOKEN_LIMIT, SPLITS, SchemaError, convert, format_table  # noqa: E402
-from wmtp.data.tokenizer import SentencePieceTokenizer  # noqa: E402
+from wmtp.data.tokenizer import load_tokenizer  # noqa: E402
 from wmtp.logs import setup_logging  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         "--tokenizer",
         type=Path,
         default=None,
-        help="tokenizer.model (or its folder) for the token limit; none: no length filter",
+        help="tokenizer.model or tokenizer.json (or its folder) for the token limit; none: no length filter",
     )
     parser.add_argument("--token-limit", type=int, default=DEFAULT_TOKEN_LIMIT)
     parser.add_argument("--splits", default=",".join(SPLITS), help=f"comma-separated subset of {','.join(SPLITS)}")
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.out} already exists (--force replaces it)")
     t0 = time.perf_counter()
     try:
-        tokenizer = SentencePieceTokenizer(args.tokenizer) if args.tokenizer is not None else None
+        tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer is not None else None
         report = convert(
             args.src,
             args.out,

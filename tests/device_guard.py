@@ -125,5 +125,5 @@ def refuse_checkpoint_reads() -> None:
     """On this rank, reading a model checkpoint is an error (call on ranks > 0)."""
     import wmtp.models.checkpoint as checkpoint
 
-    for name in ("read_state_dict", "read_value_head"):
+    for name in ("read_state_dict", "read_hf_state_dict", "read_value_head"):
         setattr(checkpoint, name, _refuse_reads(name))

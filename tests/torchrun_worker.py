@@ -38,13 +38,15 @@ def recipe_class(module):
 
 
 def single_process_state(cfg) -> dict[str, torch.Tensor]:
-    from wmtp.data.tokenizer import SentencePieceTokenizer
+    from wmtp.data.tokenizer import load_tokenizer
     from wmtp.models import load_mtp
     from wmtp.models.checkpoint import load_value_head
+    from wmtp.models.hf import NewHeads
 
     critic = getattr(cfg, "critic", None)
-    vocab = SentencePieceTokenizer(cfg.tokenizer.path).vocab_size
-    model = load_mtp(cfg.model.path, dtype=torch.float32, vocab_size=vocab, value_head=critic is not None)
+    vocab = load_tokenizer(cfg.tokenizer.path).vocab_size
+    heads = NewHeads(cfg.model.n_future_tokens, cfg.model.new_heads, seed=cfg.training.seed)
+    model = load_mtp(cfg.model.path, dtype=torch.float32, vocab_size=vocab, value_head=critic is not None, heads=heads)
     if critic is not None and critic.value_head:
         load_value_head(model, critic.value_head)
     return model.state_dict()
@@ -53,11 +55,11 @@ def single_process_state(cfg) -> dict[str, torch.Tensor]:
 def run(spec_run: dict, rank: int) -> dict:
     module = load_recipe(spec_run["recipe"])
     module.destroy = lambda: None  # the next run reuses the process group
-    cls = recipe_class(module)
     result: dict = {}
     if spec_run.get("check_load"):
         from wmtp.training.checkpointer import full_model_state_dict
 
+        cls = recipe_class(module)
         setup = cls.setup
 
         def checked_setup(self) -> None:

@@ -8,10 +8,11 @@ A recipe calls it right after reading its config:
 Whichever of these sections the config has are looked at (recipes compose different ones):
 model.path, tokenizer.path, data.train_path, critic.value_head, reference.path,
 validation.path, eval.problems, eval.samples. Every problem is collected and reported at once, each
-by its key and path ("model.path: no params.json in /x", "data.train_path: /y is empty"). The
-checks are cheap: existence, emptiness, the expected files in a model folder, and the length of a
-safetensors file or a zip-format .pth against what its own header says (a cut-short download),
-never a full read.
+by its key and path ("model.path: no params.json in /x", "data.train_path: /y is empty"); a single
+problem is one line. The checks are cheap: existence, emptiness, the expected files in a model
+folder, a Hugging Face model's family and config (config.json: one not supported is named, with
+what is), and the length of a safetensors file or a zip-format .pth against what its own header
+says (a cut-short download), never a full read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,16 @@ from pathlib import Path
 from typing import Any
 
 from wmtp.config.loader import ConfigError
-from wmtp.layout import PARAMS_FILENAME, RUN_CONFIG, SAFETENSORS_FILENAME, TOKENIZER_FILENAME
+from wmtp.layout import (
+    HEADS_FILENAME,
+    HF_CONFIG,
+    HF_SAFETENSORS_INDEX,
+    PARAMS_FILENAME,
+    RUN_CONFIG,
+    SAFETENSORS_FILENAME,
+    TOKENIZER_FILENAME,
+    TOKENIZER_JSON,
+)
 from wmtp.logs import exit_with_error
 
 _MAX_SAFETENSORS_HEADER = 100 << 20
@@ -34,8 +44,11 @@ class InputError(ConfigError):
 
     def __init__(self, problems: list[str]) -> None:
         self.problems = list(problems)
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+            return
         lines = "\n".join(f"  {p}" for p in self.problems)
-        super().__init__(f"{len(self.problems)} input file problem{'s' if len(self.problems) > 1 else ''}:\n{lines}")
+        super().__init__(f"{len(self.problems)} input file problems:\n{lines}")
 
 
 def input_problems(cfg: Any) -> list[str]:
@@ -47,7 +60,9 @@ def input_problems(cfg: Any) -> list[str]:
 
     model = getattr(cfg, "model", None)
     if model is not None and not scoring_only:
-        problems += _model_folder("model.path", model.path, run_folder_ok=evaluating)
+        problems += _model_folder(
+            "model.path", model.path, run_folder_ok=evaluating, n_future_tokens=getattr(model, "n_future_tokens", 0)
+        )
     tokenizer = getattr(cfg, "tokenizer", None)
     if tokenizer is not None and not scoring_only:
         # Evaluation may leave it empty (the model folder's, or the training run's, is taken).
@@ -134,8 +149,9 @@ def _folder(key: str, value: str | os.PathLike) -> tuple[Path | None, list[str]]
     return path, []
 
 
-def _model_folder(key: str, value: str, *, run_folder_ok: bool = False) -> list[str]:
-    """A Meta-format MTP folder: params.json and model.safetensors or one consolidated.*.pth."""
+def _model_folder(key: str, value: str, *, run_folder_ok: bool = False, n_future_tokens: int = 0) -> list[str]:
+    """A Meta-format MTP folder (params.json and model.safetensors or one consolidated.*.pth), or a
+    Hugging Face one (config.json and safetensors) of a supported family."""
     path, problems = _folder(key, value)
     if path is None:
         return problems
@@ -143,16 +159,24 @@ def _model_folder(key: str, value: str, *, run_folder_ok: bool = False) -> list[
     if not params.is_file():
         if run_folder_ok and (path / RUN_CONFIG).is_file():
             return []  # a training run folder: its final/ or newest checkpoint is resolved later
+        if (path / HF_CONFIG).is_file():
+            return _hf_model_folder(key, path, n_future_tokens)
         return [
-            f"{key}: no {PARAMS_FILENAME} in {path}"
-            + (f" (nor a training run's {RUN_CONFIG})" if run_folder_ok else "")
+            f"{key}: no {PARAMS_FILENAME} in {path} (nor a Hugging Face {HF_CONFIG}"
+            + (f", nor a training run's {RUN_CONFIG})" if run_folder_ok else ")")
         ]
     problems += _nonempty_file(key, params)
     if not problems:
         try:
-            json.loads(params.read_text())
-        except (OSError, ValueError) as exc:
+            stored = json.loads(params.read_text()).get("n_future_tokens", 1)
+        except (OSError, ValueError, AttributeError) as exc:
             problems.append(f"{key}: {params} is not valid JSON ({exc})")
+        else:
+            if n_future_tokens not in (0, stored):
+                problems.append(
+                    f"model.n_future_tokens: {params} has {stored} heads, the config asks {n_future_tokens} "
+                    f"(only a Hugging Face model gets new heads; leave it 0)"
+                )
     weights = (
         [path / SAFETENSORS_FILENAME]
         if (path / SAFETENSORS_FILENAME).is_file()
@@ -165,14 +189,52 @@ def _model_folder(key: str, value: str, *, run_folder_ok: bool = False) -> list[
     return problems
 
 
+def _hf_model_folder(key: str, path: Path, n_future_tokens: int) -> list[str]:
+    """A Hugging Face causal-LM folder: a supported family and config, n_future_tokens set (unless
+    an exported folder holds its heads), and its safetensors (every shard its index names)."""
+    from wmtp.models.hf import config_problems  # torch: only for a Hugging Face folder
+
+    config_file = path / HF_CONFIG
+    problems = _nonempty_file(key, config_file)
+    if problems:
+        return problems
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        return [f"{key}: {config_file} is not valid JSON ({exc})"]
+    if not isinstance(config, dict):
+        return [f"{key}: {config_file} is not a JSON object"]
+    problems = [f"{key}: {config_file}: {p}" for p in config_problems(config)]
+    if problems:
+        return problems
+    if n_future_tokens < 1 and not (path / HEADS_FILENAME).is_file():
+        problems.append(f"model.n_future_tokens: set it (>= 1) for the Hugging Face model {path}: its MTP heads")
+    index = path / HF_SAFETENSORS_INDEX
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            return [*problems, f"{key}: {index} is not a safetensors index ({exc})"]
+        weights = [path / name for name in files]
+    elif (path / SAFETENSORS_FILENAME).is_file():
+        weights = [path / SAFETENSORS_FILENAME]
+    else:
+        return [*problems, f"{key}: no {SAFETENSORS_FILENAME} or {HF_SAFETENSORS_INDEX} in {path}"]
+    for w in weights:
+        missing = [f"{key}: {w} (named in {index.name}) does not exist"]
+        problems += _nonempty_file(key, w) if w.is_file() else missing
+    return problems
+
+
 def _tokenizer(key: str, value: str, *, required: bool) -> list[str]:
     if str(value) == "":
         return [f"{key}: not set"] if required else []
     path = Path(value)
     if path.is_dir():
-        if not (path / TOKENIZER_FILENAME).is_file():
-            return [f"{key}: no {TOKENIZER_FILENAME} in {path}"]
-        path = path / TOKENIZER_FILENAME
+        found = next((path / n for n in (TOKENIZER_FILENAME, TOKENIZER_JSON) if (path / n).is_file()), None)
+        if found is None:
+            return [f"{key}: no {TOKENIZER_FILENAME} in {path} (nor a {TOKENIZER_JSON})"]
+        path = found
     return _file(key, path, required=True)
 
 

@@ -67,20 +67,32 @@ def _within(
 @dataclasses.dataclass
 class ModelConfig:
     path: str = ""
-    """Folder with params.json and consolidated.*.pth (Meta) or model.safetensors."""
+    """Folder with params.json and consolidated.*.pth (Meta) or model.safetensors; or a Hugging Face
+    causal-LM folder (config.json + safetensors) of a supported family (Llama 2/3.x, CodeLlama,
+    Qwen2/2.5), which becomes an MTP model with n_future_tokens heads."""
     max_seq_len: int = 2048
     """Longest training sequence (tokens, >= 2: a sequence needs an input and a target); also the
     RoPE table size (x2)."""
+    n_future_tokens: int = 0
+    """Prediction heads of a model started from a Hugging Face folder (>= 1): its L blocks become the
+    trunk and head 0, and n_future_tokens - 1 heads are added. 0 (>= 0): the checkpoint's own
+    (params.json, or an exported folder's mtp_heads.safetensors); an MTP folder's count may only be
+    repeated."""
+    new_heads: Literal["copy_last", "random"] = "copy_last"
+    """How the heads added to a Hugging Face model start: copies of its last block, or drawn from
+    N(0, initializer_range) with training.seed (unit norms, zero biases)."""
 
     def __post_init__(self) -> None:
         _at_least(self, "max_seq_len", 2)
+        _at_least(self, "n_future_tokens", 0)
 
 
 @dataclasses.dataclass
 class TokenizerConfig:
     path: str = ""
-    """tokenizer.model (sentencepiece) or a folder containing it. Evaluation: empty takes the one in
-    (or beside) the model folder, or the training run's."""
+    """tokenizer.model (sentencepiece), tokenizer.json (Hugging Face; BOS/EOS/pad from the
+    tokenizer_config.json beside it) or a folder containing one (tokenizer.model first). Evaluation:
+    empty takes the one in (or beside) the model folder, or the training run's."""
 
 
 @dataclasses.dataclass

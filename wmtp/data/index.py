@@ -29,7 +29,7 @@ import numpy as np
 from wmtp.atomic import atomic_write
 from wmtp.data.rows import validate_row
 from wmtp.data.template import format_prompt
-from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.data.tokenizer import SentencePieceTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -282,7 +282,7 @@ _worker_tokenizer: SentencePieceTokenizer | None = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _worker_tokenizer
-    _worker_tokenizer = SentencePieceTokenizer(tokenizer_path)
+    _worker_tokenizer = load_tokenizer(tokenizer_path)
 
 
 def _worker_block(data: bytes, offset: int, first_line: int) -> _Block:

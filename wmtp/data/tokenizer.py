@@ -5,12 +5,68 @@ from __future__ import annotations
 import io
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
 from wmtp.errors import exception_line
-from wmtp.layout import TOKENIZER_FILENAME
+from wmtp.layout import TOKENIZER_FILENAME, TOKENIZER_JSON
+
+TOKENIZER_FILES = (TOKENIZER_FILENAME, TOKENIZER_JSON)
+"""What a folder may hold, in the order a folder's is chosen: a folder with both (Llama 2's Hugging
+Face folders) is read with sentencepiece, its original tokenizer."""
+
+
+class Tokenizer(Protocol):
+    """What the data pipeline, the recipes and evaluation use of a tokenizer (sentencepiece or
+    tokenizer.json alike)."""
+
+    path: Path
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    @property
+    def files(self) -> tuple[Path, ...]: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def pieces(self) -> list[str]: ...
+
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, prefix: bool = False) -> list[int]: ...
+
+    def encode_batch(
+        self, texts: Sequence[str], *, bos: bool = False, eos: bool = False, prefix: bool = False, num_threads: int = -1
+    ) -> list[list[int]]: ...
+
+    def decode(self, ids: Iterable[int], *, prefix: bool = False) -> str: ...
+
+
+def tokenizer_in(folder: Path) -> Path | None:
+    """The tokenizer file in `folder` (tokenizer.model first), or None."""
+    return next((folder / name for name in TOKENIZER_FILES if (folder / name).is_file()), None)
+
+
+def find_tokenizer(folder: str | Path) -> Path | None:
+    """The tokenizer file in a model folder or, failing that, its parent (a run's final/ holds one)."""
+    folder = Path(folder)
+    return tokenizer_in(folder) or tokenizer_in(folder.parent)
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer at `path`: a tokenizer.model (sentencepiece), a tokenizer.json (Hugging Face),
+    or a folder holding one of them."""
+    path = Path(path)
+    file = tokenizer_in(path) if path.is_dir() else path
+    if file is None:
+        raise FileNotFoundError(f"tokenizer: no {' or '.join(TOKENIZER_FILES)} in {path}")
+    if file.suffix == ".json":
+        from wmtp.data.tokenizer_bpe import BPETokenizer  # the `tokenizers` library: the hf extra
+
+        return BPETokenizer(file)
+    return SentencePieceTokenizer(file)
 
 
 def resolve_tokenizer_file(path: str | Path) -> Path:
@@ -54,7 +110,8 @@ class SentencePieceTokenizer:
                 f"tokenizer {self.path} ({size} bytes) does not load, truncated or not a "
                 f"sentencepiece model? ({exception_line(exc)})"
             ) from exc
-        if proto.normalizer_spec.add_dummy_prefix:
+        self.adds_dummy_prefix = proto.normalizer_spec.add_dummy_prefix
+        if self.adds_dummy_prefix:
             proto.normalizer_spec.add_dummy_prefix = False
             self._sp_continue = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
         else:
@@ -66,6 +123,11 @@ class SentencePieceTokenizer:
             if proto.trainer_spec.byte_fallback
             else []
         )
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The files that make this tokenizer (copied into every export)."""
+        return (self.path,)
 
     @property
     def vocab_size(self) -> int:

@@ -1,4 +1,5 @@
-"""The model an evaluation scores: a Meta folder, a `final/` export, or a training run folder.
+"""The model an evaluation scores: a Meta folder, a Hugging Face folder (with `model.n_future_tokens`
+heads), a `final/` export, or a training run folder.
 
 A run folder (it holds the training `config.toml`) is read at its end state: `final/` when the run
 finished, else the newest complete checkpoint in `checkpoints/`, whose model tensors (DCP) go onto
@@ -18,7 +19,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.data.tokenizer import TOKENIZER_FILES, Tokenizer, find_tokenizer, load_tokenizer
 from wmtp.distributed.env import DistInfo
 from wmtp.distributed.load import dcp_quietly, load_weights
 from wmtp.layout import (
@@ -26,13 +27,13 @@ from wmtp.layout import (
     FINAL_DIR,
     PARAMS_FILENAME,
     RUN_CONFIG,
-    TOKENIZER_FILENAME,
     VALUE_HEAD_FILENAME,
     complete_steps,
     step_dir_name,
 )
 from wmtp.models import MTPTransformer
 from wmtp.models.checkpoint import build_mtp, read_checkpoint
+from wmtp.models.hf import NewHeads, is_hf_folder
 
 DCP_MODEL_KEY = "model"
 """The checkpointer saves {"model": ..., "optim": ...}; evaluation reads the model part."""
@@ -43,29 +44,27 @@ class PolicySource:
     """Where the weights come from and which tokenizer goes with them."""
 
     weights: Path
-    """Folder with params.json and consolidated.*.pth or model.safetensors."""
+    """Folder with params.json and consolidated.*.pth or model.safetensors, or a Hugging Face folder."""
     tokenizer: Path
     checkpoint: Path | None = None
     """A training checkpoint (DCP) whose model tensors replace the weights' ones."""
+    heads: NewHeads | None = None
+    """The heads a Hugging Face folder gets (a run's model.n_future_tokens / new_heads)."""
 
     def describe(self) -> str:
         return str(self.checkpoint or self.weights)
 
 
-def _tokenizer_near(folder: Path) -> Path | None:
-    return next((p for p in (folder / TOKENIZER_FILENAME, folder.parent / TOKENIZER_FILENAME) if p.is_file()), None)
-
-
-def resolve_policy(path: str | Path, tokenizer: str | Path = "") -> PolicySource:
+def resolve_policy(path: str | Path, tokenizer: str | Path = "", heads: NewHeads | None = None) -> PolicySource:
     """What `model.path` names: a model folder, or a training run folder (its end state)."""
     folder = Path(path)
-    if (folder / PARAMS_FILENAME).is_file():
-        found = Path(tokenizer) if tokenizer else _tokenizer_near(folder)
+    if (folder / PARAMS_FILENAME).is_file() or is_hf_folder(folder):
+        found = Path(tokenizer) if tokenizer else find_tokenizer(folder)
         if found is None:
             raise FileNotFoundError(
-                f"model.path {folder}: no {TOKENIZER_FILENAME} in it or its parent; set tokenizer.path"
+                f"model.path {folder}: no {' or '.join(TOKENIZER_FILES)} in it or its parent; set tokenizer.path"
             )
-        return PolicySource(weights=folder, tokenizer=found)
+        return PolicySource(weights=folder, tokenizer=found, heads=heads)
     config = folder / RUN_CONFIG
     if not config.is_file():
         raise FileNotFoundError(
@@ -74,7 +73,14 @@ def resolve_policy(path: str | Path, tokenizer: str | Path = "") -> PolicySource
     if (folder / FINAL_DIR / PARAMS_FILENAME).is_file():
         return resolve_policy(folder / FINAL_DIR, tokenizer)
     run = tomllib.loads(config.read_text())
-    base = PolicySource(weights=Path(run["model"]["path"]), tokenizer=Path(tokenizer or run["tokenizer"]["path"]))
+    model = run["model"]
+    # The run's own heads: the same new heads its setup made (the checkpoint overwrites them anyway).
+    run_heads = NewHeads(
+        model.get("n_future_tokens", 0), model.get("new_heads", "copy_last"), run.get("training", {}).get("seed", 0)
+    )
+    base = PolicySource(
+        weights=Path(model["path"]), tokenizer=Path(tokenizer or run["tokenizer"]["path"]), heads=run_heads
+    )
     steps = complete_steps(folder)
     if steps:
         return dataclasses.replace(base, checkpoint=folder / CHECKPOINTS_DIR / step_dir_name(steps[-1]))
@@ -85,11 +91,11 @@ def resolve_policy(path: str | Path, tokenizer: str | Path = "") -> PolicySource
 
 def load_policy(
     source: PolicySource, *, info: DistInfo, dtype: torch.dtype, max_seq_len: int
-) -> tuple[MTPTransformer, SentencePieceTokenizer]:
+) -> tuple[MTPTransformer, Tokenizer]:
     """The policy on info.device in `dtype`, in eval mode, with its tokenizer."""
-    tokenizer = SentencePieceTokenizer(source.tokenizer)
-    model = build_mtp(source.weights, vocab_size=tokenizer.vocab_size, max_seq_len=max_seq_len)
-    load_weights(model, lambda: read_checkpoint(source.weights, model), info=info)
+    tokenizer = load_tokenizer(source.tokenizer)
+    model = build_mtp(source.weights, vocab_size=tokenizer.vocab_size, max_seq_len=max_seq_len, heads=source.heads)
+    load_weights(model, lambda: read_checkpoint(source.weights, model, heads=source.heads), info=info)
     if source.checkpoint is not None:
         state = {DCP_MODEL_KEY: model.state_dict()}
         # Partial: the optimizer's tensors are not read, nor model tensors the checkpoint lacks.

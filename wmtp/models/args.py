@@ -10,6 +10,9 @@ from typing import Any
 
 from wmtp.layout import PARAMS_FILENAME
 
+ROPE_SCALING_TYPES = ("llama3", "linear")
+"""RoPE frequency scalings the model computes (Llama 3.1's, and linear position interpolation)."""
+
 
 @dataclasses.dataclass
 class ModelArgs:
@@ -37,6 +40,19 @@ class ModelArgs:
     """Prediction heads: head k predicts the token k+1 positions ahead."""
     max_seq_len: int = 4096
     """Longest sequence the RoPE table covers (not in Meta's file; an inference/training setting)."""
+    # Models imported from Hugging Face (wmtp.models.hf) also have these; Meta's files never do, and
+    # at their defaults they stay out of params.json.
+    ffn_dim: int | None = None
+    """FFN width given directly (Hugging Face's intermediate_size); None: Meta's rule above."""
+    qkv_bias: bool = False
+    """The q/k/v projections have biases (Qwen2)."""
+    rope_scaling: dict[str, Any] | None = None
+    """RoPE frequency scaling: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+    "original_max_position_embeddings"} (Llama 3.1 / 3.2) or {"rope_type": "linear", "factor"}; None:
+    plain RoPE."""
+    hf_config: dict[str, Any] | None = None
+    """The Hugging Face config.json the model was imported from: export writes it back (with the
+    sizes of trunk + head 0), and its embeddings may have more rows than the tokenizer has pieces."""
 
     def __post_init__(self) -> None:
         if self.n_future_tokens < 1:
@@ -50,6 +66,11 @@ class ModelArgs:
             raise ValueError(f"params: dim ({self.dim}) is not divisible by n_heads ({self.n_heads})")
         if self.n_heads % self.kv_heads:
             raise ValueError(f"params: n_heads ({self.n_heads}) is not divisible by n_kv_heads ({self.kv_heads})")
+        if self.rope_scaling is not None and self.rope_scaling.get("rope_type") not in ROPE_SCALING_TYPES:
+            raise ValueError(
+                f"params: rope_scaling type {self.rope_scaling.get('rope_type')!r} is not supported "
+                f"(supported: {', '.join(ROPE_SCALING_TYPES)})"
+            )
 
     @property
     def kv_heads(self) -> int:
@@ -61,7 +82,10 @@ class ModelArgs:
 
     @property
     def ffn_hidden_dim(self) -> int:
-        """Meta's rule: int(2 * 4 * dim / 3), times the multiplier, rounded up to multiple_of."""
+        """ffn_dim when given, else Meta's rule: int(2 * 4 * dim / 3), times the multiplier, rounded up
+        to multiple_of."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
         hidden = int(2 * 4 * self.dim / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -96,7 +120,10 @@ class ModelArgs:
         return cls.from_dict(params, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
-        """The params.json form (Meta's keys; max_seq_len is kept out as Meta's files do)."""
+        """The params.json form (Meta's keys; max_seq_len is kept out as Meta's files do, and so is
+        qkv_bias when false)."""
         out = dataclasses.asdict(self)
         out.pop("max_seq_len")
+        if not self.qkv_bias:
+            out.pop("qkv_bias")
         return {k: v for k, v in out.items() if v is not None}

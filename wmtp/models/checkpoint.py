@@ -8,44 +8,51 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from wmtp.atomic import atomic_directory
-from wmtp.data.tokenizer import SentencePieceTokenizer
-from wmtp.errors import exception_line
-from wmtp.layout import PARAMS_FILENAME, SAFETENSORS_FILENAME, TOKENIZER_FILENAME, VALUE_HEAD_FILENAME
+from wmtp.data.tokenizer import TOKENIZER_FILES, find_tokenizer, load_tokenizer
+from wmtp.errors import unreadable_weights
+from wmtp.layout import (
+    HEADS_FILENAME,
+    HF_CONFIG,
+    PARAMS_FILENAME,
+    SAFETENSORS_FILENAME,
+    VALUE_HEAD_FILENAME,
+    VALUE_HEAD_KEY,
+)
 from wmtp.models.args import ModelArgs
+from wmtp.models.hf import NewHeads, folder_args, is_hf_folder, read_hf_state_dict
 from wmtp.models.mtp_transformer import MTPTransformer
 
-VALUE_HEAD_KEY = "value_head.weight"
 IGNORED_META_KEYS = ("rope.freqs",)
 """Precomputed RoPE table that some Meta releases store; it is recomputed from params instead."""
 
 
 def resolve_vocab_size(args: ModelArgs, folder: Path, vocab_size: int | None) -> ModelArgs:
-    """Meta's params.json may say vocab_size = -1: take it from the tokenizer, as Meta's code does."""
+    """Meta's params.json may say vocab_size = -1: take it from the tokenizer, as Meta's code does.
+
+    A model imported from Hugging Face keeps its own size, which may exceed the tokenizer's (spare
+    embedding rows, as Qwen2.5 has); never the other way round.
+    """
+    source = folder / (HF_CONFIG if is_hf_folder(folder) else PARAMS_FILENAME)
     if vocab_size is not None:
-        if args.vocab_size > 0 and args.vocab_size != vocab_size:
-            raise ValueError(f"{folder / PARAMS_FILENAME}: vocab_size {args.vocab_size} != tokenizer's {vocab_size}")
-        args.vocab_size = vocab_size
+        spare_rows = args.hf_config is not None and args.vocab_size >= vocab_size
+        if args.vocab_size > 0 and args.vocab_size != vocab_size and not spare_rows:
+            raise ValueError(f"{source}: vocab_size {args.vocab_size} != tokenizer's {vocab_size}")
+        if not spare_rows:
+            args.vocab_size = vocab_size
     if args.vocab_size > 0:
         return args
-    for candidate in (folder / TOKENIZER_FILENAME, folder.parent / TOKENIZER_FILENAME):
-        if candidate.is_file():
-            args.vocab_size = SentencePieceTokenizer(candidate).vocab_size
-            return args
+    found = find_tokenizer(folder)
+    if found is not None:
+        args.vocab_size = load_tokenizer(found).vocab_size
+        return args
     raise ValueError(
-        f"{folder / PARAMS_FILENAME}: vocab_size is -1 and no {TOKENIZER_FILENAME} was found in {folder} "
+        f"{source}: vocab_size is -1 and no {' or '.join(TOKENIZER_FILES)} was found in {folder} "
         f"or its parent; pass vocab_size= (the tokenizer's vocabulary size)"
     )
-
-
-def _unreadable(path: Path, exc: Exception) -> ValueError:
-    """A weights file that exists but does not load, named (a cut-short copy or download, usually);
-    the loader's own message is kept to its first sentence (torch's zip reader adds a paragraph)."""
-    size = path.stat().st_size if path.is_file() else 0
-    detail = exception_line(exc).split(". ")[0]
-    return ValueError(f"model weights {path} ({size} bytes) do not load, truncated or damaged? ({detail})")
 
 
 def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -59,7 +66,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(st))
         except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, ...
-            raise _unreadable(st, exc) from exc
+            raise unreadable_weights(st, exc) from exc
     shards = sorted(folder.glob("consolidated.*.pth"))
     if not shards:
         raise FileNotFoundError(f"model: neither {SAFETENSORS_FILENAME} nor consolidated.*.pth in {folder}")
@@ -68,7 +75,7 @@ def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     try:
         sd = torch.load(shards[0], map_location="cpu", mmap=True, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - RuntimeError from the zip reader, UnpicklingError, ...
-        raise _unreadable(shards[0], exc) from exc
+        raise unreadable_weights(shards[0], exc) from exc
     return {k: v for k, v in sd.items() if k not in IGNORED_META_KEYS}
 
 
@@ -93,16 +100,38 @@ def check_state_dict(
         raise ValueError(f"{source}: " + "; ".join(problems))
 
 
+def model_args_of(folder: Path, heads: NewHeads | None = None) -> ModelArgs:
+    """The params of an MTP folder (params.json) or of a Hugging Face folder (config.json; see
+    wmtp.models.hf). `heads` says how many heads a Hugging Face model gets; for an MTP folder it may
+    only repeat params.json's count."""
+    if is_hf_folder(folder):
+        return folder_args(folder, heads)
+    args = ModelArgs.load(folder)
+    wanted = heads.n_future_tokens if heads is not None else 0
+    if wanted not in (0, args.n_future_tokens):
+        raise ValueError(
+            f"{folder / PARAMS_FILENAME}: n_future_tokens is {args.n_future_tokens}; model.n_future_tokens asks "
+            f"{wanted} (only a Hugging Face model gets new heads)"
+        )
+    return args
+
+
 def build_mtp(
-    path: str | Path, *, vocab_size: int | None = None, value_head: bool = False, max_seq_len: int | None = None
+    path: str | Path,
+    *,
+    vocab_size: int | None = None,
+    value_head: bool = False,
+    max_seq_len: int | None = None,
+    heads: NewHeads | None = None,
 ) -> MTPTransformer:
-    """The model of a checkpoint folder (its params.json) on the meta device: no weights are read.
+    """The model of a checkpoint folder (its params.json, or a Hugging Face config.json with `heads`)
+    on the meta device: no weights are read.
 
     Parallelise it, materialise it on the training device, then fill it with `read_checkpoint`'s
     tensors (the recipes do this with `wmtp.distributed.load.load_weights`: rank 0 reads).
     """
     folder = Path(path)
-    args = resolve_vocab_size(ModelArgs.load(folder), folder, vocab_size)
+    args = resolve_vocab_size(model_args_of(folder, heads), folder, vocab_size)
     if max_seq_len is not None:
         args.max_seq_len = max_seq_len
     with torch.device("meta"):
@@ -110,16 +139,22 @@ def build_mtp(
 
 
 def read_checkpoint(
-    path: str | Path, model: MTPTransformer, *, value_head_path: str | Path | None = None
+    path: str | Path,
+    model: MTPTransformer,
+    *,
+    value_head_path: str | Path | None = None,
+    heads: NewHeads | None = None,
 ) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors for `model` (memory-mapped, as stored), checked against its keys and shapes.
 
+    A Hugging Face folder's tensors are mapped to the MTP model (wmtp.models.hf), with new heads made
+    as `heads` says; several keys may then hold one tensor (the load copies each into its parameter).
     A stored value head is dropped when the model has none. A model with a value head gets the one
     in `value_head_path` (a critic run's value_head.safetensors) if given, else the stored one, else
     zeros.
     """
     folder = Path(path)
-    sd = read_state_dict(folder)
+    sd = read_hf_state_dict(folder, model.args, heads) if is_hf_folder(folder) else read_state_dict(folder)
     if model.value_head is None:
         sd.pop(VALUE_HEAD_KEY, None)
     check_state_dict(model, sd, source=str(folder), optional=(VALUE_HEAD_KEY,))
@@ -139,18 +174,49 @@ def load_mtp(
     vocab_size: int | None = None,
     value_head: bool | None = None,
     max_seq_len: int | None = None,
+    heads: NewHeads | None = None,
 ) -> MTPTransformer:
-    """Load an MTP model from a folder with params.json and consolidated.*.pth or model.safetensors.
+    """Load an MTP model from a folder with params.json and consolidated.*.pth or model.safetensors,
+    or from a Hugging Face folder (`heads`: how many heads it gets, and how the new ones start).
 
     value_head: None builds one iff the checkpoint has `value_head.weight`; True always builds one
     (zero-initialised when the checkpoint has none); False ignores a stored one.
     """
     folder = Path(path)
-    model = build_mtp(folder, vocab_size=vocab_size, value_head=bool(value_head), max_seq_len=max_seq_len)
-    if value_head is None and VALUE_HEAD_KEY in read_state_dict(folder):
-        model = build_mtp(folder, vocab_size=vocab_size, value_head=True, max_seq_len=max_seq_len)
-    model.load_state_dict(read_checkpoint(folder, model), strict=True, assign=True)
+    kw = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, heads=heads)
+    model = build_mtp(folder, value_head=bool(value_head), **kw)
+    if value_head is None and has_stored_value_head(folder):
+        model = build_mtp(folder, value_head=True, **kw)
+    sd = read_checkpoint(folder, model, heads=heads)
+    model.load_state_dict(distinct_tensors(sd), strict=True, assign=True)
     return model.to(device=device or "cpu", dtype=dtype)
+
+
+def has_stored_value_head(folder: Path) -> bool:
+    if is_hf_folder(folder):
+        side = folder / HEADS_FILENAME
+        return side.is_file() and VALUE_HEAD_KEY in safe_keys(side)
+    return VALUE_HEAD_KEY in read_state_dict(folder)
+
+
+def safe_keys(path: Path) -> set[str]:
+    """The tensor names of a safetensors file (its header only)."""
+    with safe_open(str(path), framework="pt") as f:
+        return set(f.keys())
+
+
+def distinct_tensors(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`sd` with a copy for every key whose tensor an earlier key already holds (a Hugging Face
+    model's heads made by copy_last, its tied embedding): parameters assigned from it share nothing,
+    and safetensors can save it."""
+    seen: set[int] = set()
+    out = {}
+    for key, tensor in sd.items():
+        ptr = tensor.data_ptr() if tensor.numel() else None
+        out[key] = tensor.clone() if ptr in seen else tensor
+        if ptr is not None:
+            seen.add(ptr)
+    return out
 
 
 def save_mtp(
@@ -185,7 +251,7 @@ def read_value_head(path: str | Path, *, dim: int) -> torch.Tensor:
     try:
         tensors = load_file(str(path))
     except Exception as exc:  # noqa: BLE001
-        raise _unreadable(Path(path), exc) from exc
+        raise unreadable_weights(Path(path), exc) from exc
     if set(tensors) != {VALUE_HEAD_KEY}:
         raise ValueError(f"{path}: expected exactly the key {VALUE_HEAD_KEY!r}, found {sorted(tensors)}")
     weight = tensors[VALUE_HEAD_KEY]

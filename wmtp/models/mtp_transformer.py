@@ -9,8 +9,9 @@ chunked multi-head loss inside the forward (so that under FSDP the `output` weig
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,12 +36,40 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(
-    head_dim: int, max_len: int, theta: float, device: torch.device | None = None
+    head_dim: int,
+    max_len: int,
+    theta: float,
+    device: torch.device | None = None,
+    scaling: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin [max_len, head_dim/2] of Meta's freqs_cis = polar(1, t * theta^(-2i/d))."""
+    """cos/sin [max_len, head_dim/2] of Meta's freqs_cis = polar(1, t * theta^(-2i/d)), the
+    frequencies rescaled first when `scaling` says so (ModelArgs.rope_scaling)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device)[: head_dim // 2].float() / head_dim))
+    if scaling is not None:
+        inv_freq = scaled_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv_freq)
     return angles.cos(), angles.sin()
+
+
+def scaled_frequencies(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
+    """RoPE frequencies under a context-extension scaling (fp32, as Hugging Face computes them).
+
+    "linear": every frequency divided by `factor`. "llama3" (Llama 3.1): wavelengths longer than
+    original_max_position_embeddings / low_freq_factor are stretched by `factor`, those shorter than
+    original / high_freq_factor kept, and the band between interpolates linearly in
+    original / wavelength.
+    """
+    factor = float(scaling["factor"])
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    stretched = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * stretched / factor + smooth * stretched
+    middle = (wavelen >= original / high) & (wavelen <= original / low)
+    return torch.where(middle, blended, stretched)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -104,9 +133,9 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.kv_heads, args.head_dim
-        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=args.qkv_bias)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=args.qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
 
     def forward(
@@ -214,7 +243,7 @@ class MTPTransformer(nn.Module):
         device = torch.device(device)
         if device not in self._rope:
             self._rope[device] = rope_tables(
-                self.args.head_dim, self.args.max_seq_len * 2, self.args.rope_theta, device
+                self.args.head_dim, self.args.max_seq_len * 2, self.args.rope_theta, device, self.args.rope_scaling
             )
         return self._rope[device]
 

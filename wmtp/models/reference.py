@@ -15,9 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from wmtp.data.tokenizer import SentencePieceTokenizer
-from wmtp.layout import PARAMS_FILENAME, TOKENIZER_FILENAME
+from wmtp.data.tokenizer import Tokenizer, find_tokenizer, load_tokenizer, tokenizer_in
+from wmtp.layout import PARAMS_FILENAME
 from wmtp.models.checkpoint import build_mtp, read_checkpoint
+from wmtp.models.hf import NewHeads, is_hf_folder
 from wmtp.weighting.rho1 import reference_token_ce
 
 Shard = Callable[[nn.Module, list[nn.Module], tuple[str, ...]], None]
@@ -28,16 +29,17 @@ Fill = Callable[..., None]
 
 
 def reference_pieces(folder: Path) -> list[str]:
-    """The reference's vocabulary as pieces, from its tokenizer.model or its Hugging Face tokenizer."""
-    if (folder / TOKENIZER_FILENAME).is_file():
-        return SentencePieceTokenizer(folder).pieces()
+    """The reference's vocabulary as pieces: from its tokenizer.model or tokenizer.json, else from
+    whatever tokenizer transformers finds in the folder."""
+    if tokenizer_in(folder) is not None:
+        return load_tokenizer(folder).pieces()
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
     return tok.convert_ids_to_tokens(list(range(len(tok))))
 
 
-def check_same_tokenizer(policy: SentencePieceTokenizer, ref_pieces: list[str], *, source: str) -> None:
+def check_same_tokenizer(policy: Tokenizer, ref_pieces: list[str], *, source: str) -> None:
     ours = policy.pieces()
     if len(ours) != len(ref_pieces):
         raise ValueError(
@@ -64,7 +66,7 @@ class ReferenceModel:
         path: str | Path,
         *,
         kind: str,
-        tokenizer: SentencePieceTokenizer,
+        tokenizer: Tokenizer,
         device: torch.device,
         shard: Shard | None,
         fill: Fill,
@@ -76,11 +78,13 @@ class ReferenceModel:
             kind = "mtp" if (folder / PARAMS_FILENAME).is_file() else "hf"
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         if kind == "mtp":
-            pieces_dir = folder if (folder / TOKENIZER_FILENAME).is_file() else folder.parent
+            found = find_tokenizer(folder)
+            pieces_dir = folder.parent if found is None else found.parent
             check_same_tokenizer(tokenizer, reference_pieces(pieces_dir), source=str(pieces_dir))
-            model = build_mtp(folder, vocab_size=tokenizer.vocab_size).to(dtype).requires_grad_(False)
+            one_head = NewHeads(1) if is_hf_folder(folder) else None  # a Hugging Face folder: head 0 only
+            model = build_mtp(folder, vocab_size=tokenizer.vocab_size, heads=one_head).to(dtype).requires_grad_(False)
             blocks, methods = [*model.layers, *model.extra_heads], ("logits",)
-            read, buffers_from = (lambda: read_checkpoint(folder, model)), None
+            read, buffers_from = (lambda: read_checkpoint(folder, model, heads=one_head)), None
         else:
             check_same_tokenizer(tokenizer, reference_pieces(folder), source=str(folder))
             from transformers import AutoConfig, AutoModelForCausalLM

@@ -27,6 +27,7 @@ from wmtp.distributed.parallelize import parallelize
 from wmtp.layout import RUN_CONFIG
 from wmtp.models import MTPTransformer
 from wmtp.models.checkpoint import build_mtp, read_checkpoint
+from wmtp.models.hf import NewHeads
 from wmtp.training.checkpointer import Checkpointer
 from wmtp.training.metrics import FINISHED, MetricLogger, raise_on_sigterm, status_for
 from wmtp.training.plots import maybe_plot
@@ -53,12 +54,18 @@ def setup_policy(
     value_head_path: a critic run's value_head.safetensors for the value head. trainable: which
     parameters (by name) train; the others are frozen before sharding.
     """
-    model = build_mtp(model_cfg.path, vocab_size=vocab_size, value_head=value_head, max_seq_len=model_cfg.max_seq_len)
+    # A Hugging Face model's new heads: "random" ones are drawn with the recipe's seed (training.seed).
+    heads = NewHeads(model_cfg.n_future_tokens, model_cfg.new_heads, seed=torch.initial_seed())
+    model = build_mtp(
+        model_cfg.path, vocab_size=vocab_size, value_head=value_head, max_seq_len=model_cfg.max_seq_len, heads=heads
+    )
     if trainable is not None:
         for name, p in model.named_parameters():
             p.requires_grad_(trainable(name))
     model = parallelize(model, dist_cfg, mesh=mesh, device=info.device, param_dtype=param_dtype)
-    load_weights(model, lambda: read_checkpoint(model_cfg.path, model, value_head_path=value_head_path), info=info)
+    load_weights(
+        model, lambda: read_checkpoint(model_cfg.path, model, value_head_path=value_head_path, heads=heads), info=info
+    )
     if info.in_process_group:
         layout = (
             f"HSDP {mesh.shape[0]} replicas x {mesh.shape[1]} shards"
