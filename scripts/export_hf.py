@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from wmtp.data.tokenizer import load_tokenizer  # noqa: E402
 from wmtp.distributed.env import init_distributed  # noqa: E402
-from wmtp.eval.policy import FINAL, load_policy, resolve_policy  # noqa: E402
-from wmtp.layout import PARAMS_FILENAME  # noqa: E402
+from wmtp.eval.policy import load_policy, resolve_policy  # noqa: E402
+from wmtp.layout import FINAL_DIR, PARAMS_FILENAME  # noqa: E402
 from wmtp.models.args import ModelArgs  # noqa: E402
 from wmtp.models.checkpoint import (  # noqa: E402
     VALUE_HEAD_FILENAME,
@@ -50,7 +50,7 @@ def model_of(path: Path, tokenizer: str) -> tuple[ModelArgs, dict[str, torch.Ten
     else:
         model, _ = load_policy(source, info=init_distributed("cpu"), dtype=torch.float32, max_seq_len=2)
         args, sd = model.args, model.state_dict()
-    critic_head = path / FINAL / VALUE_HEAD_FILENAME
+    critic_head = path / FINAL_DIR / VALUE_HEAD_FILENAME
     if critic_head.is_file() and VALUE_HEAD_KEY not in sd:
         sd[VALUE_HEAD_KEY] = read_value_head(critic_head, dim=args.dim)
     return args, sd, source.tokenizer

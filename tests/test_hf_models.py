@@ -22,9 +22,9 @@ from tests.hf_tiny import (
     transformers_logits,
 )
 from wmtp.config.inputs import check_inputs_or_exit, input_problems
+from wmtp.layout import HEADS_FILENAME
 from wmtp.models import load_mtp
 from wmtp.models.hf import (
-    HEADS_FILENAME,
     NewHeads,
     interleaved_to_rotate_half,
     rotate_half_to_interleaved,

@@ -27,19 +27,17 @@ from safetensors.torch import save_file
 
 from wmtp.atomic import atomic_directory
 from wmtp.data.tokenizer import SentencePieceTokenizer, Tokenizer
-from wmtp.layout import GENERATION_CONFIG, TOKENIZER_CONFIG
-from wmtp.models.args import ModelArgs
-from wmtp.models.hf import (
-    FAMILIES,
+from wmtp.layout import (
+    GENERATION_CONFIG,
     HEADS_FILENAME,
-    HEADS_PARAMS_KEY,
-    HEADS_PREFIX,
     HF_CONFIG,
-    HF_SAFETENSORS,
     HF_SAFETENSORS_INDEX,
+    SAFETENSORS_FILENAME,
+    TOKENIZER_CONFIG,
     VALUE_HEAD_KEY,
-    block_to_hf,
 )
+from wmtp.models.args import ModelArgs
+from wmtp.models.hf import FAMILIES, HEADS_PARAMS_KEY, HEADS_PREFIX, block_to_hf
 
 MAX_SHARD_BYTES = 5 << 30
 """Shards of at most this size, as Hugging Face's own uploads are cut."""
@@ -122,8 +120,8 @@ def write_shards(folder: Path, tensors: Mapping[str, torch.Tensor], *, max_shard
         shards[-1][key] = tensor
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(folder / HF_SAFETENSORS), metadata={"format": "pt"})
-        return [HF_SAFETENSORS]
+        save_file(shards[0], str(folder / SAFETENSORS_FILENAME), metadata={"format": "pt"})
+        return [SAFETENSORS_FILENAME]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, shard in zip(names, shards):
         save_file(shard, str(folder / name), metadata={"format": "pt"})
