@@ -101,22 +101,35 @@ def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowSpan
     """Block-diagonal causal attention as causal SDPA on each row's span (q, k, v [B, H, T, hd]).
 
     The FLOPs of the rows themselves: an explicit [T, T] mask would compute every masked-out block
-    too. Padding positions get 0. Each row goes in as [1, H, L, hd] (4-D inputs take the CPU's
-    flash kernel, 3-D ones do not).
+    too. Padding positions get 0. Each sequence is split into its spans (one backward
+    concatenation, where slicing would write a full-size gradient per row), and each row goes in
+    as [1, H, L, hd] (4-D inputs take the CPU's flash kernel, 3-D ones do not).
     """
-    batch, heads, seq_len, head_dim = q.shape
-    pieces: list[list[torch.Tensor]] = [[] for _ in range(batch)]
-    ends = [0] * batch
+    seq_len = q.shape[2]
+    spans: list[list[tuple[int, int]]] = [[] for _ in range(q.shape[0])]
     for b, start, end in rows.spans:
-        if start > ends[b]:
-            pieces[b].append(q.new_zeros(1, heads, start - ends[b], head_dim))
-        row = (slice(b, b + 1), slice(None), slice(start, end))
-        pieces[b].append(F.scaled_dot_product_attention(q[row], k[row], v[row], is_causal=True, enable_gqa=enable_gqa))
-        ends[b] = end
-    for b in range(batch):
-        if ends[b] < seq_len:
-            pieces[b].append(q.new_zeros(1, heads, seq_len - ends[b], head_dim))
-    return torch.cat([torch.cat(p, dim=2) for p in pieces])
+        spans[b].append((start, end))
+    out = []
+    for qb, kb, vb, row_spans in zip(q.unbind(0), k.unbind(0), v.unbind(0), spans):
+        sizes, is_row, pos = [], [], 0
+        for start, end in row_spans:
+            if start > pos:
+                sizes.append(start - pos)
+                is_row.append(False)
+            sizes.append(end - start)
+            is_row.append(True)
+            pos = end
+        if pos < seq_len:
+            sizes.append(seq_len - pos)
+            is_row.append(False)
+        pieces = [
+            F.scaled_dot_product_attention(qi[None], ki[None], vi[None], is_causal=True, enable_gqa=enable_gqa)
+            if row
+            else qi.new_zeros(1, *qi.shape)
+            for qi, ki, vi, row in zip(qb.split(sizes, 1), kb.split(sizes, 1), vb.split(sizes, 1), is_row)
+        ]
+        out.append(torch.cat(pieces, dim=2))
+    return torch.cat(out)
 
 
 _eager_attend_rows = None
