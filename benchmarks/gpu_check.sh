@@ -11,7 +11,7 @@
 #      torch.compile, liger-kernel and cut-cross-entropy (each per head), and the TD kernel at B*L = 1M
 #      (achieved HBM bandwidth in the GB/s column)
 #   4. each recipe for 20 steps under torchrun --nproc_per_node=1 in bf16 on the tiny artifacts (loss finite
-#      and falling, tokens/s, peak memory)
+#      and falling, tokens/s, peak memory); verifiable and Rho-1 with packed rows
 #   5. a ~1B-parameter MTP step's MFU, eager and with per-block torch.compile (benchmarks/bench_mfu.py)
 # Python: $PYTHON, else `python`. The project need not be installed (PYTHONPATH is set). Benchmark peers
 # not in the image can travel as wheels in .whl/ (see the device notes); they are installed into a
@@ -114,12 +114,15 @@ kernel_benchmarks() {
 recipes() {
     "$PY" scripts/make_tiny.py --out "$WORK/tiny" --source synthetic --max-problems 120 || return 1
     local tiny=$WORK/tiny name extra
-    # The learning rates of the CPU tests' 20-step runs, whose losses fall.
+    # The learning rates of the CPU tests' 20-step runs, whose losses fall. Verifiable and Rho-1 pack
+    # their rows (FlexAttention's document mask, per-row TD weights, the reference on packed rows).
+    local packed=(--data.packing true --model.max_seq_len 512)
     for name in baseline critic verifiable rho1; do
         case $name in
             critic) extra=(--optimizer.lr 3e-2 --validation.path "$tiny/data/valid.jsonl") ;;
-            verifiable) extra=(--optimizer.lr 3e-3 --critic.value_head "$WORK/run_critic/final/value_head.safetensors") ;;
-            rho1) extra=(--optimizer.lr 3e-3 --reference.path "$tiny/reference") ;;
+            verifiable) extra=(--optimizer.lr 3e-3 --critic.value_head "$WORK/run_critic/final/value_head.safetensors"
+                               "${packed[@]}") ;;
+            rho1) extra=(--optimizer.lr 3e-3 --reference.path "$tiny/reference" "${packed[@]}") ;;
             *) extra=(--optimizer.lr 3e-3) ;;
         esac
         "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 "recipes/full_finetune_$name.py" \

@@ -133,6 +133,7 @@ class BaselineRecipe:
             n_future=self.n_future,
             micro_batch_size=cfg.training.micro_batch_size,
             max_steps=cfg.training.max_steps,
+            layout=self.loader.layout,
         )
         self.best = BestExport(cfg.checkpoint.keep_best, self.out)
 
@@ -191,7 +192,13 @@ class BaselineRecipe:
             mean_w = head_mean_weights(mb["targets"], counts)  # valid / (n N_k)
             with self.autocast:
                 # The weights are known before the loss: gradients in the forward (6NHV, not 8NHV).
-                out = self.model(mb["tokens"], targets=mb["targets"], pair_weights=mean_w, reduction="sum")
+                out = self.model(
+                    mb["tokens"],
+                    targets=mb["targets"],
+                    pair_weights=mean_w,
+                    reduction="sum",
+                    segments=mb.get("segments"),
+                )
             # FSDP averages gradients over ranks; each rank holds a partial sum of one global loss.
             (out.loss * self.dist.world_size).backward()
             head_sums += (out.ce * mean_w).sum(dim=(0, 1)).to(head_sums.dtype)
@@ -215,7 +222,7 @@ class BaselineRecipe:
         sums = HeadSums(("ce", "pairs"), self.n_future, self.dist.device)
         for mb in self.validation.batches():
             with self.autocast:
-                out = self.model(mb["tokens"], targets=mb["targets"])
+                out = self.model(mb["tokens"], targets=mb["targets"], segments=mb.get("segments"))
             sums.add(ce=out.ce, pairs=valid_pairs(mb["targets"]))
         s = sums.reduce()
         return per_head_means(s["ce"], s["pairs"], "loss")

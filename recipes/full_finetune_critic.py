@@ -79,8 +79,10 @@ class ValueStats:
         self.sums = torch.zeros(len(self.SUMS), dtype=accumulation_dtype(device), device=device)
         self.last: dict[str, list[torch.Tensor]] = {key: [] for key in self.LAST}
 
-    def add(self, values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -> None:
-        stats = value_stats(values, rewards, mask)
+    def add(
+        self, values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, segments: torch.Tensor | None = None
+    ) -> None:
+        stats = value_stats(values, rewards, mask, segments=segments)
         self.sums += torch.stack([stats[key] for key in self.SUMS]).to(self.sums.dtype)
         for key, parts in self.last.items():
             parts.append(stats[key])
@@ -175,6 +177,7 @@ class CriticRecipe:
             n_future=self.n_future,
             micro_batch_size=cfg.training.micro_batch_size,
             max_steps=cfg.training.max_steps,
+            layout=self.loader.layout,
         )
         self.best = BestExport(cfg.checkpoint.keep_best, self.out)
 
@@ -232,22 +235,24 @@ class CriticRecipe:
         lam = 1.0 if crit.target == "mc" else crit.lam
         acc = accumulation_dtype(device)
         # Global denominator: response-predicting states of the whole global batch.
-        n_states = all_reduce_sum(sum(response_states(mb["mask"]).sum() for mb in micro_batches).to(acc))
+        n_states = all_reduce_sum(
+            sum(response_states(mb["mask"], segments=mb.get("segments")).sum() for mb in micro_batches).to(acc)
+        )
         loss_total = torch.zeros((), dtype=acc, device=device)
         stats = ValueStats(device)
         for mb in micro_batches:
-            mask, rewards = mb["mask"], mb["is_correct"].float()
+            mask, rewards, segments = mb["mask"], mb["is_correct"].float(), mb.get("segments")
             with self.autocast:
-                values = self.model(mb["tokens"], with_values=True, with_heads=False).values
-            targets = critic_targets(values.detach(), rewards, mask, lam=lam)
+                values = self.model(mb["tokens"], with_values=True, with_heads=False, segments=segments).values
+            targets = critic_targets(values.detach(), rewards, mask, lam=lam, segments=segments)
             loss_sum, _ = value_loss(
-                values, targets, response_states(mask), kind=crit.loss, huber_delta=crit.huber_delta
+                values, targets, response_states(mask, segments=segments), kind=crit.loss, huber_delta=crit.huber_delta
             )
             loss = loss_sum / n_states.clamp(min=1)
             # FSDP averages gradients over ranks; each rank holds a partial sum of one global loss.
             (loss * self.dist.world_size).backward()
             loss_total += loss.detach().to(acc)
-            stats.add(values, rewards, mask)
+            stats.add(values, rewards, mask, segments)
         metrics = clip_and_step(self.trainable, self.optimizer, self.scheduler, self.cfg.training.max_grad_norm)
         metrics.update(stats.reduce())
         # The frozen trunk runs forward only; no head block and no vocabulary projection.
@@ -265,15 +270,16 @@ class CriticRecipe:
         stats = ValueStats(self.dist.device)
         loss = HeadSums(("sum", "states"), 1, self.dist.device)
         for mb in self.validation.batches():
-            mask, rewards = mb["mask"], mb["is_correct"].float()
+            mask, rewards, segments = mb["mask"], mb["is_correct"].float(), mb.get("segments")
             with self.autocast:
-                values = self.model(mb["tokens"], with_values=True, with_heads=False).values
-            targets = critic_targets(values, rewards, mask, lam=1.0 if crit.target == "mc" else crit.lam)
+                values = self.model(mb["tokens"], with_values=True, with_heads=False, segments=segments).values
+            lam = 1.0 if crit.target == "mc" else crit.lam
+            targets = critic_targets(values, rewards, mask, lam=lam, segments=segments)
             v_sum, v_states = value_loss(
-                values, targets, response_states(mask), kind=crit.loss, huber_delta=crit.huber_delta
+                values, targets, response_states(mask, segments=segments), kind=crit.loss, huber_delta=crit.huber_delta
             )
             loss.add(sum=v_sum.reshape(1), states=v_states.reshape(1))
-            stats.add(values, rewards, mask)
+            stats.add(values, rewards, mask, segments)
         total = loss.reduce()
         value = float(total["sum"][0] / total["states"][0].clamp(min=1))
         return {**stats.reduce(prefix=PREFIX), f"{PREFIX}value_loss": value}

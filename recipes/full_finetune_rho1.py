@@ -158,6 +158,7 @@ class Rho1Recipe:
             n_future=self.n_future,
             micro_batch_size=cfg.training.micro_batch_size,
             max_steps=cfg.training.max_steps,
+            layout=self.loader.layout,
         )
         self.best = BestExport(cfg.checkpoint.keep_best, self.out)
 
@@ -227,12 +228,12 @@ class Rho1Recipe:
         head_loss = torch.zeros(n, dtype=accumulation_dtype(device), device=device)
         head_excess = torch.zeros_like(head_loss)
         for mb in micro_batches:
-            tok, targets = mb["tokens"], mb["targets"]
+            tok, targets, segments = mb["tokens"], mb["targets"], mb.get("segments")
             valid = targets != IGNORE_INDEX
-            ref_ce = self.reference.token_ce(tok)
+            ref_ce = self.reference.token_ce(tok, segments=segments)
             with self.autocast:
                 # CE first (reduction "none"): the selection depends on it; the backward recomputes the logits.
-                ce = self.model(tok, targets=targets).ce
+                ce = self.model(tok, targets=targets, segments=segments).ce
             excess = rho1_excess(ce.detach(), ref_ce, valid)
             select = rho1_select(
                 excess.reshape(-1, n), valid.reshape(-1, n), ratio=rho.ratio, select_head0=rho.select_head0
@@ -266,9 +267,9 @@ class Rho1Recipe:
         for mb in self.validation.batches():
             targets = mb["targets"]
             valid = targets != IGNORE_INDEX
-            ref_ce = self.reference.token_ce(mb["tokens"])
+            ref_ce = self.reference.token_ce(mb["tokens"], segments=mb.get("segments"))
             with self.autocast:
-                ce = self.model(mb["tokens"], targets=targets).ce
+                ce = self.model(mb["tokens"], targets=targets, segments=mb.get("segments")).ce
             excess = rho1_excess(ce, ref_ce, valid)
             select = rho1_select(
                 excess.reshape(-1, n), valid.reshape(-1, n), ratio=rho.ratio, select_head0=rho.select_head0

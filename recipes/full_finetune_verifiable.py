@@ -162,6 +162,7 @@ class VerifiableRecipe:
             n_future=self.n_future,
             micro_batch_size=cfg.training.micro_batch_size,
             max_steps=cfg.training.max_steps,
+            layout=self.loader.layout,
         )
         self.best = BestExport(cfg.checkpoint.keep_best, self.out)
 
@@ -229,13 +230,15 @@ class VerifiableRecipe:
         acc = accumulation_dtype(device)
         # Denominators before any backward: valid pairs per head and value states, global batch.
         local_counts, counts = global_valid_pair_counts([mb["targets"] for mb in micro_batches])
-        n_states = all_reduce_sum(sum(response_states(mb["mask"]).sum() for mb in micro_batches).to(acc))
+        n_states = all_reduce_sum(
+            sum(response_states(mb["mask"], segments=mb.get("segments")).sum() for mb in micro_batches).to(acc)
+        )
         # per head: weighted loss, unweighted CE, weight; then the value loss
         head_sums = torch.zeros(3, n, dtype=acc, device=device)
         value_sum = torch.zeros((), dtype=acc, device=device)
         stats = empty_td_stats(device)
         for mb in micro_batches:
-            targets, mask = mb["targets"], mb["mask"]
+            targets, mask, segments = mb["targets"], mb["mask"], mb.get("segments")
             rewards = mb["is_correct"].float()
             mean_w = head_mean_weights(targets, counts)  # valid / (n N_k)
             step_td = {}
@@ -253,17 +256,27 @@ class VerifiableRecipe:
                     gamma=td.gamma,
                     lam=td.lam,
                     normalizer=self.normalizer if td.normalize else None,
+                    segments=segments,
                 )
-                step_td["head_w"] = td_head_weights(step_td["td"].weights, n)  # w_{t+1+k}
+                step_td["head_w"] = td_head_weights(step_td["td"].weights, n, segments=segments)  # w_{t+1+k}
                 return step_td["head_w"] * mean_w
 
             with self.autocast:
                 out = self.model(
-                    mb["tokens"], targets=targets, with_values=True, pair_weights=pair_weights, reduction="sum"
+                    mb["tokens"],
+                    targets=targets,
+                    with_values=True,
+                    pair_weights=pair_weights,
+                    reduction="sum",
+                    segments=segments,
                 )
-            v_targets = critic_targets(out.values.detach(), rewards, mask, lam=value_lam)
+            v_targets = critic_targets(out.values.detach(), rewards, mask, lam=value_lam, segments=segments)
             v_sum, _ = value_loss(
-                out.values, v_targets, response_states(mask), kind=crit.loss, huber_delta=crit.huber_delta
+                out.values,
+                v_targets,
+                response_states(mask, segments=segments),
+                kind=crit.loss,
+                huber_delta=crit.huber_delta,
             )
             v_loss = v_sum / n_states.clamp(min=1)
             loss = out.loss + td.value_coef * v_loss
@@ -313,9 +326,9 @@ class VerifiableRecipe:
         sums = HeadSums(("weighted", "ce", "weight", "pairs"), n, self.dist.device)
         value = HeadSums(("sum", "states"), 1, self.dist.device)
         for mb in self.validation.batches():
-            rewards, mask = mb["is_correct"].float(), mb["mask"]
+            rewards, mask, segments = mb["is_correct"].float(), mb["mask"], mb.get("segments")
             with self.autocast:
-                out = self.model(mb["tokens"], targets=mb["targets"], with_values=True)
+                out = self.model(mb["tokens"], targets=mb["targets"], with_values=True, segments=segments)
             weights = td_weights_with_stats(
                 out.values,
                 rewards,
@@ -326,12 +339,18 @@ class VerifiableRecipe:
                 gamma=td.gamma,
                 lam=td.lam,
                 normalizer=self.normalizer if td.normalize else None,
+                segments=segments,
             ).weights
-            head_w = td_head_weights(weights, n) * valid_pairs(mb["targets"])
+            head_w = td_head_weights(weights, n, segments=segments) * valid_pairs(mb["targets"])
             sums.add(weighted=out.ce * head_w, ce=out.ce, weight=head_w, pairs=valid_pairs(mb["targets"]))
-            v_targets = critic_targets(out.values, rewards, mask, lam=1.0 if crit.target == "mc" else crit.lam)
+            lam = 1.0 if crit.target == "mc" else crit.lam
+            v_targets = critic_targets(out.values, rewards, mask, lam=lam, segments=segments)
             v_sum, v_states = value_loss(
-                out.values, v_targets, response_states(mask), kind=crit.loss, huber_delta=crit.huber_delta
+                out.values,
+                v_targets,
+                response_states(mask, segments=segments),
+                kind=crit.loss,
+                huber_delta=crit.huber_delta,
             )
             value.add(sum=v_sum.reshape(1), states=v_states.reshape(1))
         s, v = sums.reduce(), value.reduce()

@@ -67,6 +67,7 @@ RANGES = [
     ("model.max_seq_len", "1", "2", "must be >= 2, got 1"),
     ("model.n_future_tokens", "-1", "0", "must be >= 0, got -1"),
     ("data.seed", "-1", "0", "must be >= 0, got -1"),
+    ("data.micro_batch_tokens", "-1", "0", "must be >= 0, got -1"),
     ("training.micro_batch_size", "0", "1", "must be >= 1, got 0"),
     ("training.grad_accum_steps", "0", "1", "must be >= 1, got 0"),
     ("training.max_steps", "0", "1", "must be >= 1, got 0"),

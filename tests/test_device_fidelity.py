@@ -44,7 +44,8 @@ def test_the_float64_guard_fails_where_float64_appears(monkeypatch):
 @pytest.mark.parametrize("name", ["baseline", "critic", "verifiable", "rho1"])
 def test_no_recipe_makes_a_float64_tensor_where_the_device_has_none(tiny, tmp_path, monkeypatch, name):
     """As MPS would see it: the CPU is declared a device without float64, and a whole run (setup,
-    steps with TD statistics and Rho-1 counts, held-out evaluation, export) must not make one."""
+    steps with TD statistics and Rho-1 counts, held-out evaluation, export) must not make one; rows
+    packed (per-row weighting of packed sequences)."""
     monkeypatch.setattr(backend, "NO_FLOAT64_DEVICE_TYPES", {"mps", "cpu"})
     extra = {
         "baseline": {},
@@ -60,6 +61,8 @@ def test_no_recipe_makes_a_float64_tensor_where_the_device_has_none(tiny, tmp_pa
             "training.max_steps": 2,
             "validation.path": tiny / "data" / "valid.jsonl",
             "validation.max_rows": 8,
+            "data.packing": "true",
+            "model.max_seq_len": 256,
             **extra,
         },
     )

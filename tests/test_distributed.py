@@ -62,11 +62,15 @@ def test_every_recipe_step_is_nccl_safe_and_loads_once_bit_for_bit(tiny, tmp_pat
     """Each recipe's steps under the device guard (no host tensor reaches a collective, rank 1 reads
     no checkpoint); the sharded parameters after setup equal a single-process load bit for bit."""
     # Every recipe validates too (held-out sums all-reduced); the critic every 2 steps over every row.
+    # Rows are packed (two tiny rows per sequence of 256): segments, per-row weighting, ranks holding
+    # different numbers of rows; tests/test_packing.py runs grouped and padded steps under the guard.
     common = {
         "training.max_steps": 3,
         "training.micro_batch_size": 2,
         "validation.path": tiny / "data" / "valid.jsonl",
         "validation.max_rows": 8,
+        "data.packing": "true",
+        "model.max_seq_len": 256,
     }
     extra = {
         "baseline": {},

@@ -68,11 +68,19 @@ def runs(tiny, tmp_path_factory) -> Path:
             {
                 "recipe": "full_finetune_verifiable",
                 "argv": training_argv(
-                    tiny, hf, root, "verifiable", **{"critic.value_head": root / "critic/final/value_head.safetensors"}
+                    tiny,
+                    hf,
+                    root,
+                    "verifiable",
+                    **{"critic.value_head": root / "critic/final/value_head.safetensors", "data.packing": "true"},
                 ),
                 "check_load": True,
             },
-            {"recipe": "full_finetune_rho1", "argv": training_argv(tiny, hf, root, "rho1", **{"reference.path": hf})},
+            {
+                # packed rows: the Hugging Face reference sees them through position ids
+                "recipe": "full_finetune_rho1",
+                "argv": training_argv(tiny, hf, root, "rho1", **{"reference.path": hf, "data.packing": "true"}),
+            },
             *(
                 {"recipe": "evaluate", "argv": evaluate_argv(tiny, root / name, root / "baseline", *greedy, *extra)}
                 for name, extra in (("greedy", ["--eval.speculative", "false"]), ("speculative", []))

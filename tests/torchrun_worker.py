@@ -3,7 +3,9 @@
     torchrun ... tests/torchrun_worker.py SPEC.json
 
 SPEC: {"guard": bool, "out": folder, "runs": [{"recipe": "full_finetune_baseline", "argv": [...],
-"check_load": bool}, ...], "probe_checkpoint": folder or absent}. With "guard", `tests/device_guard.py`
+"check_load": bool}, ...], "probe_checkpoint": folder or absent, "arrangements": [{"recipe":
+"baseline", "argv": [...]}, ...] or absent}. "arrangements": `tests/arrangements.py`'s one step in
+every arrangement, per recipe; rank 0 saves them to OUT/arrangements.pt. With "guard", `tests/device_guard.py`
 marks host tensors and refuses them in collectives, and ranks > 0 may not read checkpoints. Runs
 go one after the other in this process and share its process group (the first joins it; it is
 destroyed once, at the end). "check_load"
@@ -104,6 +106,12 @@ def main() -> None:
             device_guard.refuse_checkpoint_reads()
     probes = probe(spec["probe_checkpoint"]) if spec.get("probe_checkpoint") else {}
     results = [run(r, rank) for r in spec.get("runs", [])]
+    if spec.get("arrangements"):
+        from tests.arrangements import step_results
+
+        steps = {r["recipe"]: step_results(r["recipe"], r["argv"]) for r in spec["arrangements"]}
+        if rank == 0:
+            torch.save(steps, Path(spec["out"], "arrangements.pt"))
     Path(spec["out"], f"rank{rank}.json").write_text(json.dumps({"runs": results, "probes": probes}))
     destroy()
 

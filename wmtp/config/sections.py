@@ -112,9 +112,27 @@ class DataConfig:
     """Curriculum: rows [progress, w_bin0, w_bin1, ...]; weights are interpolated linearly in progress.
     At least one row; each has one weight per bin; progress strictly increasing within [0, 1];
     weights finite, >= 0, not all 0 in a row (checked when sampler = "curriculum")."""
+    group_by_length: bool = True
+    """Arrange each step's rows (the ones the sampler chose: same loss and gradients) into
+    micro-batches by length, so a micro-batch pads its rows to similar lengths. false: the sampler's
+    order. Rho-1 selects per micro-batch, so grouping changes which rows' pairs compete (README)."""
+    packing: bool = False
+    """Pack each step's rows end to end into sequences of model.max_seq_len (first-fit decreasing):
+    positions restart at each row, attention stays within it, head k never predicts the next
+    row's tokens. Micro-batches then hold training.micro_batch_size sequences (or
+    micro_batch_tokens' worth)."""
+    micro_batch_tokens: int = 0
+    """Token budget of a micro-batch, padding included (>= 0; 0: a fixed count of
+    training.micro_batch_size rows, or sequences when packing). A micro-batch holds as many rows
+    (sequences when packing) as fit, at least one; every rank runs the same number of
+    micro-batches, which then follows from the rows (grad_accum_steps only sizes the global
+    batch). Needs group_by_length or packing."""
 
     def __post_init__(self) -> None:
         _at_least(self, "seed", 0)
+        _at_least(self, "micro_batch_tokens", 0)
+        if self.micro_batch_tokens and not (self.group_by_length or self.packing):
+            raise FieldRangeError("micro_batch_tokens", "needs group_by_length = true or packing = true")
         if self.sampler != "curriculum":
             return
         edges = list(self.curriculum_bin_edges)

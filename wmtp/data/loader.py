@@ -1,8 +1,10 @@
-"""One optimizer step's micro-batches for this rank: sample globally, read, tokenise, collate.
+"""One optimizer step's micro-batches for this rank: sample globally, arrange, read, tokenise, collate.
 
-Every rank draws the same global batch of row ids from the sampler and keeps its own contiguous
-slice, so the global batch (and the loss) does not depend on the world size or on gradient
-accumulation; the sampler's state after a step is the whole data state of a checkpoint.
+Every rank draws the same global batch of row ids from the sampler and takes its own micro-batches
+of it (`wmtp.data.packing`: in the sampler's order, grouped by length or packed, the same plan on
+every rank), so the global batch (and the loss) does not depend on the world size, on gradient
+accumulation or on the arrangement; the sampler's state after a step is the whole data state of a
+checkpoint.
 Micro-batches come out on the training device: everything a recipe computes from them (counts
 that are all-reduced included) lives there too, as NCCL needs.
 """
@@ -16,15 +18,14 @@ import numpy as np
 import torch
 
 from wmtp.config.sections import DataConfig
-from wmtp.constants import IGNORE_INDEX
-from wmtp.data.collate import collate, encode_rows, mtp_targets
+from wmtp.data.collate import collate_plan, encode_rows
 from wmtp.data.index import RowIndex, load_or_build_index
+from wmtp.data.packing import SAMPLER_ORDER, BatchLayout, Plan, plan_step
 from wmtp.data.samplers import (
     BalancedSampler,
     CorrectOnlySampler,
     CurriculumSampler,
     fits_max_seq_len,
-    split_global_batch,
 )
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import barrier
@@ -60,15 +61,46 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in batch.items()}
 
 
-def read_batch(
-    index: RowIndex, ids, tokenizer: SentencePieceTokenizer, n_future: int, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Rows `ids` of `index`, tokenised and collated, with MTP targets and the is_correct labels, on `device`."""
-    rows = index.read_rows(ids)
-    batch = collate(encode_rows(tokenizer, rows), pad_id=tokenizer.pad_id)
-    batch["targets"] = mtp_targets(batch["labels"], n_future)
-    batch["is_correct"] = torch.tensor([bool(r["is_correct"]) for r in rows])
-    return to_device(batch, device)
+def read_planned(
+    index: RowIndex,
+    ids: np.ndarray,
+    plan: list[list[tuple[int, ...]]],
+    tokenizer: SentencePieceTokenizer,
+    *,
+    n_future: int,
+    device: torch.device,
+    packed: bool,
+    seq_len: int,
+    keep: np.ndarray | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """One rank's micro-batches of a step: plan[m] lists the sequences of micro-batch m as positions
+    in `ids` (see `wmtp.data.packing`). Only these rows are read, in one batch.
+
+    packed: each sequence becomes one row of seq_len tokens (`collate_packed`, with "segments");
+    otherwise every row is its own padded row, in the plan's order. Per-row fields (is_correct,
+    lengths, keep) follow that row order. keep[i] = False (validation's fill-up rows) empties row
+    i's response mask, so that it has no target and counts nowhere.
+    """
+    positions = sorted({i for micro in plan for seq in micro for i in seq})
+    rows = dict(zip(positions, index.read_rows(ids[positions])))
+    examples = dict(zip(positions, encode_rows(tokenizer, [rows[i] for i in positions])))
+    for i in positions:
+        tokens, mask = examples[i]
+        stored = int(index.rows["token_length"][ids[i]])
+        if len(tokens) != stored:
+            raise ValueError(
+                f"{index.path}: row {int(ids[i])} has {len(tokens)} tokens but its index says {stored}: "
+                "the index is stale (delete it to rebuild)"
+            )
+        if keep is not None and not keep[i]:
+            examples[i] = (tokens, [0] * len(mask))
+    batches = collate_plan(examples, plan, pad_id=tokenizer.pad_id, n_future=n_future, packed=packed, seq_len=seq_len)
+    for batch, micro in zip(batches, plan):
+        order = [i for seq in micro for i in seq]
+        batch["is_correct"] = torch.tensor([bool(rows[i]["is_correct"]) for i in order])
+        if keep is not None:
+            batch["keep"] = torch.from_numpy(keep[order])
+    return [to_device(batch, device) for batch in batches]
 
 
 def eval_micro_batches(
@@ -82,9 +114,11 @@ def eval_micro_batches(
     world_size: int,
     device: torch.device,
     max_rows: int = 0,
+    layout: BatchLayout = SAMPLER_ORDER,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Every row of `index` that fits `max_seq_len` (the first `max_rows` of them, if set), once
-    across all ranks, in file order.
+    across all ranks, in file order, micro_batch_size x world_size rows at a time, arranged by
+    `layout` as training arranges a step (grad_accum 1: in the sampler's order, one micro-batch per rank).
 
     Each rank yields the same number of micro-batches (sharded models run collectives in every
     forward): the last global batch is filled up with repeats of the first row, marked
@@ -101,12 +135,26 @@ def eval_micro_batches(
     padded = np.concatenate([ids, np.full(n_fill, ids[0])])
     keep = np.arange(padded.size) < ids.size
     for start in range(0, padded.size, per_step):
-        mine = slice(start + rank * micro_batch_size, start + (rank + 1) * micro_batch_size)
-        batch = read_batch(index, padded[mine], tokenizer, n_future, device)
-        batch["keep"] = torch.from_numpy(keep[mine]).to(device)
-        batch["mask"] &= batch["keep"][:, None]
-        batch["targets"][~batch["keep"]] = IGNORE_INDEX
-        yield batch
+        step_ids = padded[start : start + per_step]
+        plan = plan_step(
+            index.rows["token_length"][step_ids],
+            layout,
+            world_size=world_size,
+            micro_batch_size=micro_batch_size,
+            grad_accum=1,
+            seq_len=max_seq_len,
+        )
+        yield from read_planned(
+            index,
+            step_ids,
+            plan[rank],
+            tokenizer,
+            n_future=n_future,
+            device=device,
+            packed=layout.packing,
+            seq_len=max_seq_len,
+            keep=keep[start : start + per_step],
+        )
 
 
 class GlobalBatchLoader:
@@ -130,24 +178,45 @@ class GlobalBatchLoader:
         self.micro_batch_size, self.grad_accum_steps = micro_batch_size, grad_accum_steps
         self.rank, self.world_size = rank, world_size
         self.global_batch = micro_batch_size * grad_accum_steps * world_size
+        self.max_seq_len = max_seq_len
+        self.layout = BatchLayout.from_config(cfg)
         self.index = load_index(cfg.train_path, tokenizer, rank=rank)
         self.sampler = build_sampler(
             cfg, self.index, max_seq_len=max_seq_len, total_samples=total_steps * self.global_batch
         )
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
-        ids = self.sampler.next_ids(self.global_batch)
-        micro = split_global_batch(
-            ids,
-            rank=self.rank,
+        """This rank's micro-batches of the next step (the sampler's next global batch, arranged)."""
+        return self.micro_batches(self.sampler.next_ids(self.global_batch))
+
+    def plan(self, ids: np.ndarray, layout: BatchLayout | None = None) -> Plan:
+        """Every rank's micro-batches of the step whose rows are `ids` (see `wmtp.data.packing`)."""
+        return plan_step(
+            self.index.rows["token_length"][ids],
+            self.layout if layout is None else layout,
             world_size=self.world_size,
             micro_batch_size=self.micro_batch_size,
             grad_accum=self.grad_accum_steps,
+            seq_len=self.max_seq_len,
         )
-        return [self._batch(m) for m in micro]
 
-    def _batch(self, ids) -> dict[str, torch.Tensor]:
-        return read_batch(self.index, ids, self.tokenizer, self.n_future, self.device)
+    def micro_batches(
+        self, ids: np.ndarray, layout: BatchLayout | None = None, *, packed: bool | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the step whose rows are `ids`, arranged by `layout` (default:
+        the configured one). packed=False reads a packed plan's micro-batches as padded rows (the
+        same rows per micro-batch, each its own row): what packing is checked against."""
+        layout = self.layout if layout is None else layout
+        return read_planned(
+            self.index,
+            ids,
+            self.plan(ids, layout)[self.rank],
+            self.tokenizer,
+            n_future=self.n_future,
+            device=self.device,
+            packed=layout.packing if packed is None else packed,
+            seq_len=self.max_seq_len,
+        )
 
     def counts(self) -> dict[str, int]:
         """Rows in the file's index, rows skipped by reason, rows excluded as too long."""
@@ -161,7 +230,8 @@ class GlobalBatchLoader:
         return (
             f"{c['rows']} rows indexed, {skipped} bad rows skipped "
             f"({', '.join(f'{k[8:]}: {v}' for k, v in c.items() if k.startswith('skipped_')) or 'none'}), "
-            f"{c['too_long']} over max_seq_len excluded; global batch {self.global_batch}"
+            f"{c['too_long']} over max_seq_len excluded; global batch {self.global_batch} rows, "
+            f"micro-batches {self.layout.name}"
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -103,12 +103,20 @@ def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate every rank's tensor along dim 0 (all ranks pass the same shape)."""
+    """Concatenate every rank's tensor along dim 0, in rank order. The sizes of dim 0 may differ
+    (ranks hold different numbers of rows when micro-batches are grouped by length or packed); the
+    other dims must match."""
     if not _active():
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return torch.cat(parts)
+    sizes = torch.tensor([tensor.shape[0]], device=tensor.device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(dist.get_world_size())]
+    dist.all_gather(all_sizes, sizes)
+    counts = [int(n) for n in torch.cat(all_sizes).tolist()]
+    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor
+    parts = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
 
 
 def barrier() -> None:

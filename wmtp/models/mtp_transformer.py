@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from wmtp.constants import IGNORE_INDEX
 from wmtp.losses.mtp_ce import mtp_cross_entropy_with_ce
@@ -94,6 +95,106 @@ def apply_rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return apply_rope(x.flatten(0, 1)[None], cos.flatten(0, 1), sin.flatten(0, 1)).view_as(x)
 
 
+def segment_positions(segments: torch.Tensor) -> torch.Tensor:
+    """Position of every token within its segment [B, T]: 0 at each segment's first token.
+
+    segments [B, T]: the row each token of a packed sequence belongs to (a run of equal ids is one
+    row; negative ids are padding, which counts from 0 too).
+    """
+    t = torch.arange(segments.shape[1], device=segments.device)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    return t - torch.where(starts, t, 0).cummax(dim=1).values
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSpans:
+    """Where the rows of a packed micro-batch lie: (sequence, start, end) of every non-padding
+    segment, for attention computed row by row (`attend_rows`)."""
+
+    spans: tuple[tuple[int, int, int], ...]
+
+    @classmethod
+    def of(cls, segments: torch.Tensor) -> RowSpans:
+        seg = segments.cpu()
+        starts = torch.ones_like(seg, dtype=torch.bool)
+        starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        spans = []
+        for b in range(seg.shape[0]):
+            bounds = [*torch.nonzero(starts[b]).flatten().tolist(), seg.shape[1]]
+            spans += [(b, s, e) for s, e in zip(bounds, bounds[1:]) if seg[b, s] >= 0]
+        return cls(tuple(spans))
+
+
+def attend_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: RowSpans, *, enable_gqa: bool) -> torch.Tensor:
+    """Block-diagonal causal attention as causal SDPA on each row's span (q, k, v [B, H, T, hd]).
+
+    The FLOPs of the rows themselves: an explicit [T, T] mask would compute every masked-out block
+    too. Padding positions get 0. Each sequence is split into its spans (one backward
+    concatenation, where slicing would write a full-size gradient per row), and each row goes in
+    as [1, H, L, hd] (4-D inputs take the CPU's flash kernel, 3-D ones do not).
+    """
+    seq_len = q.shape[2]
+    spans: list[list[tuple[int, int]]] = [[] for _ in range(q.shape[0])]
+    for b, start, end in rows.spans:
+        spans[b].append((start, end))
+    out = []
+    for qb, kb, vb, row_spans in zip(q.unbind(0), k.unbind(0), v.unbind(0), spans):
+        sizes, is_row, pos = [], [], 0
+        for start, end in row_spans:
+            if start > pos:
+                sizes.append(start - pos)
+                is_row.append(False)
+            sizes.append(end - start)
+            is_row.append(True)
+            pos = end
+        if pos < seq_len:
+            sizes.append(seq_len - pos)
+            is_row.append(False)
+        pieces = [
+            F.scaled_dot_product_attention(qi[None], ki[None], vi[None], is_causal=True, enable_gqa=enable_gqa)
+            if row
+            else qi.new_zeros(1, *qi.shape)
+            for qi, ki, vi, row in zip(qb.split(sizes, 1), kb.split(sizes, 1), vb.split(sizes, 1), is_row)
+        ]
+        out.append(torch.cat(pieces, dim=2))
+    return torch.cat(out)
+
+
+_eager_attend_rows = None
+
+
+def eager_attend_rows():
+    """`attend_rows` kept out of torch.compile's graphs (compiled blocks break around it rather than
+    recompile for every layout of rows); made on first use, as importing the compiler takes seconds."""
+    global _eager_attend_rows
+    if _eager_attend_rows is None:
+        _eager_attend_rows = torch.compiler.disable(attend_rows)
+    return _eager_attend_rows
+
+
+_compiled_flex_attention = None
+
+
+def flex_document_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: BlockMask, *, enable_gqa: bool
+) -> torch.Tensor:
+    """FlexAttention with a document BlockMask: compiled on GPUs (uncompiled it materialises every
+    score), eager elsewhere (the tests run it on the CPU)."""
+    global _compiled_flex_attention
+    if q.device.type != "cuda":
+        return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+    if _compiled_flex_attention is None:
+        _compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+    return _compiled_flex_attention(q, k, v, block_mask=block_mask, enable_gqa=enable_gqa)
+
+
+AttentionMask = torch.Tensor | BlockMask | RowSpans
+"""What the blocks attend with besides plain causal attention: a boolean mask for SDPA (cached
+decoding; packed rows with packed_attention = "mask"), a FlexAttention BlockMask or the rows'
+spans (packed rows)."""
+
+
 @dataclasses.dataclass
 class KVCache:
     """Keys/values of one block for incremental decoding: [B, n_kv_heads, max_len, head_dim].
@@ -145,21 +246,26 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None = None,
         start_pos: int | torch.Tensor = 0,
-        mask: torch.Tensor | None = None,
+        mask: AttentionMask | None = None,
     ) -> torch.Tensor:
-        """start_pos/mask come from `MTPTransformer._cache_step` (cached inference); without a mask
-        attention is causal over this call's tokens (the training forward, or a cache filled from 0)."""
+        """start_pos/mask come from `MTPTransformer._cache_step` (cached inference) or, for packed
+        rows, `MTPTransformer.document_mask`; without a mask attention is causal over this call's
+        tokens (the training forward, or a cache filled from 0)."""
         bsz, seqlen, _ = x.shape
         rope = apply_rope if cos.dim() == 2 else apply_rope_rows
         q = rope(self.wq(x).view(bsz, seqlen, self.n_heads, self.head_dim), cos, sin)
         k = rope(self.wk(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(bsz, seqlen, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        gqa = self.n_kv_heads != self.n_heads
         if cache is not None:
             k, v = cache.update(start_pos, k, v, end=seqlen if mask is None else mask.shape[-1])
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        if isinstance(mask, BlockMask):
+            out = flex_document_attention(q, k, v, mask, enable_gqa=gqa)
+        elif isinstance(mask, RowSpans):
+            out = eager_attend_rows()(q, k, v, mask, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
 
 
@@ -189,7 +295,7 @@ class TransformerBlock(nn.Module):
         sin: torch.Tensor,
         cache: KVCache | None = None,
         start_pos: int | torch.Tensor = 0,
-        mask: torch.Tensor | None = None,
+        mask: AttentionMask | None = None,
     ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos, mask)
         return h + self.feed_forward(self.ffn_norm(h))
@@ -218,8 +324,18 @@ without with_values) returning them: weights that depend on the values (the veri
 weights) are then known before the heads' loss, which can compute its gradients in the forward."""
 
 
+PACKED_ATTENTION = ("auto", "flex", "rows", "mask")
+"""How packed rows attend only within themselves: "flex" (FlexAttention's document BlockMask,
+compiled: only the blocks on the diagonal are computed), "rows" (causal SDPA on each row's span),
+"mask" (SDPA with an explicit boolean [T, T] block-diagonal causal mask: every block computed);
+"auto": flex on CUDA, rows elsewhere."""
+
+
 class MTPTransformer(nn.Module):
     """Trunk = layers[:-1]; head 0 = layers[-1]; head j > 0 = extra_heads[j-1]."""
+
+    packed_attention: str = "auto"
+    """One of PACKED_ATTENTION; set on an instance to choose."""
 
     def __init__(self, args: ModelArgs, *, value_head: bool = False) -> None:
         super().__init__()
@@ -267,21 +383,55 @@ class MTPTransformer(nn.Module):
     def heads(self) -> list[TransformerBlock]:
         return [self.layers[-1], *self.extra_heads]
 
+    def document_mask(self, segments: torch.Tensor) -> AttentionMask:
+        """What every block of a forward over packed rows attends with (see PACKED_ATTENTION)."""
+        kind = self.packed_attention
+        if kind not in PACKED_ATTENTION:
+            raise ValueError(f"packed_attention must be one of {PACKED_ATTENTION}, got {kind!r}")
+        if kind == "auto":
+            kind = "flex" if segments.device.type == "cuda" else "rows"
+        if kind == "rows":
+            eager_attend_rows()  # made here, outside any compiled block
+            return RowSpans.of(segments)
+        batch, seqlen = segments.shape
+        if kind == "flex":
+
+            def same_row_causal(b, h, q, kv):
+                return (segments[b, q] == segments[b, kv]) & (q >= kv)
+
+            return create_block_mask(same_row_causal, batch, None, seqlen, seqlen, device=segments.device)
+        causal = torch.ones(seqlen, seqlen, dtype=torch.bool, device=segments.device).tril()
+        return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+
     def _run(
-        self, tokens: torch.Tensor, *, n_heads: int, start_pos: int | torch.Tensor | None
+        self,
+        tokens: torch.Tensor,
+        *,
+        n_heads: int,
+        start_pos: int | torch.Tensor | None,
+        segments: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Trunk output and the un-normed outputs of the first `n_heads` heads.
 
-        start_pos None: the training forward (causal, no cache). Otherwise the tokens continue the
-        cached sequences, see `logits`.
+        start_pos None: the training forward (causal, no cache); with segments [B, T] (packed rows,
+        see `forward`) positions restart at each row and attention stays within it. Otherwise the
+        tokens continue the cached sequences, see `logits`.
         """
         if start_pos is None:
             seqlen = tokens.shape[1]
             cos, sin = self.rope_tables(tokens.device)
             if seqlen > cos.shape[0]:
                 raise ValueError(f"sequence of {seqlen} tokens exceeds the RoPE table ({cos.shape[0]})")
-            caches, cos, sin, pos, mask = None, cos[:seqlen], sin[:seqlen], 0, None
+            if segments is None:
+                caches, cos, sin, pos, mask = None, cos[:seqlen], sin[:seqlen], 0, None
+            else:
+                if segments.shape != tokens.shape:
+                    raise ValueError(f"segments {tuple(segments.shape)} must match tokens {tuple(tokens.shape)}")
+                positions = segment_positions(segments)
+                caches, cos, sin, pos, mask = None, cos[positions], sin[positions], 0, self.document_mask(segments)
         else:
+            if segments is not None:
+                raise ValueError("segments (packed rows) are for the training forward, not cached decoding")
             caches = self._caches
             if caches is None:
                 raise RuntimeError("start_pos given but no KV cache: call setup_kv_cache first")
@@ -338,6 +488,7 @@ class MTPTransformer(nn.Module):
         reduction: Literal["none", "sum"] = "none",
         with_values: bool = False,
         with_heads: bool = True,
+        segments: torch.Tensor | None = None,
     ) -> MTPOutput:
         """Training forward.
 
@@ -348,8 +499,12 @@ class MTPTransformer(nn.Module):
         "sum" returns their sum as `loss` with the gradients computed in the forward (one
         vocabulary matmul fewer) and the unweighted CE for logging.
         with_heads=False runs the trunk only (critic training needs just the values).
+        segments [B, T] (packed rows, `wmtp.data.collate.collate_packed`): the row each token belongs
+        to (negative: padding); each row gets positions from 0 and attends only within itself, so
+        every output equals the row's own unpacked forward (targets must not cross rows either:
+        `mtp_targets` with the segments).
         """
-        h_trunk, outs = self._run(tokens, n_heads=self.n_future if with_heads else 0, start_pos=None)
+        h_trunk, outs = self._run(tokens, n_heads=self.n_future if with_heads else 0, start_pos=None, segments=segments)
         hidden = self.norm(torch.stack(outs, dim=2)) if outs else None
         values = self.values(h_trunk) if with_values else None
         ce = loss = None
@@ -377,6 +532,7 @@ class MTPTransformer(nn.Module):
         start_pos: int | torch.Tensor | None = None,
         n_heads: int | None = None,
         token_index: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[B, T, n_heads, V] fp32 logits of every head (inference helper; materialises logits).
 
@@ -384,9 +540,10 @@ class MTPTransformer(nn.Module):
         (every row's tokens start at that position) or a tensor [B] of each row's start (ragged
         rows; pass it on the CPU to spare a device synchronisation). token_index [B, K] keeps only
         those tokens of each row before the output projection (e.g. each prompt's last token):
-        [B, K, n_heads, V].
+        [B, K, n_heads, V]. segments: packed rows, as in `forward` (no cache).
         """
-        _, outs = self._run(tokens, n_heads=self.n_future if n_heads is None else n_heads, start_pos=start_pos)
+        n_heads = self.n_future if n_heads is None else n_heads
+        _, outs = self._run(tokens, n_heads=n_heads, start_pos=start_pos, segments=segments)
         hidden = torch.stack(outs, dim=2)
         if token_index is not None:
             hidden = hidden.gather(1, token_index.to(hidden.device)[:, :, None, None].expand(-1, -1, *hidden.shape[2:]))

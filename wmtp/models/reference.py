@@ -19,7 +19,9 @@ from wmtp.data.tokenizer import Tokenizer, find_tokenizer, load_tokenizer, token
 from wmtp.layout import PARAMS_FILENAME
 from wmtp.models.checkpoint import build_mtp, read_checkpoint
 from wmtp.models.hf import NewHeads, is_hf_folder
+from wmtp.models.mtp_transformer import segment_positions
 from wmtp.weighting.rho1 import reference_token_ce
+from wmtp.weighting.segments import segment_starts
 
 Shard = Callable[[nn.Module, list[nn.Module], tuple[str, ...]], None]
 """shard(model, blocks, methods): parallelise a meta-device model whose repeated blocks are
@@ -112,10 +114,37 @@ class ReferenceModel:
         self.model = model.eval()
 
     @torch.no_grad()
-    def token_ce(self, tokens: torch.Tensor) -> torch.Tensor:
-        """r [B, T]: r_j = CE of x_j given x_<j (r_0 = 0), fp32."""
+    def token_ce(self, tokens: torch.Tensor, *, segments: torch.Tensor | None = None) -> torch.Tensor:
+        """r [B, T]: r_j = CE of x_j given x_<j (r_0 = 0), fp32.
+
+        segments [B, T] (packed rows, see `MTPTransformer.forward`): each row is scored on its own,
+        as its own unpacked forward scores it: the MTP reference with the document mask, a Hugging
+        Face one with position ids that restart at each row (transformers then masks attention to
+        each row), and r = 0 at every row's first token and at padding.
+        """
+        if segments is None:
+            if self.kind == "mtp":
+                logits = self.model.logits(tokens, n_heads=1)[:, :, 0]
+            else:
+                logits = self.model(input_ids=tokens, use_cache=False).logits
+            return reference_token_ce(logits, tokens)
         if self.kind == "mtp":
-            logits = self.model.logits(tokens, n_heads=1)[:, :, 0]
+            logits = self.model.logits(tokens, n_heads=1, segments=segments)[:, :, 0]
         else:
-            logits = self.model(input_ids=tokens).logits
-        return reference_token_ce(logits, tokens)
+            check_packed_rows_supported()
+            logits = self.model(input_ids=tokens, position_ids=segment_positions(segments), use_cache=False).logits
+        return reference_token_ce(logits, tokens).masked_fill(segment_starts(segments) | (segments < 0), 0.0)
+
+
+def check_packed_rows_supported() -> None:
+    """Packed rows reach a Hugging Face model as position ids that restart at each row; transformers
+    turns them into a block-diagonal mask since version 4.56 (masking_utils)."""
+    try:
+        from transformers.masking_utils import find_packed_sequence_indices  # noqa: F401
+    except ImportError:
+        import transformers
+
+        raise RuntimeError(
+            f"data.packing with a Hugging Face reference needs a transformers that masks packed rows "
+            f"(>= 4.56); this one is {transformers.__version__}: upgrade it or set data.packing = false"
+        ) from None

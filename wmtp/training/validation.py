@@ -21,6 +21,7 @@ from wmtp.config.sections import ValidationConfig
 from wmtp.constants import IGNORE_INDEX
 from wmtp.data.index import RowIndex
 from wmtp.data.loader import eval_micro_batches, load_index
+from wmtp.data.packing import SAMPLER_ORDER, BatchLayout
 from wmtp.data.samplers import fits_max_seq_len
 from wmtp.data.tokenizer import SentencePieceTokenizer
 from wmtp.distributed.env import DistInfo, all_reduce_sum
@@ -47,8 +48,11 @@ class Validation:
         n_future: int,
         micro_batch_size: int,
         max_steps: int,
+        layout: BatchLayout = SAMPLER_ORDER,
     ) -> None:
-        self.cfg, self.tokenizer, self.info = cfg, tokenizer, info
+        """layout: how held-out rows become micro-batches, as training arranges its steps (the
+        loader's `layout`): micro_batch_size x world size rows at a time."""
+        self.cfg, self.tokenizer, self.info, self.layout = cfg, tokenizer, info, layout
         self.max_seq_len, self.n_future, self.micro_batch_size = max_seq_len, n_future, micro_batch_size
         self.max_steps = max_steps
         self.index: RowIndex | None = None
@@ -74,6 +78,7 @@ class Validation:
             world_size=self.info.world_size,
             device=self.info.device,
             max_rows=self.cfg.max_rows,
+            layout=self.layout,
         )
 
 

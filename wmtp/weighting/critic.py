@@ -4,7 +4,8 @@ State t (the prefix x_0..x_t) is response-predicting when its next token x_{t+1}
 token (m_{t+1} = 1). The value head predicts the reward R (1 correct, 0 incorrect) from every such
 state. Losses come back as sums with their counts, so the recipe divides by a count summed over all
 micro-batches and ranks, like the token objectives. Responses are contiguous (prompt, response,
-padding), as `wmtp.data.collate` builds them.
+padding), as `wmtp.data.collate` builds them. Packed micro-batches pass `segments`: each row is then
+computed on its own (`wmtp.weighting.segments`).
 """
 
 from __future__ import annotations
@@ -15,18 +16,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from wmtp.weighting.segments import same_segment_ahead, to_packed, to_rows
+
 CORRECT_THRESHOLD: float = 0.5
 """A reward (or label) above this counts as correct, so bool, 0/1 int and 0/1 float all work."""
 
 
-def response_states(mask: torch.Tensor) -> torch.Tensor:
+def response_states(mask: torch.Tensor, *, segments: torch.Tensor | None = None) -> torch.Tensor:
     """States whose next token is a response token: s_t = m_{t+1} for t < L-1, s_{L-1} = False.
 
-    mask [B, L] (response mask m_j, any dtype) -> [B, L] bool.
+    mask [B, L] (response mask m_j, any dtype) -> [B, L] bool. segments (packed rows): the next
+    token must be in the same row.
     """
     states = torch.zeros(mask.shape, dtype=torch.bool, device=mask.device)
     states[:, :-1] = mask[:, 1:].bool()
-    return states
+    return states if segments is None else states & same_segment_ahead(segments, 1)
 
 
 def last_states(mask: torch.Tensor) -> torch.Tensor:
@@ -40,14 +44,26 @@ def last_states(mask: torch.Tensor) -> torch.Tensor:
 
 
 def critic_targets(
-    values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *, lam: float = 1.0
+    values: torch.Tensor,
+    rewards: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    lam: float = 1.0,
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """λ-return targets G [B, L] (fp32, no gradient): G_{t*} = R, G_t = (1-λ) V_{t+1} + λ G_{t+1}.
 
     values [B, L] (V_t at position t; detached here), rewards [B], mask [B, L]. λ = 1 gives the
     Monte-Carlo target G_t = R at every response-predicting state; λ = 0 bootstraps one step.
-    G is 0 outside response-predicting states.
+    G is 0 outside response-predicting states. segments [S, T] (packed rows): values and mask are
+    [S, T], rewards [R], one per row, and each row's targets are its own.
     """
+    if segments is not None:
+        n_rows = rewards.shape[0]
+        rows = critic_targets(
+            to_rows(values.detach(), segments, n_rows), rewards, to_rows(mask.bool(), segments, n_rows), lam=lam
+        )
+        return to_packed(rows, segments)
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"critic lambda must be in [0, 1], got {lam}")
     if values.dim() != 2 or mask.shape != values.shape or rewards.shape != values.shape[:1]:
@@ -125,14 +141,20 @@ def binary_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def value_stats(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+def value_stats(
+    values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, *, segments: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Partial sums for the critic's logs, to be all-reduced (sums, counts) or gathered (last_*).
 
     Over response-predicting states: value_sum_correct / count_correct and value_sum_incorrect /
     count_incorrect (0-dim fp32, which every device supports; mean V = sum / count after the
     all-reduce). Per row: last_values [B] (V at t*), rewards [B] and last_valid [B] (bool: the row
     has a response-predicting state) for `binary_auroc` over the gathered rows where last_valid holds.
+    segments (packed rows): values and mask [S, T], rewards [R], and per row means per row of R.
     """
+    if segments is not None:
+        n_rows = rewards.shape[0]
+        return value_stats(to_rows(values, segments, n_rows), rewards, to_rows(mask.bool(), segments, n_rows))
     v = values.detach().float()
     states = response_states(mask)
     correct = (rewards.detach().float() > CORRECT_THRESHOLD).to(v.device).unsqueeze(1)

@@ -2,7 +2,9 @@
 
 The math lives in `wmtp/kernels/td_weights.py`. The statistics vector it returns holds partial sums, so
 the recipe merges micro-batches with `merge_td_stats`, then calls `all_reduce_td_stats` once per
-optimizer step; every rank then updates its `AdvantageNormalizer` from the same numbers.
+optimizer step; every rank then updates its `AdvantageNormalizer` from the same numbers. Packed
+micro-batches pass `segments`: the TD errors, GAE chains and rewards are then each row's own
+(`wmtp.weighting.segments`).
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ from wmtp.kernels.td_weights import (
     TDWeights,
     empty_td_stats,
     merge_td_stats,
-    td_head_weights,
     td_weights_fused,
 )
+from wmtp.kernels.td_weights import td_head_weights as _shift_to_heads
+from wmtp.weighting.segments import same_segment_ahead, to_packed, to_rows
 
 __all__ = [
     "AdvantageNormalizer",
@@ -59,11 +62,17 @@ def td_weights(
     w_max: float,
     gamma: float = 1.0,
     lam: float = 0.0,
+    segments: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Token weight w_j [B, L] (fp32) of each target token x_j; 0 where m_j = 0 and at j = 0.
 
-    values [B, L] (V_t at position t; detached here), rewards [B], mask [B, L] (m_j).
+    values [B, L] (V_t at position t; detached here), rewards [B], mask [B, L] (m_j). segments
+    [S, T] (packed rows): values and mask [S, T], rewards [R], each row weighted on its own.
     """
+    if segments is not None:
+        return td_weights_with_stats(
+            values, rewards, mask, beta=beta, w_min=w_min, w_max=w_max, gamma=gamma, lam=lam, segments=segments
+        ).weights
     return td_weights_fused(values, rewards, mask, beta=beta, w_min=w_min, w_max=w_max, gamma=gamma, lam=lam).weights
 
 
@@ -78,13 +87,39 @@ def td_weights_with_stats(
     gamma: float = 1.0,
     lam: float = 0.0,
     normalizer: AdvantageNormalizer | None = None,
+    segments: torch.Tensor | None = None,
 ) -> TDWeights:
     """`td_weights` plus the statistics partial sums; with `normalizer`, A is normalised by its
-    current running mean/std before the exp (the caller updates it afterwards from the stats)."""
+    current running mean/std before the exp (the caller updates it afterwards from the stats).
+    segments (packed rows): as in `td_weights`; the statistics are over the same actions."""
+    if segments is not None:
+        n_rows = rewards.shape[0]
+        rows = td_weights_with_stats(
+            to_rows(values.detach(), segments, n_rows),
+            rewards,
+            to_rows(mask.bool(), segments, n_rows),
+            beta=beta,
+            w_min=w_min,
+            w_max=w_max,
+            gamma=gamma,
+            lam=lam,
+            normalizer=normalizer,
+        )
+        return TDWeights(to_packed(rows.weights, segments), rows.stats)
     mean, std = (normalizer.mean, normalizer.std) if normalizer is not None else (None, None)
     return td_weights_fused(
         values, rewards, mask, beta=beta, w_min=w_min, w_max=w_max, gamma=gamma, lam=lam, adv_mean=mean, adv_std=std
     )
+
+
+def td_head_weights(weights: torch.Tensor, n_future: int, *, segments: torch.Tensor | None = None) -> torch.Tensor:
+    """Target-aligned weights [B, L] -> per-head weights [B, L, n]: pair (t, k) gets w_{t+1+k}, 0 past
+    the end and (with segments, packed rows) when x_{t+1+k} belongs to another row."""
+    heads = _shift_to_heads(weights, n_future)
+    if segments is None:
+        return heads
+    same_row = torch.stack([same_segment_ahead(segments, k + 1) for k in range(n_future)], dim=-1)
+    return heads * same_row
 
 
 def all_reduce_td_stats(stats: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
