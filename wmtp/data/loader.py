@@ -5,6 +5,12 @@ slice, so the global batch (and the loss) does not depend on the world size or o
 accumulation; the sampler's state after a step is the whole data state of a checkpoint.
 Micro-batches come out on the training device: everything a recipe computes from them (counts
 that are all-reduced included) lives there too, as NCCL needs.
+
+Besides the collated tensors, a micro-batch carries per-row fields [B], explicit rather than implied
+by the padding: "is_correct" (the label), "sample" (the row's draw number in the sampler's global
+stream; a held-out row's index position), which seeds anything random that is per row (the
+verifiable and Rho-1 controls), and "first_diff" (the sequence position of the first target token
+where the row departs from its sibling, -1 when unknown; `wmtp.data.first_diff`).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import torch
 from wmtp.config.sections import DataConfig
 from wmtp.constants import IGNORE_INDEX
 from wmtp.data.collate import collate, encode_rows, mtp_targets
+from wmtp.data.first_diff import NO_FIRST_DIFF, first_diff_positions
 from wmtp.data.index import RowIndex, load_or_build_index
 from wmtp.data.samplers import (
     BalancedSampler,
@@ -61,13 +68,23 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def read_batch(
-    index: RowIndex, ids, tokenizer: SentencePieceTokenizer, n_future: int, device: torch.device
+    index: RowIndex,
+    ids,
+    tokenizer: SentencePieceTokenizer,
+    n_future: int,
+    device: torch.device,
+    *,
+    samples=None,
 ) -> dict[str, torch.Tensor]:
-    """Rows `ids` of `index`, tokenised and collated, with MTP targets and the is_correct labels, on `device`."""
+    """Rows `ids` of `index`, tokenised and collated, with MTP targets and the per-row fields
+    (is_correct, sample: `samples` or else the ids, first_diff), on `device`."""
     rows = index.read_rows(ids)
-    batch = collate(encode_rows(tokenizer, rows), pad_id=tokenizer.pad_id)
+    examples = encode_rows(tokenizer, rows)
+    batch = collate(examples, pad_id=tokenizer.pad_id)
     batch["targets"] = mtp_targets(batch["labels"], n_future)
     batch["is_correct"] = torch.tensor([bool(r["is_correct"]) for r in rows])
+    batch["sample"] = torch.as_tensor(np.asarray(ids if samples is None else samples), dtype=torch.long)
+    batch["first_diff"] = torch.tensor(first_diff_positions(rows, examples, tokenizer), dtype=torch.long)
     return to_device(batch, device)
 
 
@@ -88,8 +105,8 @@ def eval_micro_batches(
 
     Each rank yields the same number of micro-batches (sharded models run collectives in every
     forward): the last global batch is filled up with repeats of the first row, marked
-    batch["keep"] = False, whose response mask is emptied and targets ignored so that they count
-    nowhere.
+    batch["keep"] = False, whose response mask is emptied, targets ignored and first_diff unset so
+    that they count nowhere.
     """
     ids = np.flatnonzero(fits_max_seq_len(index, max_seq_len))
     if max_rows:
@@ -106,6 +123,7 @@ def eval_micro_batches(
         batch["keep"] = torch.from_numpy(keep[mine]).to(device)
         batch["mask"] &= batch["keep"][:, None]
         batch["targets"][~batch["keep"]] = IGNORE_INDEX
+        batch["first_diff"][~batch["keep"]] = NO_FIRST_DIFF
         yield batch
 
 
@@ -136,18 +154,19 @@ class GlobalBatchLoader:
         )
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
+        start = self.sampler.position
         ids = self.sampler.next_ids(self.global_batch)
-        micro = split_global_batch(
-            ids,
+        split = dict(
             rank=self.rank,
             world_size=self.world_size,
             micro_batch_size=self.micro_batch_size,
             grad_accum=self.grad_accum_steps,
         )
-        return [self._batch(m) for m in micro]
+        samples = split_global_batch(start + np.arange(self.global_batch, dtype=np.int64), **split)
+        return [self._batch(m, s) for m, s in zip(split_global_batch(ids, **split), samples)]
 
-    def _batch(self, ids) -> dict[str, torch.Tensor]:
-        return read_batch(self.index, ids, self.tokenizer, self.n_future, self.device)
+    def _batch(self, ids, samples) -> dict[str, torch.Tensor]:
+        return read_batch(self.index, ids, self.tokenizer, self.n_future, self.device, samples=samples)
 
     def counts(self) -> dict[str, int]:
         """Rows in the file's index, rows skipped by reason, rows excluded as too long."""
