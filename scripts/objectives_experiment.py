@@ -558,13 +558,24 @@ def tables(exp: Experiment, data: dict[str, Any], results: dict[str, Any]) -> st
     return "\n".join(lines) + "\n"
 
 
+def _paired_bars(ax, data: dict[str, Any], names: list[str], keys: tuple[tuple[str, str], ...], title: str) -> None:
+    """For each arm, one bar per (diagnostic key, label): its mean over steps and seeds."""
+    width = 0.8 / len(keys)
+    for j, (key, label) in enumerate(keys):
+        means = [mean_std(list(data["arms"][n]["diagnostics"][key].values()))[0] for n in names]
+        ax.bar([i + (j - (len(keys) - 1) / 2) * width for i in range(len(names))], means, width, label=label)
+    ax.set_xticks(range(len(names)), names, rotation=15, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+
+
 def plot(exp: Experiment, data: dict[str, Any], path: Path) -> None:
-    """pass@1 per arm (bars: mean; dots: seeds; lines: the base and the reference) and the weights at the
-    first differing token against the other tokens."""
+    """pass@1 per arm (bars: mean; dots: seeds; lines: the base and the reference), the verifiable weights
+    at the first differing token against the other tokens, and Rho-1's selected share there."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13, 4.2), layout="constrained")
-    ax, ax2 = fig.subplots(1, 2, width_ratios=[1.6, 1])
+    fig = Figure(figsize=(16, 4.2), layout="constrained")
+    ax, ax_w, ax_s = fig.subplots(1, 3, width_ratios=[1.6, 1, 0.8])
     names = exp.cfg.arms
     for i, name in enumerate(names):
         values = list(data["arms"][name]["pass_at_1"].values())
@@ -576,18 +587,18 @@ def plot(exp: Experiment, data: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("greedy pass@1 (held-out toy problems)")
     ax.set_title(f"objectives and controls: {len(exp.cfg.seeds)} seeds (dots), mean (bars)", fontsize=10)
     ax.legend(fontsize=8)
-    verifiable = [n for n in names if ARMS[n].recipe == "verifiable"]
-    width = 0.38
-    for j, (key, label) in enumerate(
-        (("diag/weight/first_diff", "first differing token"), ("diag/weight/other", "other tokens"))
-    ):
-        means = [mean_std(list(data["arms"][n]["diagnostics"][key].values()))[0] for n in verifiable]
-        ax2.bar([i + (j - 0.5) * width for i in range(len(verifiable))], means, width, label=label)
-    ax2.axhline(1.0, color="0.4", linewidth=0.8)
-    ax2.set_xticks(range(len(verifiable)), verifiable, rotation=15, fontsize=8)
-    ax2.set_ylabel("mean training weight, incorrect rows")
-    ax2.set_title("where the verifiable weights land", fontsize=10)
-    ax2.legend(fontsize=8)
+    place = (("first_diff", "first differing token"), ("other", "other tokens"))
+    weighted = [n for n in names if ARMS[n].recipe == "verifiable"]
+    _paired_bars(
+        ax_w, data, weighted, tuple((f"diag/weight/{k}", label) for k, label in place), "where the weights land"
+    )
+    ax_w.axhline(1.0, color="0.4", linewidth=0.8)
+    ax_w.set_ylabel("mean training weight, incorrect rows")
+    selected = [n for n in names if ARMS[n].recipe == "rho1"]
+    _paired_bars(
+        ax_s, data, selected, tuple((f"diag/selected/{k}", label) for k, label in place), "where Rho-1 selects"
+    )
+    ax_s.set_ylabel("selected share of the pairs")
     fig.savefig(path, dpi=110)
 
 
