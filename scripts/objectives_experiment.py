@@ -52,7 +52,7 @@ from wmtp.data.rows import tests_instruction  # noqa: E402
 from wmtp.data.synthetic import synthetic_problems  # noqa: E402
 from wmtp.layout import FINAL_DIR, TOKENIZER_FILENAME  # noqa: E402
 from wmtp.logs import get_logger, setup_logging  # noqa: E402
-from wmtp.training.metrics import read_metrics  # noqa: E402
+from wmtp.training.metrics import read_metrics, sqlite_artifact_root  # noqa: E402
 
 log = get_logger("experiment")
 
@@ -295,9 +295,22 @@ class Experiment:
         self.train(arm.recipe, arm.config, run_dir, overrides)
         return self.evaluate(run_dir, run_dir / "eval" / EVAL_NAME)
 
+    def prepare_tracking(self) -> None:
+        """Create the MLflow store and its experiment before runs share it in parallel: processes that
+        each find a new SQLite store all create its tables, and all but one fail."""
+        if not self.cfg.tracking_uri:
+            return
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=self.cfg.tracking_uri)
+        if client.get_experiment_by_name(MLFLOW_EXPERIMENT) is None:
+            client.create_experiment(MLFLOW_EXPERIMENT, artifact_location=sqlite_artifact_root(self.cfg.tracking_uri))
+
     def run(self) -> dict[str, Any]:
         """Every run of the experiment; returns the collected results."""
         t0 = time.perf_counter()
+        self.prepare_tracking()
         with ThreadPoolExecutor(max_workers=self.cfg.parallel) as pool:
 
             def timed(label: str, fn: Callable[..., Any], *args: Any) -> Any:
