@@ -20,6 +20,7 @@ from tests.conftest import load_recipe  # noqa: E402
 from wmtp.config.sections import DistributedConfig  # noqa: E402
 from wmtp.constants import IGNORE_INDEX  # noqa: E402
 from wmtp.data.collate import mtp_targets  # noqa: E402
+from wmtp.data.first_diff import NO_FIRST_DIFF  # noqa: E402
 from wmtp.distributed.env import DistInfo  # noqa: E402
 from wmtp.distributed.parallelize import parallelize  # noqa: E402
 from wmtp.models import ModelArgs, MTPTransformer  # noqa: E402
@@ -77,6 +78,8 @@ def synthetic_batch(
         "targets": mtp_targets(labels, args.n_future_tokens),
         "lengths": torch.full((batch,), seq),
         "is_correct": torch.arange(batch) % 2 == 0,
+        "sample": torch.arange(batch),
+        "first_diff": torch.full((batch,), NO_FIRST_DIFF),
     }
     return {k: v.to(device) for k, v in out.items()}
 

@@ -6,7 +6,15 @@ response-predicting state; values detached). Loss: mean over response-predicting
 m_{t+1} = 1) of the whole global batch of (V_t - G_t)^2 (or Huber). Only the value head trains;
 its weights (final/value_head.safetensors) start the verifiable recipe. Logged per step on the
 training batch, and with [validation] on every held-out row: mean V on correct vs incorrect
-samples and the AUROC of the last-state value (how well V at the end separates the two).
+samples and the AUROC of the last-state value (how well V at the end separates the two); where
+the data knows an incorrect row's first differing token, the TD error δ_j = V_j - V_{j-1} there
+against the row's other tokens (diag/td/*: a critic that sees the bug drops its value there).
+
+critic.trunk = "own" also trains a copy of the trunk (token embeddings, trunk blocks, final norm)
+with the value head: a value model, for when the frozen trunk's features do not keep what tells a
+correct program from a buggy one at its end. Its final/ is then a whole model folder (params.json,
+model.safetensors with value_head.weight, the tokenizer files) instead of value_head.safetensors, which
+the verifiable recipe takes as critic.model and keeps frozen beside the policy.
 
     python recipes/full_finetune_critic.py --config configs/critic_tiny.toml
     torchrun --nproc_per_node=4 recipes/full_finetune_critic.py --config configs/critic_a100.toml
@@ -43,8 +51,10 @@ from wmtp.distributed.parallelize import build_mesh
 from wmtp.layout import BEST_DIR, FINAL_DIR, VALUE_HEAD_KEY
 from wmtp.logs import get_logger, setup_logging
 from wmtp.losses import accumulation_dtype
-from wmtp.models.checkpoint import save_value_head
-from wmtp.training.checkpointer import Checkpointer
+from wmtp.models import save_mtp
+from wmtp.models.checkpoint import model_args_of, save_value_head
+from wmtp.models.hf import NewHeads
+from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
 from wmtp.training.lr_schedule import build_scheduler
 from wmtp.training.run import (
     build_optimizer,
@@ -64,6 +74,7 @@ from wmtp.training.run import (
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
 from wmtp.training.validation import PREFIX, BestExport, HeadSums, Validation
 from wmtp.weighting.critic import binary_auroc, critic_targets, response_states, value_loss, value_stats
+from wmtp.weighting.diagnostics import TokenDiagnostics, td_errors
 
 log = get_logger("recipe")
 
@@ -124,6 +135,16 @@ class CriticRecipe:
         self.out = Path(cfg.training.output_dir)
         self.step = 0
 
+    def trains(self, name: str) -> bool:
+        """The parameters the critic learns: the value head, and with critic.trunk = "own" the token
+        embeddings, the trunk blocks (layers[:-1]; layers[-1] is head 0) and the final norm."""
+        if name == VALUE_HEAD_KEY:
+            return True
+        if self.cfg.critic.trunk == "frozen":
+            return False
+        block = name.split(".")[1] if name.startswith("layers.") else None
+        return name.startswith(("tok_embeddings.", "norm.")) or (block is not None and int(block) < self.n_trunk)
+
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
@@ -131,9 +152,10 @@ class CriticRecipe:
         mesh = build_mesh(self.dist, cfg.distributed.hsdp_replicas)
         torch.manual_seed(cfg.training.seed)
         param_dtype, self.autocast = resolve_precision(cfg.training.precision, self.dist)
+        self.n_trunk = model_args_of(Path(cfg.model.path), NewHeads(cfg.model.n_future_tokens)).n_trunk_layers
 
         self.tokenizer = load_tokenizer(cfg.tokenizer.path)
-        # Trunk, heads, norm and output stay frozen: only the value head learns. Built on the meta
+        # Heads and output stay frozen; the trunk too unless critic.trunk = "own". Built on the meta
         # device and sharded first; rank 0 alone reads the checkpoint (and critic.value_head).
         self.model = setup_policy(
             cfg.model,
@@ -144,7 +166,7 @@ class CriticRecipe:
             param_dtype=param_dtype,
             value_head=True,
             value_head_path=cfg.critic.value_head,
-            trainable=lambda name: name == VALUE_HEAD_KEY,
+            trainable=self.trains,
         )
         self.model_args = self.model.args
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -240,6 +262,7 @@ class CriticRecipe:
         )
         loss_total = torch.zeros((), dtype=acc, device=device)
         stats = ValueStats(device)
+        diag = TokenDiagnostics(device, acc)
         for mb in micro_batches:
             mask, rewards, segments = mb["mask"], mb["is_correct"].float(), mb.get("segments")
             with self.autocast:
@@ -253,11 +276,13 @@ class CriticRecipe:
             (loss * self.dist.world_size).backward()
             loss_total += loss.detach().to(acc)
             stats.add(values, rewards, mask, segments)
+            diag.add_td(td_errors(values, rewards, mask, segments=segments), mb)
         metrics = clip_and_step(self.trainable, self.optimizer, self.scheduler, self.cfg.training.max_grad_norm)
         metrics.update(stats.reduce())
-        # The frozen trunk runs forward only; no head block and no vocabulary projection.
+        metrics.update(diag.metrics())
+        # The trunk runs forward (and backward when it trains); no head block, no vocabulary projection.
         metrics["tokens"], metrics["flops"] = step_work(
-            micro_batches, self.model_args, heads=0, scored_pairs=0, backward=False
+            micro_batches, self.model_args, heads=0, scored_pairs=0, backward=self.cfg.critic.trunk == "own"
         )
         metrics["value_loss"] = float(all_reduce_sum(loss_total))
         return metrics
@@ -265,9 +290,11 @@ class CriticRecipe:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """The value head on every held-out row, each row once across ranks: the value loss, mean V on
-        correct vs incorrect rows and the AUROC of the last-state value."""
+        correct vs incorrect rows, the AUROC of the last-state value and the TD errors at the first
+        differing tokens (val/diag/td/*)."""
         crit = self.cfg.critic
         stats = ValueStats(self.dist.device)
+        diag = TokenDiagnostics(self.dist.device, accumulation_dtype(self.dist.device))
         loss = HeadSums(("sum", "states"), 1, self.dist.device)
         for mb in self.validation.batches():
             mask, rewards, segments = mb["mask"], mb["is_correct"].float(), mb.get("segments")
@@ -280,9 +307,10 @@ class CriticRecipe:
             )
             loss.add(sum=v_sum.reshape(1), states=v_states.reshape(1))
             stats.add(values, rewards, mask, segments)
+            diag.add_td(td_errors(values, rewards, mask, segments=segments), mb)
         total = loss.reduce()
         value = float(total["sum"][0] / total["states"][0].clamp(min=1))
-        return {**stats.reduce(prefix=PREFIX), f"{PREFIX}value_loss": value}
+        return {**stats.reduce(prefix=PREFIX), f"{PREFIX}value_loss": value, **diag.metrics(prefix=PREFIX)}
 
     def log_validation(self) -> None:
         metrics = self.validate()
@@ -308,7 +336,14 @@ class CriticRecipe:
         )
 
     def export(self, folder: Path) -> None:
-        """`folder`/value_head.safetensors (final/ or best/): the value head the verifiable recipe starts from."""
+        """`folder`/value_head.safetensors (final/ or best/): the value head the verifiable recipe starts
+        from; with critic.trunk = "own" the value model instead (critic.model): params.json,
+        model.safetensors (value_head.weight included) and the tokenizer files."""
+        if self.cfg.critic.trunk == "own":
+            sd = full_model_state_dict(self.model)
+            if self.dist.is_main:
+                log.info("[export] %s", save_mtp(folder, self.model_args, sd, extra_files=self.tokenizer.files))
+            return
         weight = full_tensor(self.model.value_head.weight)
         if self.dist.is_main:
             log.info("[export] %s", save_value_head(folder, weight))

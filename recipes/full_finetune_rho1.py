@@ -9,6 +9,12 @@ excess get s = 1, the rest 0 (Lin et al. 2024 keep the high-excess tokens). Then
 with the sums over the global batch. The selected count of a head in a micro-batch is ceil(ρ N_k),
 known from the targets alone, so the denominators are fixed before the first backward.
 
+rho1.control = "random" selects the same number of pairs per head uniformly instead (the ablation
+control; `wmtp.weighting.controls`). Where the data knows a row's first differing token from its
+sibling, each step logs the selected share and the excess at the pairs that predict it against the
+other pairs of the selected heads (diag/selected/*, diag/excess/*). Held-out rows are scored with
+the excess selection, control or not.
+
     python recipes/full_finetune_rho1.py --config configs/rho1_tiny.toml
     torchrun --nproc_per_node=4 recipes/full_finetune_rho1.py --config configs/rho1_a100.toml
 """
@@ -68,7 +74,9 @@ from wmtp.training.run import (
     stop_step,
 )
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
-from wmtp.training.validation import BestExport, HeadSums, Validation, per_head_means, valid_pairs
+from wmtp.training.validation import PREFIX, BestExport, HeadSums, Validation, per_head_means, valid_pairs
+from wmtp.weighting.controls import random_selection_keys
+from wmtp.weighting.diagnostics import TokenDiagnostics
 from wmtp.weighting.rho1 import rho1_excess, rho1_select, rho1_selected_counts
 
 log = get_logger("recipe")
@@ -214,6 +222,31 @@ class Rho1Recipe:
         # process group torn down with work in flight can abort its process.
         barrier()
 
+    @property
+    def selected_heads(self) -> torch.Tensor:
+        """[n] bool: the heads whose pairs are selected (k >= 1, and head 0 with rho1.select_head0)."""
+        heads = torch.ones(self.n_future, dtype=torch.bool, device=self.dist.device)
+        heads[0] = self.cfg.rho1.select_head0
+        return heads
+
+    def select(self, excess: torch.Tensor, valid: torch.Tensor, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The 0/1 selection [B, T, n] of a micro-batch: the largest excess per head, or under
+        rho1.control = "random" as many pairs drawn uniformly (the largest of per-row random keys)."""
+        rho, n = self.cfg.rho1, self.n_future
+        keys = excess
+        if rho.control == "random":
+            keys = random_selection_keys(
+                mb["lengths"],
+                mb["sample"],
+                width=excess.shape[1],
+                n_heads=n,
+                seed=self.cfg.training.seed,
+                segments=mb.get("segments"),
+            )
+        return rho1_select(
+            keys.reshape(-1, n), valid.reshape(-1, n), ratio=rho.ratio, select_head0=rho.select_head0
+        ).view_as(excess)
+
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         device, n, rho = self.dist.device, self.n_future, self.cfg.rho1
         # Denominators before any backward: valid pairs N_k and selected pairs sum_mb ceil(ρ N_k^mb).
@@ -227,6 +260,7 @@ class Rho1Recipe:
         # sums per head: weighted loss, excess over valid pairs
         head_loss = torch.zeros(n, dtype=accumulation_dtype(device), device=device)
         head_excess = torch.zeros_like(head_loss)
+        diag = TokenDiagnostics(device, head_loss.dtype)
         for mb in micro_batches:
             tok, targets, segments = mb["tokens"], mb["targets"], mb.get("segments")
             valid = targets != IGNORE_INDEX
@@ -235,13 +269,12 @@ class Rho1Recipe:
                 # CE first (reduction "none"): the selection depends on it; the backward recomputes the logits.
                 ce = self.model(tok, targets=targets, segments=segments).ce
             excess = rho1_excess(ce.detach(), ref_ce, valid)
-            select = rho1_select(
-                excess.reshape(-1, n), valid.reshape(-1, n), ratio=rho.ratio, select_head0=rho.select_head0
-            ).view_as(ce)
+            select = self.select(excess, valid, mb)
             per_pair = ce * select * inv.to(ce.dtype)
             (per_pair.sum() * self.dist.world_size).backward()
             head_loss += per_pair.detach().sum(dim=(0, 1)).to(head_loss.dtype)
             head_excess += excess.sum(dim=(0, 1)).to(head_excess.dtype)
+            diag.add_selection(select, excess, valid, self.selected_heads, mb)
         all_reduce_sum(head_loss)
         all_reduce_sum(head_excess)
         metrics = clip_and_step(
@@ -251,6 +284,7 @@ class Rho1Recipe:
             micro_batches, self.model_args, heads=n, scored_pairs=int(local_valid.sum())
         )
         metrics["loss"] = float(head_loss.sum())
+        metrics.update(diag.metrics())
         for k in range(n):
             metrics[f"loss/head_{k}"] = float(head_loss[k] * n)
             metrics[f"selected/head_{k}"] = float(selected[k] / n_valid[k].clamp(min=1))
@@ -261,9 +295,11 @@ class Rho1Recipe:
     def validate(self) -> dict[str, float]:
         """Held-out, each row once across ranks, selecting per micro-batch as training does: per head
         the CE of the selected pairs (val/loss, the objective), the CE of all pairs, the mean excess
-        and the selected fraction."""
+        and the selected fraction; where the selection lands (val/diag/*). The excess selection, also
+        under a control."""
         n, rho = self.n_future, self.cfg.rho1
         sums = HeadSums(("selected_ce", "selected", "ce", "excess", "pairs"), n, self.dist.device)
+        diag = TokenDiagnostics(self.dist.device, accumulation_dtype(self.dist.device))
         for mb in self.validation.batches():
             targets = mb["targets"]
             valid = targets != IGNORE_INDEX
@@ -275,8 +311,10 @@ class Rho1Recipe:
                 excess.reshape(-1, n), valid.reshape(-1, n), ratio=rho.ratio, select_head0=rho.select_head0
             ).view_as(ce)
             sums.add(selected_ce=ce * select, selected=select, ce=ce, excess=excess, pairs=valid_pairs(targets))
+            diag.add_selection(select, excess, valid, self.selected_heads, mb)
         s = sums.reduce()
         return {
+            **diag.metrics(prefix=PREFIX),
             **per_head_means(s["selected_ce"], s["selected"], "loss"),
             **per_head_means(s["ce"], s["pairs"], "ce"),
             **per_head_means(s["excess"], s["pairs"], "excess"),

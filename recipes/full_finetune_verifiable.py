@@ -11,6 +11,17 @@ N_k counts head k's valid pairs and L_value (the critic's loss on the same batch
 the whole global batch. Start from the critic recipe's value head; the curriculum sampler moves
 from easy to hard problems over training.
 
+With critic.model (a critic run's value model, made with critic.trunk = "own") the values come from
+that model, frozen beside the policy, instead of the policy's own value head; its value loss is then
+logged, not trained, and the policy has no value head.
+
+td.control runs an ablation control instead of the TD weights (uniform, shuffled within each row,
+or permuted across the global batch; `wmtp.weighting.controls`); everything else stays. Where the
+data knows it, each step logs where its weights land (diag/weight/*: correct vs incorrect rows,
+the first differing token of incorrect rows vs their other tokens) and where the critic's TD
+errors do (diag/td/*). Held-out rows are scored with the TD weights themselves, control or not, so
+a control run's val/diag/* show where its critic would have put them.
+
     python recipes/full_finetune_verifiable.py --config configs/verifiable_tiny.toml
     torchrun --nproc_per_node=4 recipes/full_finetune_verifiable.py --config configs/verifiable_a100.toml
 """
@@ -48,7 +59,7 @@ from wmtp.layout import BEST_DIR, FINAL_DIR
 from wmtp.logs import get_logger, setup_logging
 from wmtp.losses import accumulation_dtype
 from wmtp.losses.normalization import global_valid_pair_counts, head_mean_weights
-from wmtp.models import save_mtp
+from wmtp.models import MTPTransformer, save_mtp
 from wmtp.training.checkpointer import Checkpointer, full_model_state_dict
 from wmtp.training.lr_schedule import build_scheduler
 from wmtp.training.run import (
@@ -67,10 +78,13 @@ from wmtp.training.run import (
     stop_step,
 )
 from wmtp.training.step import clip_and_step, resolve_precision, step_line, step_work, throughput
-from wmtp.training.validation import BestExport, HeadSums, Validation, per_head_means, valid_pairs
+from wmtp.training.validation import PREFIX, BestExport, HeadSums, Validation, per_head_means, valid_pairs
+from wmtp.weighting.controls import permute_across_batch, shuffle_within_rows, uniform_weights
 from wmtp.weighting.critic import critic_targets, response_states, value_loss
+from wmtp.weighting.diagnostics import TokenDiagnostics, td_errors
 from wmtp.weighting.td import (
     AdvantageNormalizer,
+    TDWeights,
     all_reduce_td_stats,
     empty_td_stats,
     merge_td_stats,
@@ -110,6 +124,23 @@ class VerifiableRecipe:
         self.step = 0
 
     # ------------------------------------------------------------------ setup
+    def setup_value_model(self, mesh, param_dtype: torch.dtype | None) -> MTPTransformer:
+        """critic.model, frozen and sharded like the policy (rank 0 reads it); its tokenizer must be the policy's."""
+        path = self.cfg.critic.model
+        if load_tokenizer(path).pieces() != self.tokenizer.pieces():
+            raise ValueError(f"critic.model {path}: its tokenizer differs from the policy's ({self.tokenizer.path})")
+        log.info("[verifiable] TD weights from the value model %s (frozen)", path)
+        return setup_policy(
+            ModelConfig(path=path, max_seq_len=self.cfg.model.max_seq_len),
+            self.cfg.distributed,
+            self.dist,
+            mesh=mesh,
+            vocab_size=self.tokenizer.vocab_size,
+            param_dtype=param_dtype,
+            value_head=True,
+            trainable=lambda name: False,
+        )
+
     def setup(self) -> None:
         cfg = self.cfg
         self.dist = init_distributed(cfg.training.device)
@@ -118,7 +149,8 @@ class VerifiableRecipe:
         param_dtype, self.autocast = resolve_precision(cfg.training.precision, self.dist)
 
         self.tokenizer = load_tokenizer(cfg.tokenizer.path)
-        if not cfg.critic.value_head:
+        self.value_model = self.setup_value_model(mesh, param_dtype) if cfg.critic.model else None
+        if self.value_model is None and not cfg.critic.value_head:
             log.info("[verifiable] no critic.value_head given: the value head starts at zero")
         # Built on the meta device and sharded first; rank 0 alone reads the checkpoint and value head.
         self.model = setup_policy(
@@ -128,7 +160,7 @@ class VerifiableRecipe:
             mesh=mesh,
             vocab_size=self.tokenizer.vocab_size,
             param_dtype=param_dtype,
-            value_head=True,
+            value_head=self.value_model is None,
             value_head_path=cfg.critic.value_head,
         )
         self.n_future = self.model.n_future
@@ -224,6 +256,63 @@ class VerifiableRecipe:
         # process group torn down with work in flight can abort its process.
         barrier()
 
+    def td_weights(self, values: torch.Tensor, mb: dict[str, torch.Tensor]) -> TDWeights:
+        """The critic's TD weights w_j [B, L] of a micro-batch from its (detached) values, with their statistics."""
+        td = self.cfg.td
+        return td_weights_with_stats(
+            values.detach(),
+            mb["is_correct"].float(),
+            mb["mask"],
+            beta=td.beta,
+            w_min=td.w_min,
+            w_max=td.w_max,
+            gamma=td.gamma,
+            lam=td.lam,
+            normalizer=self.normalizer if td.normalize else None,
+            segments=mb.get("segments"),
+        )
+
+    @torch.no_grad()
+    def planned_weights(
+        self, micro_batches: list[dict[str, torch.Tensor]]
+    ) -> list[tuple[TDWeights, torch.Tensor, torch.Tensor]] | None:
+        """Every micro-batch's (TD weights, the weights the step trains with, values) before any loss,
+        when they cannot come from the policy's own forward: with a value model (critic.model), or
+        under td.control = "random", whose permutation spans the global batch (the policy's trunk and
+        value head then run once more, without gradient, on the parameters the step's forwards see).
+        None: the weights are made inside each forward."""
+        td = self.cfg.td
+        if self.value_model is None and td.control != "random":
+            return None
+        planned = []
+        for mb in micro_batches:
+            with self.autocast:
+                values = (self.value_model or self.model)(
+                    mb["tokens"], with_values=True, with_heads=False, segments=mb.get("segments")
+                ).values
+            weights = self.td_weights(values, mb)
+            planned.append((weights, self.controlled(weights, mb), values))
+        if td.control == "random":
+            permuted = permute_across_batch(
+                [w.weights for w, _, _ in planned],
+                [mb["mask"] for mb in micro_batches],
+                seed=self.cfg.training.seed,
+                step=self.step,
+            )
+            planned = [(w, p, v) for (w, _, v), p in zip(planned, permuted)]
+        return planned
+
+    def controlled(self, weights: TDWeights, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weights the step trains with under td.control ("random": `planned_weights` permutes them)."""
+        control = self.cfg.td.control
+        if control == "uniform":
+            return uniform_weights(mb["mask"])
+        if control == "shuffled":
+            return shuffle_within_rows(
+                weights.weights, mb["mask"], mb["sample"], seed=self.cfg.training.seed, segments=mb.get("segments")
+            )
+        return weights.weights
+
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
         device, n, td, crit = self.dist.device, self.n_future, self.cfg.td, self.cfg.critic
         value_lam = 1.0 if crit.target == "mc" else crit.lam
@@ -233,11 +322,13 @@ class VerifiableRecipe:
         n_states = all_reduce_sum(
             sum(response_states(mb["mask"], segments=mb.get("segments")).sum() for mb in micro_batches).to(acc)
         )
+        planned = self.planned_weights(micro_batches)
         # per head: weighted loss, unweighted CE, weight; then the value loss
         head_sums = torch.zeros(3, n, dtype=acc, device=device)
         value_sum = torch.zeros((), dtype=acc, device=device)
         stats = empty_td_stats(device)
-        for mb in micro_batches:
+        diag = TokenDiagnostics(device, acc)
+        for i, mb in enumerate(micro_batches):
             targets, mask, segments = mb["targets"], mb["mask"], mb.get("segments")
             rewards = mb["is_correct"].float()
             mean_w = head_mean_weights(targets, counts)  # valid / (n N_k)
@@ -246,38 +337,29 @@ class VerifiableRecipe:
             def pair_weights(values: torch.Tensor) -> torch.Tensor:
                 # Called by the model between the trunk and the heads' loss: TD weights from this
                 # forward's detached values, known before the loss (gradients in the forward, 6NHV).
-                step_td["td"] = td_weights_with_stats(
-                    values.detach(),
-                    rewards,
-                    mask,
-                    beta=td.beta,
-                    w_min=td.w_min,
-                    w_max=td.w_max,
-                    gamma=td.gamma,
-                    lam=td.lam,
-                    normalizer=self.normalizer if td.normalize else None,
-                    segments=segments,
-                )
-                step_td["head_w"] = td_head_weights(step_td["td"].weights, n, segments=segments)  # w_{t+1+k}
+                if planned is None:
+                    step_td["td"] = self.td_weights(values, mb)
+                    step_td["used"] = self.controlled(step_td["td"], mb)
+                else:
+                    step_td["td"], step_td["used"], _ = planned[i]
+                step_td["head_w"] = td_head_weights(step_td["used"], n, segments=segments)  # w_{t+1+k}
                 return step_td["head_w"] * mean_w
 
+            own_values = self.value_model is None
             with self.autocast:
                 out = self.model(
                     mb["tokens"],
                     targets=targets,
-                    with_values=True,
+                    with_values=own_values,
                     pair_weights=pair_weights,
                     reduction="sum",
                     segments=segments,
                 )
-            v_targets = critic_targets(out.values.detach(), rewards, mask, lam=value_lam, segments=segments)
-            v_sum, _ = value_loss(
-                out.values,
-                v_targets,
-                response_states(mask, segments=segments),
-                kind=crit.loss,
-                huber_delta=crit.huber_delta,
-            )
+            # The value model's values carry no gradient: its value loss is logged, not trained.
+            values = out.values if own_values else planned[i][2]
+            v_targets = critic_targets(values.detach(), rewards, mask, lam=value_lam, segments=segments)
+            states = response_states(mask, segments=segments)
+            v_sum, _ = value_loss(values, v_targets, states, kind=crit.loss, huber_delta=crit.huber_delta)
             v_loss = v_sum / n_states.clamp(min=1)
             loss = out.loss + td.value_coef * v_loss
             # FSDP averages gradients over ranks; each rank holds a partial sum of one global loss.
@@ -292,6 +374,8 @@ class VerifiableRecipe:
             ).to(acc)
             value_sum += v_loss.detach().to(acc)
             stats = merge_td_stats(stats, step_td["td"].stats)
+            diag.add_weights(step_td["used"], mb)
+            diag.add_td(td_errors(values, rewards, mask, gamma=td.gamma, segments=segments), mb)
         all_reduce_sum(head_sums)
         all_reduce_sum(value_sum)
         all_reduce_td_stats(stats)
@@ -309,6 +393,7 @@ class VerifiableRecipe:
             policy_loss=policy_loss,
             value_loss=float(value_sum),
             **td_stats(stats),
+            **diag.metrics(),
         )
         for k in range(n):
             # Each sum carries 1/(n N_k): times n it is head k's mean over its valid pairs.
@@ -320,44 +405,45 @@ class VerifiableRecipe:
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
         """Held-out, each row once across ranks: per head the TD-weighted and the plain CE (means over
-        the head's pairs) and the mean weight; the value loss; val/loss = policy + c_v value, as in training.
-        The advantage normaliser is read, not updated."""
+        the head's pairs) and the mean weight; the value loss; val/loss = policy + c_v value, as in
+        training; where the weights and TD errors land (val/diag/*). The TD weights themselves, also
+        under a control; the advantage normaliser is read, not updated."""
         n, td, crit = self.n_future, self.cfg.td, self.cfg.critic
         sums = HeadSums(("weighted", "ce", "weight", "pairs"), n, self.dist.device)
         value = HeadSums(("sum", "states"), 1, self.dist.device)
+        diag = TokenDiagnostics(self.dist.device, accumulation_dtype(self.dist.device))
         for mb in self.validation.batches():
             rewards, mask, segments = mb["is_correct"].float(), mb["mask"], mb.get("segments")
             with self.autocast:
-                out = self.model(mb["tokens"], targets=mb["targets"], with_values=True, segments=segments)
-            weights = td_weights_with_stats(
-                out.values,
-                rewards,
-                mask,
-                beta=td.beta,
-                w_min=td.w_min,
-                w_max=td.w_max,
-                gamma=td.gamma,
-                lam=td.lam,
-                normalizer=self.normalizer if td.normalize else None,
-                segments=segments,
-            ).weights
+                out = self.model(
+                    mb["tokens"], targets=mb["targets"], with_values=self.value_model is None, segments=segments
+                )
+                values = (
+                    out.values
+                    if self.value_model is None
+                    else self.value_model(mb["tokens"], with_values=True, with_heads=False, segments=segments).values
+                )
+            weights = self.td_weights(values, mb).weights
             head_w = td_head_weights(weights, n, segments=segments) * valid_pairs(mb["targets"])
             sums.add(weighted=out.ce * head_w, ce=out.ce, weight=head_w, pairs=valid_pairs(mb["targets"]))
             lam = 1.0 if crit.target == "mc" else crit.lam
-            v_targets = critic_targets(out.values, rewards, mask, lam=lam, segments=segments)
+            v_targets = critic_targets(values, rewards, mask, lam=lam, segments=segments)
             v_sum, v_states = value_loss(
-                out.values,
+                values,
                 v_targets,
                 response_states(mask, segments=segments),
                 kind=crit.loss,
                 huber_delta=crit.huber_delta,
             )
             value.add(sum=v_sum.reshape(1), states=v_states.reshape(1))
+            diag.add_weights(weights, mb)
+            diag.add_td(td_errors(values, rewards, mask, gamma=td.gamma, segments=segments), mb)
         s, v = sums.reduce(), value.reduce()
         metrics = {
             **per_head_means(s["weighted"], s["pairs"], "policy_loss"),
             **per_head_means(s["ce"], s["pairs"], "ce"),
             **per_head_means(s["weight"], s["pairs"], "weight"),
+            **diag.metrics(prefix=PREFIX),
         }
         metrics["val/value_loss"] = float(v["sum"][0] / v["states"][0].clamp(min=1))
         metrics["val/loss"] = metrics["val/policy_loss"] + td.value_coef * metrics["val/value_loss"]
@@ -394,8 +480,8 @@ class VerifiableRecipe:
         )
 
     def export(self, folder: Path) -> None:
-        """params.json + model.safetensors (value_head.weight included) + the tokenizer files in `folder`
-        (final/ or best/)."""
+        """params.json + model.safetensors (value_head.weight included, unless the values come from
+        critic.model) + the tokenizer files in `folder` (final/ or best/)."""
         sd = full_model_state_dict(self.model)
         if self.dist.is_main:
             log.info("[export] %s", save_mtp(folder, self.model_args, sd, extra_files=self.tokenizer.files))

@@ -431,10 +431,23 @@ def assert_same_step(actual: dict, expected: dict, what: str, *, ranks: int = 1)
         assert rel(actual["grads"][key], grad) <= TOLERANCE, (what, key, rel(actual["grads"][key], grad))
 
 
+CONTROLS = {
+    "verifiable shuffled": ("verifiable", {"td.control": "shuffled"}),
+    "verifiable random": ("verifiable", {"td.control": "random"}),
+    "rho1 random": ("rho1", {"rho1.control": "random"}),
+}
+"""The ablation controls, each a recipe with its option: drawn per row (shuffled), or over the step's
+micro-batches in their order (random: a permutation of the global batch's targets; Rho-1's
+selection per micro-batch)."""
+PER_MICRO_BATCH = ("rho1", "verifiable random", "rho1 random")
+"""Steps whose result depends on which rows share a micro-batch and in what order: held to the
+padded micro-batches of the same plan."""
+
+
 def same_as(name: str, arrangement: str) -> str:
-    """The step `arrangement` must equal: padded in the sampler's order, or for Rho-1 (selection per
-    micro-batch) the padded micro-batches of the same plan."""
-    if name != "rho1":
+    """The step `arrangement` must equal: padded in the sampler's order, or for a step that depends
+    on the micro-batches (`PER_MICRO_BATCH`) the padded micro-batches of the same plan."""
+    if name not in PER_MICRO_BATCH:
         return "padded"
     return arrangement + AS_PADDED if LAYOUTS[arrangement].packing else arrangement
 
@@ -464,6 +477,13 @@ def one_process(tiny, tmp_path_factory, value_head) -> dict[str, dict]:
 @pytest.mark.parametrize("name", RECIPES)
 def test_grouped_and_packed_steps_equal_the_padded_step(one_process, name):
     check_arrangements(name, one_process[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONTROLS)
+def test_controls_grouped_and_packed_equal_their_padded_step(tiny, tmp_path, value_head, name):
+    recipe, option = CONTROLS[name]
+    check_arrangements(name, step_results(recipe, step_argv(recipe, tiny, tmp_path, value_head, **option)))
 
 
 @pytest.mark.slow

@@ -34,7 +34,16 @@ def heads(*bases: str) -> set[str]:
     return {f"{b}/head_{k}" for b in bases for k in HEADS}
 
 
+def with_val(keys: set[str]) -> set[str]:
+    return keys | {f"val/{k}" for k in keys}
+
+
 TD_STATS = {f"{d}/{s}" for d in ("td", "weight") for s in ("mean", "std", "min", "max")}
+SITE = ("first_diff", "other", "below_median", "auroc", "rows", "first_diff_correct")
+WEIGHT_DIAG = {f"diag/weight/{s}" for s in SITE} | {"diag/weight/correct", "diag/weight/incorrect"}
+TD_DIAG = {f"diag/td/{s}" for s in SITE}
+RHO1_DIAG = {f"diag/{q}/{s}" for q in ("selected", "excess") for s in ("first_diff", "other")}
+"""wmtp.weighting.diagnostics.TokenDiagnostics: what each recipe logs of its first differing tokens."""
 """wmtp.weighting.td.td_stats: the per-step distribution of the TD errors and token weights."""
 # What each recipe's train_step / validate logs (recipes/full_finetune_*.py), and the panels a report of
 # it must hold: {title: the keys drawn as lines}.
@@ -49,17 +58,27 @@ TRAIN_KEYS = {
         "weight/clipped_high_share",
     }
     | TD_STATS
+    | WEIGHT_DIAG
+    | TD_DIAG
     | heads("loss", "ce", "weight"),
-    "rho1": {"loss"} | heads("loss", "selected", "excess"),
-    "critic": {"value_loss", "value/correct", "value/incorrect", "auroc", "rows"},
+    "rho1": {"loss"} | heads("loss", "selected", "excess") | RHO1_DIAG,
+    "critic": {"value_loss", "value/correct", "value/incorrect", "auroc", "rows"} | TD_DIAG,
 }
 VAL_KEYS = {
     "baseline": {"val/loss"} | heads("val/loss"),
     "verifiable": {"val/loss", "val/policy_loss", "val/ce", "val/weight", "val/value_loss"}
-    | heads("val/policy_loss", "val/ce", "val/weight"),
+    | heads("val/policy_loss", "val/ce", "val/weight")
+    | {f"val/{k}" for k in WEIGHT_DIAG | TD_DIAG},
     "rho1": {"val/loss", "val/ce", "val/excess", "val/selected"}
-    | heads("val/loss", "val/ce", "val/excess", "val/selected"),
-    "critic": {"val/value_loss", "val/value/correct", "val/value/incorrect", "val/auroc", "val/rows"},
+    | heads("val/loss", "val/ce", "val/excess", "val/selected")
+    | {f"val/{k}" for k in RHO1_DIAG},
+    "critic": {"val/value_loss", "val/value/correct", "val/value/incorrect", "val/auroc", "val/rows"}
+    | {f"val/{k}" for k in TD_DIAG},
+}
+TD_PANELS = {
+    "critic TD error at the first differing token": with_val(
+        {"diag/td/first_diff", "diag/td/other", "diag/td/first_diff_correct"}
+    ),
 }
 PANELS = {
     "baseline": {"loss": {"loss", "val/loss"}, "loss per head": heads("loss", "val/loss")},
@@ -72,6 +91,14 @@ PANELS = {
         "TD errors": {"td/mean"},
         "clipped weight share": {"weight/clipped_share", "weight/clipped_low_share", "weight/clipped_high_share"},
         "mean weight per head": heads("weight", "val/weight") | {"val/weight"},
+        "weights at the first differing token": with_val(
+            {"diag/weight/first_diff", "diag/weight/other", "diag/weight/first_diff_correct"}
+        ),
+        "weights: correct vs incorrect rows": with_val({"diag/weight/correct", "diag/weight/incorrect"}),
+        **TD_PANELS,
+        "first differing token within its row": with_val(
+            {"diag/weight/below_median", "diag/weight/auroc", "diag/td/below_median", "diag/td/auroc"}
+        ),
     },
     "rho1": {
         "loss": {"loss", "val/loss"},
@@ -79,6 +106,8 @@ PANELS = {
         "unweighted CE per head": heads("val/ce") | {"val/ce"},
         "Rho-1 selected fraction per head": heads("selected", "val/selected") | {"val/selected"},
         "Rho-1 excess per head": heads("excess", "val/excess") | {"val/excess"},
+        "Rho-1 selection at the first differing token": with_val({"diag/selected/first_diff", "diag/selected/other"}),
+        "Rho-1 excess at the first differing token": with_val({"diag/excess/first_diff", "diag/excess/other"}),
     },
     "critic": {
         "value loss": {"value_loss", "val/value_loss"},
@@ -89,9 +118,15 @@ PANELS = {
             "val/value/incorrect",
         },
         "critic AUROC": {"auroc", "val/auroc"},
+        **TD_PANELS,
+        "first differing token within its row": with_val({"diag/td/below_median", "diag/td/auroc"}),
     },
 }
-NOT_DRAWN = {"rows", "val/rows", "step_time_s", "tflops_per_s", "tokens", "flops"} | heads("pairs")
+NOT_DRAWN = (
+    {"rows", "val/rows", "step_time_s", "tflops_per_s", "tokens", "flops"}
+    | heads("pairs")
+    | with_val({"diag/weight/rows", "diag/td/rows"})
+)
 """Counts and step mechanics that are logged but not curves of the report."""
 BANDS = {k for k in TD_STATS if not k.endswith("/mean")}
 """Drawn as the bands of the distribution panels, not as lines."""

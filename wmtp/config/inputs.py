@@ -6,7 +6,7 @@ A recipe calls it right after reading its config:
     check_inputs_or_exit(cfg)     # "error: ..." on stderr and exit 2, like a config error
 
 Whichever of these sections the config has are looked at (recipes compose different ones):
-model.path, tokenizer.path, data.train_path, critic.value_head, reference.path,
+model.path, tokenizer.path, data.train_path, critic.value_head, critic.model, reference.path,
 validation.path, eval.problems, eval.samples. Every problem is collected and reported at once, each
 by its key and path ("model.path: no params.json in /x", "data.train_path: /y is empty"); a single
 problem is one line. The checks are cheap: existence, emptiness, the expected files in a model
@@ -73,6 +73,8 @@ def input_problems(cfg: Any) -> list[str]:
     critic = getattr(cfg, "critic", None)
     if critic is not None:
         problems += _file("critic.value_head", critic.value_head or "", required=False, safetensors=True)
+        if getattr(critic, "model", None):
+            problems += _model_folder("critic.model", critic.model)
     reference = getattr(cfg, "reference", None)
     if reference is not None:
         problems += _reference("reference.path", reference.path, kind=getattr(reference, "kind", "auto"))

@@ -166,7 +166,8 @@ class TrainingConfig:
     output_dir: str = "outputs/run"
     """Run folder: resolved config, metrics.jsonl, checkpoints/, final/, the embedded MLflow store."""
     seed: int = 0
-    """Seed for parameter initialisation that is not loaded (e.g. a new value head)."""
+    """Seed for parameter initialisation that is not loaded (e.g. a new value head) and for the
+    ablation controls' draws (td.control, rho1.control)."""
     micro_batch_size: int = 4
     """Sequences per device per forward/backward (>= 1)."""
     grad_accum_steps: int = 1
@@ -341,10 +342,21 @@ class CriticConfig:
     """Value loss: squared error or Huber."""
     huber_delta: float = 1.0
     """Huber transition point (> 0)."""
+    trunk: Literal["frozen", "own"] = "frozen"
+    """Critic recipe: "frozen" trains the value head alone on the model's frozen trunk; "own" trains a
+    copy of the trunk with it (token embeddings, trunk blocks, the final norm; heads and output stay
+    frozen and unused), a value model whose features are learnt for the value, for when the frozen
+    features do not tell the outcome apart. Its final/ is then a model folder for critic.model."""
+    model: str | None = None
+    """Verifiable recipe: a value model (a critic run's final/ made with critic.trunk = "own"), frozen,
+    whose values make the TD weights instead of the policy's value head; its value loss is logged,
+    not trained. None: the policy's value head (critic.value_head). Not with critic.value_head."""
 
     def __post_init__(self) -> None:
         _within(self, "lam", 0, 1)
         _above(self, "huber_delta", 0)
+        if self.model and self.value_head:
+            raise FieldRangeError("model", "and critic.value_head are exclusive: the TD weights come from one critic")
 
 
 @dataclasses.dataclass
@@ -365,6 +377,11 @@ class TDConfig:
     """Momentum of the running mean/std used by normalize (in [0, 1))."""
     value_coef: float = 0.5
     """c_v: weight of the value loss added to the weighted MTP loss (>= 0)."""
+    control: Literal["none", "uniform", "shuffled", "random"] = "none"
+    """Ablation control (everything of the run kept but where the weights land): none (the TD
+    weights), uniform (every weight 1), shuffled (each row's weights permuted among its own response
+    targets), random (the step's weights permuted across the whole global batch). Draws are seeded
+    by training.seed and the data's coordinates (resumable, independent of world size)."""
 
     def __post_init__(self) -> None:
         _above(self, "beta", 0)
@@ -383,6 +400,9 @@ class Rho1Config:
     micro-batch (in (0, 1])."""
     select_head0: bool = False
     """Apply the selection to head 0 too (by default head 0 keeps every valid pair)."""
+    control: Literal["none", "random"] = "none"
+    """Ablation control: none (the largest-excess pairs), or random (per head the same number of
+    valid pairs, chosen uniformly; seeded by training.seed and each row's draw number)."""
 
     def __post_init__(self) -> None:
         _within(self, "ratio", 0, 1, open_low=True)

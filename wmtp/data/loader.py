@@ -7,6 +7,12 @@ accumulation or on the arrangement; the sampler's state after a step is the whol
 checkpoint.
 Micro-batches come out on the training device: everything a recipe computes from them (counts
 that are all-reduced included) lives there too, as NCCL needs.
+
+Besides the collated tensors, a micro-batch carries per-row fields [B], explicit rather than implied
+by the padding: "is_correct" (the label), "sample" (the row's draw number in the sampler's global
+stream; a held-out row's index position), which seeds anything random that is per row (the
+verifiable and Rho-1 controls), and "first_diff" (the sequence position of the first target token
+where the row departs from its sibling, -1 when unknown; `wmtp.data.first_diff`).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 
 from wmtp.config.sections import DataConfig
 from wmtp.data.collate import collate_plan, encode_rows
+from wmtp.data.first_diff import NO_FIRST_DIFF, first_diff_positions
 from wmtp.data.index import RowIndex, load_or_build_index
 from wmtp.data.packing import SAMPLER_ORDER, BatchLayout, Plan, plan_step
 from wmtp.data.samplers import (
@@ -72,18 +79,23 @@ def read_planned(
     packed: bool,
     seq_len: int,
     keep: np.ndarray | None = None,
+    samples: np.ndarray | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """One rank's micro-batches of a step: plan[m] lists the sequences of micro-batch m as positions
     in `ids` (see `wmtp.data.packing`). Only these rows are read, in one batch.
 
     packed: each sequence becomes one row of seq_len tokens (`collate_packed`, with "segments");
     otherwise every row is its own padded row, in the plan's order. Per-row fields (is_correct,
-    lengths, keep) follow that row order. keep[i] = False (validation's fill-up rows) empties row
-    i's response mask, so that it has no target and counts nowhere.
+    lengths, keep, sample: samples[i], default ids[i]; first_diff, in the row's own positions)
+    follow that row order. keep[i] = False (validation's fill-up rows) empties row i's response
+    mask and unsets its first_diff, so that it has no target and counts nowhere.
     """
     positions = sorted({i for micro in plan for seq in micro for i in seq})
     rows = dict(zip(positions, index.read_rows(ids[positions])))
     examples = dict(zip(positions, encode_rows(tokenizer, [rows[i] for i in positions])))
+    first_diff = dict(
+        zip(positions, first_diff_positions([rows[i] for i in positions], [examples[i] for i in positions], tokenizer))
+    )
     for i in positions:
         tokens, mask = examples[i]
         stored = int(index.rows["token_length"][ids[i]])
@@ -94,10 +106,13 @@ def read_planned(
             )
         if keep is not None and not keep[i]:
             examples[i] = (tokens, [0] * len(mask))
+            first_diff[i] = NO_FIRST_DIFF
     batches = collate_plan(examples, plan, pad_id=tokenizer.pad_id, n_future=n_future, packed=packed, seq_len=seq_len)
     for batch, micro in zip(batches, plan):
         order = [i for seq in micro for i in seq]
         batch["is_correct"] = torch.tensor([bool(rows[i]["is_correct"]) for i in order])
+        batch["sample"] = torch.as_tensor(np.asarray(ids if samples is None else samples)[order], dtype=torch.long)
+        batch["first_diff"] = torch.tensor([first_diff[i] for i in order], dtype=torch.long)
         if keep is not None:
             batch["keep"] = torch.from_numpy(keep[order])
     return [to_device(batch, device) for batch in batches]
@@ -122,8 +137,8 @@ def eval_micro_batches(
 
     Each rank yields the same number of micro-batches (sharded models run collectives in every
     forward): the last global batch is filled up with repeats of the first row, marked
-    batch["keep"] = False, whose response mask is emptied and targets ignored so that they count
-    nowhere.
+    batch["keep"] = False, whose response mask is emptied, targets ignored and first_diff unset so
+    that they count nowhere.
     """
     ids = np.flatnonzero(fits_max_seq_len(index, max_seq_len))
     if max_rows:
@@ -187,7 +202,9 @@ class GlobalBatchLoader:
 
     def next_step(self) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the next step (the sampler's next global batch, arranged)."""
-        return self.micro_batches(self.sampler.next_ids(self.global_batch))
+        start = self.sampler.position
+        ids = self.sampler.next_ids(self.global_batch)
+        return self.micro_batches(ids, samples=start + np.arange(ids.size, dtype=np.int64))
 
     def plan(self, ids: np.ndarray, layout: BatchLayout | None = None) -> Plan:
         """Every rank's micro-batches of the step whose rows are `ids` (see `wmtp.data.packing`)."""
@@ -201,11 +218,17 @@ class GlobalBatchLoader:
         )
 
     def micro_batches(
-        self, ids: np.ndarray, layout: BatchLayout | None = None, *, packed: bool | None = None
+        self,
+        ids: np.ndarray,
+        layout: BatchLayout | None = None,
+        *,
+        packed: bool | None = None,
+        samples: np.ndarray | None = None,
     ) -> list[dict[str, torch.Tensor]]:
         """This rank's micro-batches of the step whose rows are `ids`, arranged by `layout` (default:
         the configured one). packed=False reads a packed plan's micro-batches as padded rows (the
-        same rows per micro-batch, each its own row): what packing is checked against."""
+        same rows per micro-batch, each its own row): what packing is checked against. samples: the
+        rows' draw numbers in the sampler's stream (the per-row field "sample")."""
         layout = self.layout if layout is None else layout
         return read_planned(
             self.index,
@@ -216,6 +239,7 @@ class GlobalBatchLoader:
             device=self.device,
             packed=layout.packing if packed is None else packed,
             seq_len=self.max_seq_len,
+            samples=samples,
         )
 
     def counts(self) -> dict[str, int]:

@@ -7,7 +7,10 @@ A row is one JSON object per JSONL line::
 
 Rows that come with executable tests (MBPP, HumanEval, synthetic) also keep, inside ``metadata``,
 ``tests`` (list of assert statements, or HumanEval's single ``check`` source), ``test_setup_code``
-(str) and, for HumanEval, ``entry_point`` (str). Rows of one problem share a ``task_id``.
+(str) and, for HumanEval, ``entry_point`` (str). Rows of one problem share a ``task_id``. A row
+made as one of a correct/incorrect pair that differ by a known edit (the synthetic generator's)
+keeps ``first_diff_char`` (int in [0, len(output)]): where its output first differs from its
+sibling's (len(output): the sibling goes on where this row ends), and ``sibling_output`` (str).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ REQUIRED_METADATA_FIELDS: Mapping[str, type] = {
 OPTIONAL_METADATA_FIELDS: Mapping[str, type] = {
     "test_setup_code": str,
     "entry_point": str,
+    "first_diff_char": int,
+    "sibling_output": str,
 }
 """Metadata fields that are type-checked when present (``tests`` is checked separately)."""
 
@@ -77,6 +82,8 @@ def validate_row(obj: Any) -> str | None:
     for name, expected in OPTIONAL_METADATA_FIELDS.items():
         if name in meta and not _has_type(meta[name], expected):
             return f"metadata.{name} is not {_type_name(expected)}"
+    if "first_diff_char" in meta and not 0 <= meta["first_diff_char"] <= len(obj["output"]):
+        return "metadata.first_diff_char is outside [0, len(output)]"
     if "tests" in meta:
         tests = meta["tests"]
         if not (isinstance(tests, list) and all(isinstance(t, str) for t in tests)):

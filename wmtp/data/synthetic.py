@@ -5,6 +5,13 @@ random parameters, and yields two rows in the processed schema (source "syntheti
 solution and a plausible buggy one. The tests' expected values are computed by running the correct
 solution, and inputs are redrawn until the buggy solution fails at least one test, so the labels
 hold by construction (and ``tests/test_rows_and_tiny_data.py`` checks them in a subprocess).
+
+The buggy solution is a small mutation of the correct one (``x + k`` -> ``x - k``, a ``%`` test
+flipped, ``>`` -> ``>=``, ...), so where it goes wrong is known: both rows of a pair carry
+``metadata.first_diff_char``, the index of the first character of ``output`` where the row differs
+from its sibling (the bug in the incorrect row, the text the bug replaces in the correct one), and
+``metadata.sibling_output``, the sibling's output. The loader turns them into a token index
+(`wmtp.data.first_diff`), which the token-level diagnostics use.
 """
 
 from __future__ import annotations
@@ -232,12 +239,29 @@ def _tests(t: _Template, rng: random.Random) -> list[str]:
     raise RuntimeError(f"no inputs separate the solutions of {t.name!r}")
 
 
+def template_name(make: Callable[[random.Random], _Template]) -> str:
+    """The name rows keep in ``metadata.template``: "add" for `_add`."""
+    return make.__name__.lstrip("_")
+
+
+def first_diff_char(a: str, b: str) -> int:
+    """Index of the first character where `a` and `b` differ (the shorter length when one is a
+    prefix of the other; then the longer one differs at that character and the shorter at its end)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
 def synthetic_rows(n_problems: int, *, seed: int) -> list[dict[str, Any]]:
-    """``2 * n_problems`` rows: per problem a correct then an incorrect solution, same task_id."""
+    """``2 * n_problems`` rows: per problem a correct then an incorrect solution, same task_id, each
+    with ``metadata.first_diff_char`` (where it departs from its sibling), ``sibling_output`` and
+    ``template`` (the generator's template, `template_name`)."""
     rng = random.Random(seed)
     rows = []
     for i in range(n_problems):
-        t = rng.choice(TEMPLATES)(rng)
+        make = rng.choice(TEMPLATES)
+        t = make(rng)
         tests = _tests(t, rng)
         fields = dict(
             instruction=tests_instruction(t.text, tests),
@@ -245,9 +269,11 @@ def synthetic_rows(n_problems: int, *, seed: int) -> list[dict[str, Any]]:
             source=SOURCE,
             difficulty=t.difficulty,
             tests=tests,
+            first_diff_char=first_diff_char(t.correct, t.incorrect),
+            template=template_name(make),
         )
-        rows.append(make_row(output=t.correct, is_correct=True, **fields))
-        rows.append(make_row(output=t.incorrect, is_correct=False, **fields))
+        rows.append(make_row(output=t.correct, is_correct=True, sibling_output=t.incorrect, **fields))
+        rows.append(make_row(output=t.incorrect, is_correct=False, sibling_output=t.correct, **fields))
     return rows
 
 

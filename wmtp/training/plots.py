@@ -13,12 +13,16 @@ only when some run logged one of its keys:
                   mean weight per head
   Rho-1           selected fraction per head; excess (CE - reference CE) per head
   critic          mean value on correct vs incorrect rows; AUROC of the last-state value
+  token level     where the data knows each row's first differing token from its sibling (diag/*): the
+                  weights there against the row's other tokens and on correct vs incorrect rows; the
+                  critic's TD error there; the share of rows where it ranks below the row's median and
+                  its within-row AUROC; Rho-1's selected share and excess there
   mechanics       learning rate; throughput (tokens/s); grad norm
 
 The held-out twin of a curve (`val/<key>`, logged every validation.every steps) is drawn in the same panel,
 with markers, in the colour (one run) or line style (several runs) of its training curve; a held-out mean
-over heads (val/ce, val/weight, ...) is one more curve beside the heads. Counts (val/rows, pairs/*, data/*)
-and evaluate.py's eval/* are not drawn.
+over heads (val/ce, val/weight, ...) is one more curve beside the heads. Counts (val/rows, pairs/*, data/*,
+diag/*/rows) and evaluate.py's eval/* are not drawn.
 
 metrics.jsonl holds a per-step summary of the token weights and TD errors (mean, std, min, max), not the
 tokens, so their "histogram over training" is drawn as bands: the mean, a ±1 std band (clipped to
@@ -243,6 +247,65 @@ def report_panels(runs: Sequence[Run]) -> list[Panel]:
             "AUROC (last-state value vs reward)",
             _with_val(Curve("AUROC", "auroc", 0)),
             refs=[(0.5, "chance")],
+        ),
+        Panel(
+            "weights at the first differing token",
+            "mean token weight",
+            _with_val(
+                Curve("incorrect rows: there", "diag/weight/first_diff", 0, "tab:red"),
+                Curve("incorrect rows: other tokens", "diag/weight/other", 1, "tab:orange"),
+                Curve("correct rows: there", "diag/weight/first_diff_correct", 2, "tab:green"),
+            ),
+            refs=[(1.0, "w = 1")],
+        ),
+        Panel(
+            "weights: correct vs incorrect rows",
+            "mean token weight",
+            _with_val(
+                Curve("correct", "diag/weight/correct", 0, "tab:green"),
+                Curve("incorrect", "diag/weight/incorrect", 1, "tab:red"),
+            ),
+            refs=[(1.0, "w = 1")],
+        ),
+        Panel(
+            "critic TD error at the first differing token",
+            "δ = V_j - V_{j-1}",
+            _with_val(
+                Curve("incorrect rows: there", "diag/td/first_diff", 0, "tab:red"),
+                Curve("incorrect rows: other tokens", "diag/td/other", 1, "tab:orange"),
+                Curve("correct rows: there", "diag/td/first_diff_correct", 2, "tab:green"),
+            ),
+            refs=[(0.0, "δ = 0")],
+        ),
+        Panel(
+            "first differing token within its row",
+            "share of incorrect rows / AUROC",
+            _with_val(
+                Curve("weight below the row's median", "diag/weight/below_median", 0),
+                Curve("AUROC of a low weight", "diag/weight/auroc", 1),
+                Curve("δ below the row's median", "diag/td/below_median", 2),
+                Curve("AUROC of a low δ", "diag/td/auroc", 3),
+            ),
+            refs=[(0.5, "chance")],
+            ymin=0.0,
+        ),
+        Panel(
+            "Rho-1 selection at the first differing token",
+            "selected share of the pairs",
+            _with_val(
+                Curve("pairs predicting it", "diag/selected/first_diff", 0),
+                Curve("other pairs", "diag/selected/other", 1),
+            ),
+            refs=refs("rho1", "ratio", "ratio ρ"),
+            ymin=0.0,
+        ),
+        Panel(
+            "Rho-1 excess at the first differing token",
+            "CE − reference CE",
+            _with_val(
+                Curve("pairs predicting it", "diag/excess/first_diff", 0),
+                Curve("other pairs", "diag/excess/other", 1),
+            ),
         ),
         Panel("learning rate", "lr", [Curve("lr", "lr", 0)]),
         Panel("throughput", "tokens/s (this rank)", [Curve("tokens/s", "tokens_per_s", 0)]),
