@@ -63,6 +63,20 @@ RESULTS_MD, RESULTS_JSON, RESULTS_PNG = "results.md", "results.json", "results.p
 MLFLOW_EXPERIMENT = "wmtp-objectives"
 CONTEXT_RUNS = ("base", "reference")
 """Models evaluated once, as they are: where every arm starts, and Rho-1's reference."""
+TABLE_DIAG_KEYS = (
+    "diag/weight/correct",
+    "diag/weight/incorrect",
+    "diag/weight/first_diff",
+    "diag/weight/other",
+    "diag/weight/below_median",
+    "diag/weight/auroc",
+    "diag/weight/first_diff_correct",
+    "diag/selected/first_diff",
+    "diag/selected/other",
+)
+"""The training diagnostics of the results table, in its column order (SPEC "Controls and diagnostics")."""
+DIAG_KEYS = (*TABLE_DIAG_KEYS, "diag/excess/first_diff", "diag/excess/other")
+"""Every training diagnostic kept per arm and seed (means over steps, results.json)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,23 +417,10 @@ def collect(exp: Experiment, results: dict[str, Any]) -> dict[str, Any]:
     per_arm: dict[str, dict[str, Any]] = {}
     for name in exp.cfg.arms:
         runs = {s: out / f"seed_{s}" / name for s in seeds}
-        diag_keys = [
-            "diag/weight/correct",
-            "diag/weight/incorrect",
-            "diag/weight/first_diff",
-            "diag/weight/other",
-            "diag/weight/below_median",
-            "diag/weight/auroc",
-            "diag/weight/first_diff_correct",
-            "diag/selected/first_diff",
-            "diag/selected/other",
-            "diag/excess/first_diff",
-            "diag/excess/other",
-        ]
         per_arm[name] = {
             "pass_at_1": {s: results["pass_at_1"][f"{s}/{name}"] for s in seeds},
             "tokens": {s: tokens_seen(r) for s, r in runs.items()},
-            "diagnostics": {k: {s: mean_over_steps(r, k) for s, r in runs.items()} for k in diag_keys},
+            "diagnostics": {k: {s: mean_over_steps(r, k) for s, r in runs.items()} for k in DIAG_KEYS},
         }
     critic_keys = [
         "val/auroc",
@@ -514,18 +515,7 @@ def tables(exp: Experiment, data: dict[str, Any], results: dict[str, Any]) -> st
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in exp.cfg.arms:
-        keys = [
-            "diag/weight/correct",
-            "diag/weight/incorrect",
-            "diag/weight/first_diff",
-            "diag/weight/other",
-            "diag/weight/below_median",
-            "diag/weight/auroc",
-            "diag/weight/first_diff_correct",
-            "diag/selected/first_diff",
-            "diag/selected/other",
-        ]
-        lines.append(f"| {name} | " + " | ".join(cell(name, k) for k in keys) + " |")
+        lines.append(f"| {name} | " + " | ".join(cell(name, k) for k in TABLE_DIAG_KEYS) + " |")
     lines += [
         "",
         "Critics on held-out rows (their final step), per seed: AUROC of the last-state value; mean V on correct / "
