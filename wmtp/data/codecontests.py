@@ -45,7 +45,7 @@ from wmtp.atomic import atomic_directory, atomic_write_text
 from wmtp.data.index import IndexWriter
 from wmtp.data.rows import TEST_COLUMNS, make_row
 from wmtp.data.template import format_prompt
-from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.data.tokenizer import Tokenizer
 
 DATASET = "codecontests"
 SPLITS = ("train", "valid", "test")
@@ -300,7 +300,7 @@ def problem_candidates(problem: Mapping[str, Any], where: str = "") -> tuple[lis
 class TokenMeter:
     """Token lengths of rows as the index measures them: BOS + prompt + response + EOS."""
 
-    def __init__(self, tokenizer: SentencePieceTokenizer, num_threads: int = -1) -> None:
+    def __init__(self, tokenizer: Tokenizer, num_threads: int = -1) -> None:
         self.tokenizer, self.num_threads = tokenizer, num_threads
 
     def lengths(self, rows: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -427,7 +427,7 @@ def convert(
     src: str | Path,
     out: str | Path,
     *,
-    tokenizer: SentencePieceTokenizer | None = None,
+    tokenizer: Tokenizer | None = None,
     token_limit: int = DEFAULT_TOKEN_LIMIT,
     splits: Sequence[str] = SPLITS,
     overwrite: bool = False,

@@ -9,7 +9,7 @@ import torch
 
 from wmtp.constants import IGNORE_INDEX
 from wmtp.data.template import assemble, format_prompt
-from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.data.tokenizer import Tokenizer
 
 Example = tuple[list[int], list[int]]
 """(tokens, response mask) of one row, as `tokenize_row` returns them."""
@@ -17,7 +17,7 @@ PADDING_SEGMENT = -1
 """Segment id of the padding tokens of a packed sequence."""
 
 
-def encode_rows(tokenizer: SentencePieceTokenizer, rows: Sequence[Mapping[str, Any]]) -> list[Example]:
+def encode_rows(tokenizer: Tokenizer, rows: Sequence[Mapping[str, Any]]) -> list[Example]:
     """`tokenize_row` for many rows with two batched encode calls (prompts, then responses)."""
     prompt_ids = tokenizer.encode_batch(
         [format_prompt(r["instruction"], r.get("input") or "") for r in rows], prefix=True

@@ -29,7 +29,7 @@ import numpy as np
 from wmtp.atomic import atomic_write
 from wmtp.data.rows import validate_row
 from wmtp.data.template import format_prompt
-from wmtp.data.tokenizer import SentencePieceTokenizer, load_tokenizer
+from wmtp.data.tokenizer import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +151,7 @@ def index_paths(jsonl_path: str | Path) -> tuple[Path, Path]:
     return (jsonl_path.with_name(jsonl_path.name + INDEX_SUFFIX), jsonl_path.with_name(jsonl_path.name + META_SUFFIX))
 
 
-def tokenizer_sha256(tokenizer: SentencePieceTokenizer) -> str:
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
     digest = hashlib.sha256()
     with open(tokenizer.path, "rb") as f:
         for block in iter(lambda: f.read(TOKENIZER_HASH_BLOCK), b""):
@@ -211,9 +211,7 @@ def _block_of(
     )
 
 
-def _index_block(
-    tokenizer: SentencePieceTokenizer, data: bytes, offset: int, first_line: int, num_threads: int
-) -> _Block:
+def _index_block(tokenizer: Tokenizer, data: bytes, offset: int, first_line: int, num_threads: int) -> _Block:
     """Parse, validate and measure the lines of `data`, which starts at byte `offset` of the file
     on line `first_line`; only whole lines (the last may lack its newline)."""
     rows: list[dict[str, Any]] = []
@@ -277,7 +275,7 @@ def _read_blocks(f: BinaryIO, block_bytes: int) -> Iterator[tuple[bytes, int, in
         line += block.count(b"\n")
 
 
-_worker_tokenizer: SentencePieceTokenizer | None = None
+_worker_tokenizer: Tokenizer | None = None
 
 
 def _init_worker(tokenizer_path: str) -> None:
@@ -297,9 +295,7 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-def _blocks_in_parallel(
-    f: BinaryIO, tokenizer: SentencePieceTokenizer, workers: int, block_bytes: int
-) -> Iterator[_Block]:
+def _blocks_in_parallel(f: BinaryIO, tokenizer: Tokenizer, workers: int, block_bytes: int) -> Iterator[_Block]:
     """Every block's result in file order, computed by `workers` processes, a bounded number ahead."""
     with _pool_context().Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.path),)) as pool:
         pending: collections.deque = collections.deque()
@@ -345,7 +341,7 @@ class _Merger:
         part["is_correct"] = block.correct
         self.parts.append(part)
 
-    def finish(self, path: Path, st: os.stat_result, tokenizer: SentencePieceTokenizer) -> RowIndex:
+    def finish(self, path: Path, st: os.stat_result, tokenizer: Tokenizer) -> RowIndex:
         """The index (saved beside `path`), for the file version `st`."""
         rows = np.concatenate(self.parts) if self.parts else np.empty(0, dtype=INDEX_DTYPE)
         self.parts = []  # the index is held once from here on
@@ -366,7 +362,7 @@ class _Merger:
 
 def build_index(
     jsonl_path: str | Path,
-    tokenizer: SentencePieceTokenizer,
+    tokenizer: Tokenizer,
     *,
     workers: int = 0,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
@@ -411,7 +407,7 @@ class IndexWriter:
         self.offset += int(sizes.sum())
         self._merger.add(_block_of(rows, offsets, np.array(lengths, dtype=np.int64)))
 
-    def save(self, tokenizer: SentencePieceTokenizer) -> RowIndex:
+    def save(self, tokenizer: Tokenizer) -> RowIndex:
         """Save the index once the file is complete and closed (its size must match what was added)."""
         st = self.path.stat()
         if st.st_size != self.offset:
@@ -419,7 +415,7 @@ class IndexWriter:
         return self._merger.finish(self.path, st, tokenizer)
 
 
-def load_or_build_index(jsonl_path: str | Path, tokenizer: SentencePieceTokenizer, *, workers: int = 0) -> RowIndex:
+def load_or_build_index(jsonl_path: str | Path, tokenizer: Tokenizer, *, workers: int = 0) -> RowIndex:
     """The saved index of `jsonl_path` if it matches the file and tokenizer, else a rebuilt one."""
     jsonl_path = Path(jsonl_path)
     index = _load_fresh(jsonl_path, tokenizer_sha256(tokenizer))

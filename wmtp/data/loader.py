@@ -34,7 +34,7 @@ from wmtp.data.samplers import (
     CurriculumSampler,
     fits_max_seq_len,
 )
-from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.data.tokenizer import Tokenizer
 from wmtp.distributed.env import barrier
 
 
@@ -54,7 +54,7 @@ def build_sampler(cfg: DataConfig, index: RowIndex, *, max_seq_len: int, total_s
     )
 
 
-def load_index(path: str, tokenizer: SentencePieceTokenizer, *, rank: int) -> RowIndex:
+def load_index(path: str, tokenizer: Tokenizer, *, rank: int) -> RowIndex:
     """The sidecar index of `path`: rank 0 builds a missing one, the others then find it fresh."""
     if rank == 0:
         index = load_or_build_index(path, tokenizer)
@@ -72,7 +72,7 @@ def read_planned(
     index: RowIndex,
     ids: np.ndarray,
     plan: list[list[tuple[int, ...]]],
-    tokenizer: SentencePieceTokenizer,
+    tokenizer: Tokenizer,
     *,
     n_future: int,
     device: torch.device,
@@ -120,7 +120,7 @@ def read_planned(
 
 def eval_micro_batches(
     index: RowIndex,
-    tokenizer: SentencePieceTokenizer,
+    tokenizer: Tokenizer,
     *,
     max_seq_len: int,
     n_future: int,
@@ -176,7 +176,7 @@ class GlobalBatchLoader:
     def __init__(
         self,
         cfg: DataConfig,
-        tokenizer: SentencePieceTokenizer,
+        tokenizer: Tokenizer,
         *,
         max_seq_len: int,
         n_future: int,

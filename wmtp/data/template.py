@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.data.tokenizer import Tokenizer
 
 PROMPT_HEADER = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
@@ -29,7 +29,7 @@ def assemble(
     return tokens, mask
 
 
-def tokenize_row(tokenizer: SentencePieceTokenizer, row: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+def tokenize_row(tokenizer: Tokenizer, row: Mapping[str, Any]) -> tuple[list[int], list[int]]:
     """Tokens and response mask of a processed row ({instruction, input, output, ...}).
 
     The prompt begins the sequence (encoded with the model's dummy prefix, if any); the response

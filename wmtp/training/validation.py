@@ -23,7 +23,7 @@ from wmtp.data.index import RowIndex
 from wmtp.data.loader import eval_micro_batches, load_index
 from wmtp.data.packing import SAMPLER_ORDER, BatchLayout
 from wmtp.data.samplers import fits_max_seq_len
-from wmtp.data.tokenizer import SentencePieceTokenizer
+from wmtp.data.tokenizer import Tokenizer
 from wmtp.distributed.env import DistInfo, all_reduce_sum
 from wmtp.kernels.backend import accumulation_dtype
 from wmtp.layout import BEST_DIR
@@ -41,7 +41,7 @@ class Validation:
     def __init__(
         self,
         cfg: ValidationConfig,
-        tokenizer: SentencePieceTokenizer,
+        tokenizer: Tokenizer,
         *,
         info: DistInfo,
         max_seq_len: int,
