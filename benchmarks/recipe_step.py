@@ -60,6 +60,7 @@ def recipe_on_model(
     recipe.optimizer = build_optimizer(model.parameters(), cfg.optimizer)
     recipe.scheduler = build_scheduler(recipe.optimizer, warmup_steps=0, total_steps=SCHEDULE_STEPS, min_lr_ratio=0.1)
     recipe.normalizer = AdvantageNormalizer(device=info.device)
+    recipe.value_model = None  # verifiable: TD weights from the policy's own value head (no critic.model)
     return recipe, module
 
 
