@@ -77,6 +77,25 @@ TABLE_DIAG_KEYS = (
 """The training diagnostics of the results table, in its column order (SPEC "Controls and diagnostics")."""
 DIAG_KEYS = (*TABLE_DIAG_KEYS, "diag/excess/first_diff", "diag/excess/other")
 """Every training diagnostic kept per arm and seed (means over steps, results.json)."""
+CRITIC_VAL_KEYS = (
+    "val/auroc",
+    "val/value/correct",
+    "val/value/incorrect",
+    "val/diag/td/first_diff",
+    "val/diag/td/other",
+    "val/diag/td/below_median",
+    "val/diag/td/auroc",
+)
+"""A critic's held-out figures at its final step, in the critics table's column order."""
+VERIFIABLE_VAL_KEYS = (
+    "val/diag/weight/correct",
+    "val/diag/weight/incorrect",
+    "val/diag/weight/first_diff",
+    "val/diag/weight/other",
+    "val/diag/weight/below_median",
+    "val/diag/weight/auroc",
+)
+"""The verifiable arm's held-out weight diagnostics at its final step, in its table's column order."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,30 +441,13 @@ def collect(exp: Experiment, results: dict[str, Any]) -> dict[str, Any]:
             "tokens": {s: tokens_seen(r) for s, r in runs.items()},
             "diagnostics": {k: {s: mean_over_steps(r, k) for s, r in runs.items()} for k in DIAG_KEYS},
         }
-    critic_keys = [
-        "val/auroc",
-        "val/value/correct",
-        "val/value/incorrect",
-        "val/diag/td/first_diff",
-        "val/diag/td/other",
-        "val/diag/td/below_median",
-        "val/diag/td/auroc",
-    ]
     critic = {
-        name: {k: {s: last_value(out / f"seed_{s}" / name, k) for s in seeds} for k in critic_keys}
+        name: {k: {s: last_value(out / f"seed_{s}" / name, k) for s in seeds} for k in CRITIC_VAL_KEYS}
         for name in ("critic", "critic_frozen")
         if (out / f"seed_{seeds[0]}" / name).is_dir()
     }
-    verifiable_val = [
-        "val/diag/weight/first_diff",
-        "val/diag/weight/other",
-        "val/diag/weight/below_median",
-        "val/diag/weight/auroc",
-        "val/diag/weight/correct",
-        "val/diag/weight/incorrect",
-    ]
     held_out_weights = (
-        {k: {s: last_value(out / f"seed_{s}" / "verifiable", k) for s in seeds} for k in verifiable_val}
+        {k: {s: last_value(out / f"seed_{s}" / "verifiable", k) for s in seeds} for k in VERIFIABLE_VAL_KEYS}
         if "verifiable" in exp.cfg.arms
         else {}
     )
@@ -528,16 +530,7 @@ def tables(exp: Experiment, data: dict[str, Any], results: dict[str, Any]) -> st
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (name, critic), s in ((c, s) for c in data["critic"].items() for s in seeds):
-        keys = [
-            "val/auroc",
-            "val/value/correct",
-            "val/value/incorrect",
-            "val/diag/td/first_diff",
-            "val/diag/td/other",
-            "val/diag/td/below_median",
-            "val/diag/td/auroc",
-        ]
-        lines.append(f"| {name} | {s} | " + " | ".join(fmt(critic[k][s]) for k in keys) + " |")
+        lines.append(f"| {name} | {s} | " + " | ".join(fmt(critic[k][s]) for k in CRITIC_VAL_KEYS) + " |")
     held = data["verifiable_held_out"]
     if not held:
         return "\n".join(lines) + "\n"
@@ -549,15 +542,7 @@ def tables(exp: Experiment, data: dict[str, Any], results: dict[str, Any]) -> st
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for s in seeds:
-        keys = [
-            "val/diag/weight/correct",
-            "val/diag/weight/incorrect",
-            "val/diag/weight/first_diff",
-            "val/diag/weight/other",
-            "val/diag/weight/below_median",
-            "val/diag/weight/auroc",
-        ]
-        lines.append(f"| {s} | " + " | ".join(fmt(held[k][s]) for k in keys) + " |")
+        lines.append(f"| {s} | " + " | ".join(fmt(held[k][s]) for k in VERIFIABLE_VAL_KEYS) + " |")
     return "\n".join(lines) + "\n"
 
 
