@@ -106,8 +106,13 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's tensor along dim 0, in rank order. The sizes of dim 0 may differ
     (ranks hold different numbers of rows when micro-batches are grouped by length or packed); the
     other dims must match."""
+    return all_gather_with_offset(tensor)[0]
+
+
+def all_gather_with_offset(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(`all_gather_cat(tensor)`, where this rank's rows start in it)."""
     if not _active():
-        return tensor
+        return tensor, 0
     sizes = torch.tensor([tensor.shape[0]], device=tensor.device)
     all_sizes = [torch.empty_like(sizes) for _ in range(dist.get_world_size())]
     dist.all_gather(all_sizes, sizes)
@@ -116,7 +121,7 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     padded[: tensor.shape[0]] = tensor
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded)
-    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]), sum(counts[: dist.get_rank()])
 
 
 def barrier() -> None:

@@ -26,8 +26,8 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from wmtp.distributed.env import all_gather_with_offset
 from wmtp.weighting.diagnostics import response_targets
 from wmtp.weighting.segments import to_packed, to_rows
 
@@ -76,21 +76,6 @@ def shuffle_within_rows(
     return to_packed(shuffled, segments)
 
 
-def _all_gather_varlen(local: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """(every rank's 1-D `local` concatenated in rank order, this rank's offset in it)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return local, 0
-    count = torch.tensor([local.numel()], device=local.device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    sizes = [int(c) for c in counts]
-    padded = local.new_zeros(max(sizes))
-    padded[: local.numel()] = local
-    parts = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:n] for p, n in zip(parts, sizes)]), sum(sizes[: dist.get_rank()])
-
-
 def permute_across_batch(
     weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], *, seed: int, step: int
 ) -> list[torch.Tensor]:
@@ -105,7 +90,7 @@ def permute_across_batch(
     """
     valid = [response_targets(m) for m in masks]
     local = torch.cat([w[v] for w, v in zip(weights, valid)])
-    everything, offset = _all_gather_varlen(local)
+    everything, offset = all_gather_with_offset(local)
     order = np.random.default_rng([seed, _RANDOM_STREAM, step]).permutation(everything.numel())
     mine = everything[torch.from_numpy(order).to(everything.device)][offset : offset + local.numel()]
     out, start = [], 0
