@@ -21,6 +21,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from wmtp.constants import IGNORE_INDEX
 from wmtp.losses.mtp_ce import mtp_cross_entropy_with_ce
 from wmtp.models.args import ModelArgs
+from wmtp.packed_rows import segment_positions, segment_starts
 
 
 class RMSNorm(nn.Module):
@@ -95,18 +96,6 @@ def apply_rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return apply_rope(x.flatten(0, 1)[None], cos.flatten(0, 1), sin.flatten(0, 1)).view_as(x)
 
 
-def segment_positions(segments: torch.Tensor) -> torch.Tensor:
-    """Position of every token within its segment [B, T]: 0 at each segment's first token.
-
-    segments [B, T]: the row each token of a packed sequence belongs to (a run of equal ids is one
-    row; negative ids are padding, which counts from 0 too).
-    """
-    t = torch.arange(segments.shape[1], device=segments.device)
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    return t - torch.where(starts, t, 0).cummax(dim=1).values
-
-
 @dataclasses.dataclass(frozen=True)
 class RowSpans:
     """Where the rows of a packed micro-batch lie: (sequence, start, end) of every non-padding
@@ -117,8 +106,7 @@ class RowSpans:
     @classmethod
     def of(cls, segments: torch.Tensor) -> RowSpans:
         seg = segments.cpu()
-        starts = torch.ones_like(seg, dtype=torch.bool)
-        starts[:, 1:] = seg[:, 1:] != seg[:, :-1]
+        starts = segment_starts(seg)
         spans = []
         for b in range(seg.shape[0]):
             bounds = [*torch.nonzero(starts[b]).flatten().tolist(), seg.shape[1]]

@@ -19,9 +19,8 @@ from wmtp.data.tokenizer import Tokenizer, find_tokenizer, load_tokenizer, token
 from wmtp.layout import PARAMS_FILENAME
 from wmtp.models.checkpoint import build_mtp, read_checkpoint
 from wmtp.models.hf import NewHeads, is_hf_folder
-from wmtp.models.mtp_transformer import segment_positions
+from wmtp.packed_rows import segment_positions, segment_starts
 from wmtp.weighting.rho1 import reference_token_ce
-from wmtp.weighting.segments import segment_starts
 
 Shard = Callable[[nn.Module, list[nn.Module], tuple[str, ...]], None]
 """shard(model, blocks, methods): parallelise a meta-device model whose repeated blocks are

@@ -14,21 +14,14 @@ from __future__ import annotations
 
 import torch
 
-
-def segment_starts(segments: torch.Tensor) -> torch.Tensor:
-    """True at each token that starts a segment (a row, or a run of padding) [S, T]."""
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    return starts
+from wmtp.packed_rows import segment_positions
 
 
 def _row_slots(segments: torch.Tensor, n_rows: int) -> torch.Tensor:
     """Slot of each token in a flat [n_rows * T + 1] row buffer [S * T]: row * T + its position in
     the row; padding goes to the last slot, which is dropped."""
     seq_len = segments.shape[1]
-    t = torch.arange(seq_len, device=segments.device)
-    position = t - torch.where(segment_starts(segments), t, 0).cummax(dim=1).values
-    return torch.where(segments >= 0, segments * seq_len + position, n_rows * seq_len).flatten()
+    return torch.where(segments >= 0, segments * seq_len + segment_positions(segments), n_rows * seq_len).flatten()
 
 
 def to_rows(x: torch.Tensor, segments: torch.Tensor, n_rows: int, fill: float | bool = 0) -> torch.Tensor:
