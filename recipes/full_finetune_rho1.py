@@ -229,12 +229,15 @@ class Rho1Recipe:
         heads[0] = self.cfg.rho1.select_head0
         return heads
 
-    def select(self, excess: torch.Tensor, valid: torch.Tensor, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+    def select(
+        self, excess: torch.Tensor, valid: torch.Tensor, mb: dict[str, torch.Tensor], *, control: str | None = None
+    ) -> torch.Tensor:
         """The 0/1 selection [B, T, n] of a micro-batch: the largest excess per head, or under
-        rho1.control = "random" as many pairs drawn uniformly (the largest of per-row random keys)."""
+        `control` (default rho1.control) "random" as many pairs drawn uniformly (the largest of
+        per-row random keys)."""
         rho, n = self.cfg.rho1, self.n_future
         keys = excess
-        if rho.control == "random":
+        if (rho.control if control is None else control) == "random":
             keys = random_selection_keys(
                 mb["lengths"],
                 mb["sample"],
@@ -297,7 +300,7 @@ class Rho1Recipe:
         the CE of the selected pairs (val/loss, the objective), the CE of all pairs, the mean excess
         and the selected fraction; where the selection lands (val/diag/*). The excess selection, also
         under a control."""
-        n, rho = self.n_future, self.cfg.rho1
+        n = self.n_future
         sums = HeadSums(("selected_ce", "selected", "ce", "excess", "pairs"), n, self.dist.device)
         diag = TokenDiagnostics(self.dist.device, accumulation_dtype(self.dist.device))
         for mb in self.validation.batches():
@@ -307,9 +310,7 @@ class Rho1Recipe:
             with self.autocast:
                 ce = self.model(mb["tokens"], targets=targets, segments=mb.get("segments")).ce
             excess = rho1_excess(ce, ref_ce, valid)
-            select = rho1_select(
-                excess.reshape(-1, n), valid.reshape(-1, n), ratio=rho.ratio, select_head0=rho.select_head0
-            ).view_as(ce)
+            select = self.select(excess, valid, mb, control="none")
             sums.add(selected_ce=ce * select, selected=select, ce=ce, excess=excess, pairs=valid_pairs(targets))
             diag.add_selection(select, excess, valid, self.selected_heads, mb)
         s = sums.reduce()
