@@ -294,10 +294,7 @@ class VerifiableRecipe:
             planned.append((weights, self.controlled(weights, mb), values))
         if td.control == "random":
             permuted = permute_across_batch(
-                [w.weights for w, _, _ in planned],
-                [mb["mask"] for mb in micro_batches],
-                seed=self.cfg.training.seed,
-                step=self.step,
+                [w.weights for w, _, _ in planned], micro_batches, seed=self.cfg.training.seed, step=self.step
             )
             planned = [(w, p, v) for (w, _, v), p in zip(planned, permuted)]
         return planned

@@ -199,7 +199,8 @@ def test_shuffled_keeps_each_rows_multiset_and_never_moves_weight_onto_prompt_or
 def test_random_keeps_the_steps_weight_distribution():
     batches = [_batch([12, 9], [3, 5], 14, seed=2), _batch([20, 7], [4, 2], 20, seed=3)]
     masks, weights = [m for m, _ in batches], [w for _, w in batches]
-    permuted = permute_across_batch(weights, masks, seed=1, step=5)
+    fields = [{"mask": m, "sample": torch.tensor(s)} for m, s in zip(masks, ([10, 11], [12, 13]))]
+    permuted = permute_across_batch(weights, fields, seed=1, step=5)
     before = torch.cat([w[m] for w, m in zip(weights, masks)])
     after = torch.cat([w[m] for w, m in zip(permuted, masks)])
     assert torch.equal(after.sort().values, before.sort().values) and not torch.equal(after, before)
@@ -207,8 +208,24 @@ def test_random_keeps_the_steps_weight_distribution():
         assert torch.equal(w[~m], torch.zeros(int((~m).sum())))
     # Across micro-batches: weights change rows, not only positions.
     assert any(not torch.equal(p[m].sort().values, w[m].sort().values) for p, w, m in zip(permuted, weights, masks))
-    assert all(torch.equal(a, b) for a, b in zip(permute_across_batch(weights, masks, seed=1, step=5), permuted))
-    assert not torch.equal(permute_across_batch(weights, masks, seed=1, step=6)[0], permuted[0])
+    assert all(torch.equal(a, b) for a, b in zip(permute_across_batch(weights, fields, seed=1, step=5), permuted))
+    assert not torch.equal(permute_across_batch(weights, fields, seed=1, step=6)[0], permuted[0])
+
+
+def test_random_gives_each_row_the_same_weights_however_the_micro_batches_hold_the_rows():
+    """The same four rows in two micro-batches, then in the other order with rows swapped within and
+    one row padded wider: every row (known by its draw number) gets the same permuted weights."""
+    (m1, w1), (m2, w2) = _batch([12, 9], [3, 5], 14, seed=2), _batch([20, 7], [4, 2], 20, seed=3)
+    fields = [{"mask": m1, "sample": torch.tensor([10, 11])}, {"mask": m2, "sample": torch.tensor([12, 13])}]
+    first = permute_across_batch([w1, w2], fields, seed=4, step=2)
+    pad = lambda x: torch.cat([x, x.new_zeros(x.shape[0], 6)], dim=1)  # noqa: E731
+    reordered = [
+        {"mask": m2[[1, 0]], "sample": torch.tensor([13, 12])},
+        {"mask": pad(m1[[1, 0]]), "sample": torch.tensor([11, 10])},
+    ]
+    again = permute_across_batch([w2[[1, 0]], pad(w1[[1, 0]])], reordered, seed=4, step=2)
+    assert torch.equal(again[0], first[1][[1, 0]])
+    assert torch.equal(again[1][:, :14], first[0][[1, 0]]) and not again[1][:, 14:].any()
 
 
 def test_rho1_random_selects_as_many_valid_pairs_per_head_whatever_the_padding():

@@ -436,10 +436,10 @@ CONTROLS = {
     "verifiable random": ("verifiable", {"td.control": "random"}),
     "rho1 random": ("rho1", {"rho1.control": "random"}),
 }
-"""The ablation controls, each a recipe with its option: drawn per row (shuffled), or over the step's
-micro-batches in their order (random: a permutation of the global batch's targets; Rho-1's
-selection per micro-batch)."""
-PER_MICRO_BATCH = ("rho1", "verifiable random", "rho1 random")
+"""The ablation controls, each a recipe with its option: drawn per row (shuffled), over the step's
+rows (random: a permutation of the global batch's targets), or per micro-batch (Rho-1's
+selection)."""
+PER_MICRO_BATCH = ("rho1", "rho1 random")
 """Steps whose result depends on which rows share a micro-batch and in what order: held to the
 padded micro-batches of the same plan."""
 

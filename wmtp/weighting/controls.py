@@ -8,7 +8,8 @@ the gain of putting the weights where they are:
 - verifiable "shuffled": each row's weights permuted among its own valid response targets (never
   onto prompt or padding; the row's multiset of weights is kept).
 - verifiable "random": the step's weights permuted across every valid target of the global batch
-  (all micro-batches, all ranks; the step's weight distribution is kept).
+  (all micro-batches, all ranks; the step's weight distribution is kept), in an order of the rows
+  themselves, so that no arrangement of the micro-batches changes it.
 - Rho-1 "random": per head the same number of valid pairs as the selection keeps, chosen uniformly.
 
 Every draw is a pure function of the run's seed and the data's own coordinates (a row's draw
@@ -21,18 +22,22 @@ draw as in a padded micro-batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
 import torch
 
 from wmtp.distributed.env import all_gather_with_offset
+from wmtp.packed_rows import segment_positions
 from wmtp.weighting.diagnostics import response_targets
 from wmtp.weighting.segments import to_packed, to_rows
 
 TDControl = Literal["none", "uniform", "shuffled", "random"]
 Rho1Control = Literal["none", "random"]
+
+ROW_POSITIONS = 1 << 24
+"""More positions than any row has: the stride of a row's draw number in `target_keys`."""
 
 # Independent random streams of one seed.
 _SHUFFLED_STREAM = 1
@@ -77,22 +82,26 @@ def shuffle_within_rows(
 
 
 def permute_across_batch(
-    weights: Sequence[torch.Tensor], masks: Sequence[torch.Tensor], *, seed: int, step: int
+    weights: Sequence[torch.Tensor], batches: Sequence[Mapping[str, torch.Tensor]], *, seed: int, step: int
 ) -> list[torch.Tensor]:
     """The "random" control of one optimizer step: target-aligned weights [B, L] of this rank's
-    micro-batches (in order) permuted across every valid response target of the global batch.
+    micro-batches (fields mask, sample and, packed, segments) permuted across every valid response
+    target of the global batch.
 
-    The valid targets are ordered as the global batch is (rank, micro-batch, row, position; packed
-    rows lie end to end in that order), which does not depend on the world size or the
-    accumulation as long as the micro-batches do not (see `wmtp.data.packing`); the permutation is
-    drawn from (seed, step). Collective under a process group: every rank calls it with its
-    micro-batches.
+    The permutation, drawn from (seed, step), acts on the targets ordered by (the row's draw number,
+    the target's position in its row): an order of the step's rows themselves, so the world size,
+    the accumulation and the arrangement of the micro-batches (grouped, packed) do not change which
+    weight lands where. Collective under a process group: every rank calls it with its micro-batches.
     """
-    valid = [response_targets(m) for m in masks]
+    valid = [response_targets(mb["mask"]) for mb in batches]
     local = torch.cat([w[v] for w, v in zip(weights, valid)])
+    keys = torch.cat([target_keys(mb)[v] for mb, v in zip(batches, valid)])
     everything, offset = all_gather_with_offset(local)
-    order = np.random.default_rng([seed, _RANDOM_STREAM, step]).permutation(everything.numel())
-    mine = everything[torch.from_numpy(order).to(everything.device)][offset : offset + local.numel()]
+    canonical = all_gather_with_offset(keys)[0].argsort()
+    draw = torch.from_numpy(np.random.default_rng([seed, _RANDOM_STREAM, step]).permutation(everything.numel()))
+    permuted_all = torch.empty_like(everything)
+    permuted_all[canonical] = everything[canonical[draw.to(canonical.device)]]
+    mine = permuted_all[offset : offset + local.numel()]
     out, start = [], 0
     for w, v in zip(weights, valid):
         permuted = torch.zeros_like(w)
@@ -101,6 +110,19 @@ def permute_across_batch(
         out.append(permuted)
         start += count
     return out
+
+
+def target_keys(batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[B, L] int64: sample * ROW_POSITIONS + the token's position in its row (packed rows: from the
+    row's own start), unique to a token of the step's rows whatever the micro-batch holding it."""
+    segments = batch.get("segments")
+    if segments is None:
+        rows = batch["sample"][:, None].expand_as(batch["mask"])
+        positions = torch.arange(batch["mask"].shape[1], device=rows.device).expand_as(rows)
+    else:
+        rows = batch["sample"][segments.clamp(min=0)]
+        positions = segment_positions(segments)
+    return rows.long() * ROW_POSITIONS + positions
 
 
 def random_selection_keys(
